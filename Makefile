@@ -1,0 +1,40 @@
+# geowm — every target creates/refreshes the virtual environment itself.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.geowm-installed
+DEMO   ?= demo
+# torch: the CPU wheel on CPU machines (never an unpinned torch, which pulls a multi-GB CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test bench bench-quick lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/geowm synth $(DEMO)/synth --size 512 --start 2021-01-01 --end 2022-12-31 --seed 7
+	$(VENV)/bin/geowm ingest $(DEMO)/synth/stac/catalog.json --cube $(DEMO)/cube --catalog $(DEMO)/catalog
+	$(VENV)/bin/geowm info $(DEMO)/cube
+	@echo "demo outputs in $(DEMO)/: synthetic scenes, cube ($(DEMO)/cube), STAC catalog ($(DEMO)/catalog/catalog.json)"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run --quick
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check geowm catalog tests benchmarks
+
+clean:
+	rm -rf $(DEMO) benchmarks/work .pytest_cache

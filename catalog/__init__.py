@@ -1,0 +1,1 @@
+"""STAC catalog of geowm sources, cubes, forecasts and alerts (pystac)."""

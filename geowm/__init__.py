@@ -1,0 +1,18 @@
+"""geowm: Earth-observation forecasting with a spatiotemporal JEPA world model.
+
+Public entry points for scientists (xarray in, xarray out)::
+
+    import geowm
+    cube = geowm.open_cube("demo/cube")      # lazy xarray.Dataset (time, band, y, x)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("geowm")
+except PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+unknown"
+
+from geowm.cube.store import open_cube  # noqa: E402
+
+__all__ = ["open_cube", "__version__"]

@@ -1,0 +1,531 @@
+"""Ingest scenes into a cube: validate everything first, then read/warp/mosaic tiles in parallel with
+dask and commit the batch as one Icechunk transaction.
+
+Order of work (nothing is written until every source has passed the header checks):
+
+1. discover scenes (:mod:`geowm.sources`), drop scenes already in the cube (re-runs change nothing);
+2. inspect each file's header: readable, has a CRS, not truncated, overlaps the cube, bands and dtype fit;
+3. plan: the merged, sorted time axis; the first time chunk that changes (appends touch only the end,
+   an older date rewrites the tail from its chunk on);
+4. dask workers build (time chunk x tile) blocks: new dates from the sources, old dates from the
+   base snapshot; the coordinator writes each block into one writable session and commits once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time as _time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import xarray as xr
+import zarr
+from rasterio.enums import Resampling
+from rasterio.warp import transform_bounds
+
+from geowm.cube.grid import CubeGrid, Tile
+from geowm.cube.reader import Encoding, implicit_nodata, mosaic_date
+from geowm.cube.store import (
+    BRANCH,
+    FORMAT,
+    CubeError,
+    CubeState,
+    cube_exists,
+    cube_lock,
+    read_state,
+    storage_for,
+)
+from geowm.sources import Scene, SourceError, discover, natural_key
+
+MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
+
+
+class IngestError(ValueError):
+    """Bad input found while planning an ingest; the message names the file and the problem."""
+
+
+@dataclass
+class IngestOptions:
+    """Options of one ingest. ``crs``/``resolution``/``bounds``/``tile_size`` apply to a new cube only."""
+
+    crs: str | None = None
+    resolution: float | None = None
+    bounds: tuple[float, float, float, float] | None = None
+    tile_size: int = 256
+    time_chunk: int = 8
+    bands: Sequence[str] | None = None
+    mask_band: str | None = None
+    mask_clear: Sequence[int] | None = None
+    resampling: str = "bilinear"
+    scheduler: str = "local"  # "local" (LocalCluster of processes), "threads", "synchronous", or an address
+    max_pixels: int = MAX_PIXELS_DEFAULT
+
+
+@dataclass
+class IngestReport:
+    cube: str
+    added_times: list[str] = field(default_factory=list)
+    skipped_scenes: list[str] = field(default_factory=list)
+    snapshot: str | None = None
+    source_bytes: int = 0
+    seconds: float = 0.0
+    tiles_written: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added_times)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    crs: str
+    bounds_in_cube_crs: tuple[float, float, float, float]
+    transform: tuple
+    res: float
+    dtypes: tuple[str, ...]
+    nodata: float | None
+    scales: tuple[float, ...]
+    offsets: tuple[float, ...]
+    count: int
+    pixel_bytes: int
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def _check_not_truncated(src, path: str) -> None:
+    """Every TIFF block's bytes must lie inside the file (a cut-off download fails here, not mid-write)."""
+    if src.driver != "GTiff" or "://" in path:
+        return
+    size = os.path.getsize(path)
+    by, bx = src.block_shapes[0]
+    ny, nx = math.ceil(src.height / by), math.ceil(src.width / bx)
+    for b in range(1, src.count + 1):
+        for (r, c) in ((ny - 1, nx - 1), (0, 0)) if ny * nx > 4096 else ((r, c) for r in range(ny) for c in range(nx)):
+            off = src.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=b)
+            cnt = src.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=b)
+            if off and cnt and int(off) + int(cnt) > size:
+                raise IngestError(
+                    f"{path}: truncated GeoTIFF (band {b} block {r},{c} ends at byte {int(off) + int(cnt)}, "
+                    f"file has {size} bytes)"
+                )
+
+
+def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
+    """Open a raster's header and check it can be ingested; raises :class:`IngestError` naming the file."""
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise IngestError(f"{path}: not a readable raster ({exc})") from None
+    with src:
+        if src.crs is None:
+            raise IngestError(f"{path}: GeoTIFF has no CRS (georeferencing missing); cannot place it on the cube")
+        if src.transform.is_identity:
+            raise IngestError(f"{path}: GeoTIFF has no geotransform; cannot place it on the cube")
+        if src.width * src.height > max_pixels:
+            raise IngestError(
+                f"{path}: {src.width} x {src.height} px exceeds the limit of {max_pixels} px per file "
+                "(raise --max-pixels if this is intended)"
+            )
+        _check_not_truncated(src, path)
+        crs = src.crs.to_string()
+        bounds = tuple(src.bounds)
+        if cube_crs is not None:
+            bounds = tuple(transform_bounds(src.crs, cube_crs, *bounds, densify_pts=21))
+        return FileInfo(
+            path=path, crs=crs, bounds_in_cube_crs=bounds, transform=tuple(src.transform), res=abs(src.res[0]),
+            dtypes=tuple(src.dtypes), nodata=src.nodata, scales=tuple(src.scales), offsets=tuple(src.offsets),
+            count=src.count, pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
+        )
+
+
+def _overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+# ------------------------------------------------------------------------------------------- planning
+
+
+def _group_by_date(scenes: Sequence[Scene]) -> dict[np.datetime64, list[Scene]]:
+    """Scenes of one UTC calendar day form one cube time step, dated at their earliest acquisition."""
+    by_day: dict[object, list[Scene]] = {}
+    for s in scenes:
+        by_day.setdefault(s.datetime.astimezone(UTC).date(), []).append(s)
+    out = {}
+    for group in by_day.values():
+        group.sort(key=lambda s: s.id)  # mosaic order: scene id
+        t = min(s.datetime for s in group).astimezone(UTC).replace(tzinfo=None)
+        out[np.datetime64(t, "s")] = group
+    return dict(sorted(out.items()))
+
+
+def _resolve_bands(scenes: Sequence[Scene], state: CubeState | None, wanted: Sequence[str] | None) -> list[str]:
+    if state is not None:
+        bands = list(state.bands)
+    elif wanted:
+        bands = list(wanted)
+    else:
+        bands = sorted({b for s in scenes for b in s.bands}, key=natural_key)
+    for s in scenes:
+        missing = [b for b in bands if b not in s.bands]
+        if missing:
+            where = s.origin or s.id
+            raise IngestError(
+                f"{where}: scene {s.id!r} is missing band(s) {', '.join(missing)} "
+                f"(it has {', '.join(sorted(s.bands, key=natural_key))}; the cube needs {', '.join(bands)})"
+            )
+    return bands
+
+
+def _new_grid(infos: Sequence[FileInfo], opts: IngestOptions) -> CubeGrid:
+    first = infos[0]
+    crs = opts.crs or first.crs
+    if opts.crs:
+        from rasterio.crs import CRS
+
+        try:
+            crs = CRS.from_user_input(opts.crs).to_string()
+        except Exception:
+            raise IngestError(f"--crs {opts.crs!r}: not a valid CRS") from None
+    same_crs = [i for i in infos if i.crs == crs]
+    resolution = opts.resolution or (min(i.res for i in same_crs) if same_crs else None)
+    if resolution is None:
+        raise IngestError(f"no source is in {crs}; pass --resolution for the cube grid")
+    if opts.bounds:
+        bounds = opts.bounds
+    else:
+        bs = [transform_bounds(i.crs, crs, *_native_bounds(i), densify_pts=21) for i in infos]
+        bounds = (min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs))
+    anchor_src = same_crs[0] if same_crs else None
+    anchor = (anchor_src.transform[2], anchor_src.transform[5]) if anchor_src else (0.0, 0.0)
+    try:
+        return CubeGrid.covering(crs, resolution, bounds, anchor, opts.tile_size)
+    except ValueError as exc:
+        raise IngestError(f"cannot build the cube grid: {exc}") from None
+
+
+def _native_bounds(info: FileInfo) -> tuple[float, float, float, float]:
+    from affine import Affine
+
+    t = Affine(*info.transform[:6])
+    with rasterio.open(info.path) as src:
+        w, h = src.width, src.height
+    xs = [t.c, t.c + t.a * w]
+    ys = [t.f, t.f + t.e * h]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _encoding(infos: Sequence[FileInfo], state: CubeState | None) -> tuple[Encoding, float, float]:
+    if state is not None:
+        for i in infos:
+            for d in i.dtypes:
+                if not np.can_cast(np.dtype(d), np.dtype(state.encoding.dtype), "same_kind") or (
+                    np.dtype(d).itemsize > np.dtype(state.encoding.dtype).itemsize
+                ):
+                    raise IngestError(
+                        f"{i.path}: unexpected dtype {d}; the cube stores {state.encoding.dtype}"
+                    )
+        return state.encoding, state.scale, state.offset
+    dtype = np.result_type(*[np.dtype(d) for i in infos for d in i.dtypes])
+    first = infos[0]
+    fill = implicit_nodata(str(first.dtypes[0]), first.nodata)
+    if fill is None:  # signed ints without nodata: use the dtype minimum as fill
+        fill = float(np.iinfo(dtype).min)
+    return Encoding(str(dtype), float(fill)), float(first.scales[0]), float(first.offsets[0])
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def _build_block(cube: str, base_snapshot: str | None, grid: CubeGrid, bands: list[str], enc: Encoding,
+                 tile: Tile, entries: list[tuple[str, object]], resampling: str):
+    """One (time chunk x tile) block: ``entries`` is a list of ("old", index in base) or ("new", scenes)."""
+    import icechunk
+
+    h, w = tile.shape
+    n = len(entries)
+    data = np.full((n, len(bands), h, w), enc.fill, enc.dtype)
+    valid = np.zeros((n, h, w), bool)
+    old = [(k, int(j)) for k, (kind, j) in enumerate(entries) if kind == "old"]
+    if old:
+        repo = icechunk.Repository.open(storage_for(cube))
+        g = zarr.open_group(repo.readonly_session(snapshot_id=base_snapshot).store, mode="r")
+        js = [j for _, j in old]
+        lo, hi = min(js), max(js) + 1
+        r = g["reflectance"][lo:hi, :, tile.y, tile.x]
+        v = g["valid"][lo:hi, tile.y, tile.x]
+        for k, j in old:
+            data[k], valid[k] = r[j - lo], v[j - lo]
+    for k, (kind, scenes) in enumerate(entries):
+        if kind == "new":
+            data[k], valid[k] = mosaic_date(scenes, bands, grid, tile, enc, Resampling[resampling])
+    return tile, data, valid
+
+
+class _Executor:
+    """dask.distributed client for the requested scheduler, or plain in-process calls."""
+
+    def __init__(self, scheduler: str):
+        self.client = self.cluster = None
+        if scheduler == "synchronous":
+            return
+        from distributed import Client, LocalCluster
+
+        if scheduler in ("local", "threads"):
+            n = max(1, os.cpu_count() or 1)
+            if scheduler == "local":  # worker processes, bound to loopback
+                self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                            dashboard_address=None, silence_logs=40)
+            else:  # one in-process worker with a thread per core
+                self.cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
+                                            dashboard_address=None, silence_logs=40)
+            self.client = Client(self.cluster)
+        else:
+            self.client = Client(scheduler)
+
+    def map_unordered(self, fn: Callable, calls: list[tuple], window: int):
+        if self.client is None:
+            for args in calls:
+                yield fn(*args)
+            return
+        from distributed import as_completed
+
+        pending = iter(calls)
+        futures = [self.client.submit(fn, *a, pure=False) for a in _take(pending, window)]
+        ac = as_completed(futures)
+        for fut in ac:
+            result = fut.result()
+            fut.release()
+            for a in _take(pending, 1):
+                ac.add(self.client.submit(fn, *a, pure=False))
+            yield result
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _take(it, n):
+    out = []
+    for _ in range(n):
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray, enc: Encoding, scale: float,
+                     offset: float, time_chunk: int) -> None:
+    """Write the cube's metadata and coordinates (no pixel chunks) into an empty Icechunk session."""
+    import dask.array as da
+    from rasterio.crs import CRS
+
+    ts = grid.tile_size
+    nt, nb = len(times), len(bands)
+    refl = da.zeros((nt, nb, grid.height, grid.width), dtype=enc.dtype, chunks=(time_chunk, nb, ts, ts))
+    valid = da.zeros((nt, grid.height, grid.width), dtype=bool, chunks=(time_chunk, ts, ts))
+    crs = CRS.from_user_input(grid.crs)
+    sref = xr.DataArray(0, attrs={
+        "crs_wkt": crs.to_wkt(), "spatial_ref": crs.to_wkt(),
+        "GeoTransform": " ".join(str(v) for v in grid.transform.to_gdal()),
+    })
+    if crs.to_epsg():
+        sref.attrs["epsg_code"] = f"EPSG:{crs.to_epsg()}"
+    ds = xr.Dataset(
+        {"reflectance": (("time", "band", "y", "x"), refl), "valid": (("time", "y", "x"), valid)},
+        coords={"time": times.astype("datetime64[ns]"), "band": np.array(bands, dtype=object), "y": grid.y, "x": grid.x,
+                "spatial_ref": sref},
+    )
+    units = "metre" if crs.is_projected else "degree"
+    ds.x.attrs.update(standard_name="projection_x_coordinate" if crs.is_projected else "longitude", units=units,
+                      axis="X", long_name="x coordinate of cell centre")
+    ds.y.attrs.update(standard_name="projection_y_coordinate" if crs.is_projected else "latitude", units=units,
+                      axis="Y", long_name="y coordinate of cell centre")
+    ds.time.attrs.update(standard_name="time", long_name="acquisition time (UTC)", axis="T")
+    ds.band.attrs.update(long_name="band name as ingested")
+    ds.reflectance.attrs.update(long_name="band values as ingested", grid_mapping="spatial_ref",
+                                coordinates="spatial_ref")
+    ds.valid.attrs.update(long_name="observed, not cloud, not fill", grid_mapping="spatial_ref",
+                          coordinates="spatial_ref")
+    ds.attrs.update({"Conventions": "CF-1.8", "geowm:format": FORMAT, "geowm:tile_size": ts, "geowm:sources": []})
+    refl_enc: dict = {"dtype": enc.dtype, "chunks": (time_chunk, nb, ts, ts), "_FillValue": _fill_value(enc)}
+    if scale != 1.0 or offset != 0.0:
+        refl_enc.update(scale_factor=np.float32(scale), add_offset=np.float32(offset))
+    encoding = {
+        "reflectance": refl_enc,
+        "valid": {"chunks": (time_chunk, ts, ts)},
+        "time": {"units": "seconds since 1970-01-01T00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64",
+                 "chunks": (4096,)},
+    }
+    ds.to_zarr(store, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
+
+
+def _fill_value(enc: Encoding):
+    kind = np.dtype(enc.dtype).kind
+    return np.dtype(enc.dtype).type(enc.fill) if kind != "f" else np.dtype(enc.dtype).type(enc.fill)
+
+
+def _local_files(cube: str) -> set[str] | None:
+    if "://" in cube:
+        return None
+    root = Path(cube)
+    return {str(p) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
+
+
+def _remove_new_files(cube: str, before: set[str] | None, created_cube: bool) -> None:
+    """After a failed batch, remove what it wrote (uncommitted chunks) so the store is as it was."""
+    if before is None:
+        return
+    root = Path(cube)
+    if created_cube:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_file() and str(p) not in before:
+            p.unlink(missing_ok=True)
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_dir() and not any(p.iterdir()) and not any(b.startswith(str(p) + os.sep) for b in before):
+            p.rmdir()
+
+
+def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = None,
+           progress: Callable[[int, int], None] | None = None) -> IngestReport:
+    """Ingest every new scene of ``source`` (folder of GeoTIFFs or STAC JSON) into ``cube``.
+
+    Returns an :class:`IngestReport`. Raises :class:`IngestError`/:class:`geowm.sources.SourceError`
+    for bad input (the cube is then unchanged) and :class:`geowm.cube.store.CubeError` for an
+    unusable cube.
+    """
+    opts = opts or IngestOptions()
+    cube = str(cube)
+    t_start = _time.perf_counter()
+    if opts.tile_size < 16 or opts.time_chunk < 1:
+        raise IngestError(f"bad options: tile size {opts.tile_size} (>= 16) / time chunk {opts.time_chunk} (>= 1)")
+    if opts.resampling not in Resampling.__members__:
+        raise IngestError(f"--resampling {opts.resampling!r}: one of {', '.join(Resampling.__members__)}")
+    scenes = discover(source, opts.mask_band, opts.mask_clear)
+    created = not cube_exists(cube)
+    if created and Path(cube).exists() and "://" not in cube and any(Path(cube).iterdir()):
+        raise CubeError(f"{cube}: exists and is not a geowm cube; refusing to write into it")
+    report = IngestReport(cube=cube)
+    with cube_lock(cube):
+        state = None if created else read_state(cube)
+        known = {(s["id"], s["datetime"]) for s in (state.sources if state else [])}
+        new = [s for s in scenes if (s.id, s.datetime.isoformat()) not in known]
+        report.skipped_scenes = [s.id for s in scenes if s not in new]
+        if not new:
+            report.seconds = _time.perf_counter() - t_start
+            if created:
+                Path(cube).rmdir() if Path(cube).exists() and not any(Path(cube).iterdir()) else None
+            return report
+        bands = _resolve_bands(new, state, opts.bands)
+        cube_crs = state.grid.crs if state else opts.crs
+        infos = {}
+        for s in new:
+            for ref in [*(s.bands[b] for b in bands), *([s.mask] if s.mask else [])]:
+                if ref.path not in infos:
+                    infos[ref.path] = inspect_file(ref.path, cube_crs, opts.max_pixels)
+        grid = state.grid if state else _new_grid(list(infos.values()), opts)
+        if state is None:
+            infos = {p: inspect_file(p, grid.crs, opts.max_pixels) for p in infos}
+        for info in infos.values():
+            if not _overlaps(info.bounds_in_cube_crs, grid.bounds):
+                raise IngestError(
+                    f"{info.path}: does not overlap the cube (file bounds {tuple(round(v, 1) for v in info.bounds_in_cube_crs)}"
+                    f" vs cube bounds {tuple(round(v, 1) for v in grid.bounds)} in {grid.crs})"
+                )
+        data_infos = [infos[s.bands[b].path] for s in new for b in bands]
+        enc, scale, offset = _encoding(data_infos, state)
+        groups = _group_by_date(new)
+        old_times = state.times if state is not None else np.array([], "datetime64[s]")
+        old_days = {t.astype("datetime64[D]") for t in old_times}
+        for t, group in groups.items():
+            if t.astype("datetime64[D]") in old_days:
+                raise IngestError(
+                    f"{group[0].origin or group[0].id}: date {t.astype('datetime64[D]')} is already in the cube "
+                    f"from other scenes ({', '.join(s.id for s in group)} not ingested); "
+                    "ingest all footprints of a date together"
+                )
+        merged = np.array(sorted([*old_times, *groups.keys()]), "datetime64[s]")
+        first_new = int(np.searchsorted(merged, min(groups)))
+        ct = state.time_chunk if state else opts.time_chunk
+        start = (first_new // ct) * ct
+        old_index = {t: i for i, t in enumerate(old_times)}
+        entries = [("old", old_index[t]) if t in old_index else ("new", groups[t]) for t in merged]
+        report.source_bytes = sum(i.pixel_bytes for i in infos.values())
+
+        before = _local_files(cube)
+        try:
+            report.snapshot = _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start,
+                                     entries, new, opts, progress, report)
+        except BaseException:
+            _remove_new_files(cube, before, created)
+            raise
+        report.added_times = [str(t) for t in groups]
+    report.seconds = _time.perf_counter() - t_start
+    return report
+
+
+def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start, entries, new, opts,
+           progress, report) -> str:
+    import icechunk
+
+    repo = icechunk.Repository.open_or_create(storage_for(cube))
+    session = repo.writable_session(BRANCH)
+    if created:
+        _create_template(session.store, grid, bands, merged, enc, scale, offset, ct)
+    g = zarr.open_group(session.store, mode="r+")
+    if not created:
+        g["reflectance"].resize((len(merged), len(bands), grid.height, grid.width))
+        g["valid"].resize((len(merged), grid.height, grid.width))
+        g["time"].resize((len(merged),))
+        g["time"][:] = merged.astype("int64")
+    sources = list(state.sources) if state else []
+    sources += [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files} for s in new]
+    g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
+
+    base = state.snapshot if state else None
+    calls = []
+    for t0 in range(start, len(merged), ct):
+        chunk_entries = entries[t0: t0 + ct]
+        for tile in grid.tiles():
+            calls.append((cube, base, grid, bands, enc, tile, chunk_entries, opts.resampling))
+    executor = _Executor(opts.scheduler)
+    try:
+        done = 0
+        per_chunk = grid.n_tiles[0] * grid.n_tiles[1]
+        window = 2 * max(1, os.cpu_count() or 1)
+        indexed = [(i, *c) for i, c in enumerate(calls)]
+        for i, tile, data, valid in executor.map_unordered(_indexed_block, indexed, window):
+            t0 = start + (i // per_chunk) * ct
+            g["reflectance"][t0: t0 + data.shape[0], :, tile.y, tile.x] = data
+            g["valid"][t0: t0 + data.shape[0], tile.y, tile.x] = valid
+            done += 1
+            if progress:
+                progress(done, len(calls))
+    finally:
+        executor.close()
+    report.tiles_written = len(calls)
+    old = set(state.times) if state is not None else set()
+    days = ", ".join(str(t.astype("datetime64[D]")) for t in merged if t not in old)
+    return session.commit(f"ingest {len(new)} scene(s): {days}",
+                          metadata={"geowm": "ingest", "scenes": [s.id for s in new]})
+
+
+def _indexed_block(i, *args):
+    tile, data, valid = _build_block(*args)
+    return i, tile, data, valid

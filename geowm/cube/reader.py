@@ -1,0 +1,143 @@
+"""Read the scenes of one date into one tile of the cube grid (window read, or warp), and mosaic them.
+
+Mosaic rule for footprints of the same date that overlap: for each pixel, the first scene (in
+order of scene id) that has a *valid* observation there (not fill, mask clear) wins; where no
+scene is valid, the first scene that covers the pixel at all (not fill) gives the value, with
+``valid`` False. Pixels no scene covers hold the cube's fill value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.warp import reproject
+from rasterio.windows import Window
+
+from geowm.cube.grid import CubeGrid, Tile
+from geowm.sources import BandRef, Scene
+
+
+class ReadError(RuntimeError):
+    """A source file failed while its pixels were read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How the cube stores band values: dtype and fill value (``nan`` for floats)."""
+
+    dtype: str
+    fill: float
+
+
+def implicit_nodata(dtype: str, nodata: float | None) -> float | None:
+    """The fill value of a source band: its declared nodata, else 0 for unsigned ints, NaN for floats."""
+    if nodata is not None:
+        return nodata
+    kind = np.dtype(dtype).kind
+    if kind == "u":
+        return 0
+    if kind == "f":
+        return float("nan")
+    return None
+
+
+def _is_fill(values: np.ndarray, fill: float | None) -> np.ndarray:
+    if fill is None:
+        return np.zeros(values.shape, bool)
+    if isinstance(fill, float) and np.isnan(fill):
+        return np.isnan(values)
+    out = values == fill
+    if values.dtype.kind == "f":
+        out |= np.isnan(values)
+    return out
+
+
+def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, fill_out: float,
+               resampling: Resampling) -> np.ndarray:
+    """Read band ``ref`` of open dataset ``src`` into ``out`` (tile shape); returns the 'covered' mask."""
+    src_fill = implicit_nodata(src.dtypes[ref.index - 1], src.nodata)
+    offset = grid.aligned_offset(src.crs.to_string(), src.transform)
+    h, w = tile.shape
+    if offset is not None:  # same lattice: a plain window read, values unchanged
+        row0, col0 = offset
+        r0, r1 = max(tile.y.start, row0), min(tile.y.stop, row0 + src.height)
+        c0, c1 = max(tile.x.start, col0), min(tile.x.stop, col0 + src.width)
+        out[...] = fill_out
+        covered = np.zeros((h, w), bool)
+        if r1 > r0 and c1 > c0:
+            win = Window(c0 - col0, r0 - row0, c1 - c0, r1 - r0)
+            vals = src.read(ref.index, window=win)
+            ok = ~_is_fill(vals, src_fill)
+            dst = (slice(r0 - tile.y.start, r1 - tile.y.start), slice(c0 - tile.x.start, c1 - tile.x.start))
+            out[dst] = np.where(ok, vals, fill_out)
+            covered[dst] = ok
+        return covered
+    tmp = np.full((h, w), np.nan, np.float64)  # NaN marks "not covered" whatever the dtypes
+    reproject(
+        source=rasterio.band(src, ref.index), destination=tmp,
+        src_transform=src.transform, src_crs=src.crs, src_nodata=src_fill,
+        dst_transform=grid.window_transform(tile.y, tile.x), dst_crs=grid.crs, dst_nodata=np.nan,
+        resampling=resampling,
+    )
+    covered = ~np.isnan(tmp)
+    if np.dtype(out.dtype).kind in "iu":
+        info = np.iinfo(out.dtype)
+        tmp = np.clip(np.rint(tmp), info.min, info.max)
+    out[...] = np.where(covered, tmp, fill_out).astype(out.dtype)
+    return covered
+
+
+def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
+               resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene in one tile: ``data`` (band, y, x) in ``enc.dtype``, ``valid`` and ``covered`` (y, x) bool.
+
+    ``covered``: every band has a non-fill value; ``valid``: covered and, if the scene has a mask,
+    the mask value is one of ``scene.mask_clear``.
+    """
+    h, w = tile.shape
+    data = np.empty((len(bands), h, w), enc.dtype)
+    covered = np.ones((h, w), bool)
+    with ExitStack() as stack:
+        opened: dict[str, object] = {}
+
+        def src_of(ref: BandRef):
+            if ref.path not in opened:
+                opened[ref.path] = stack.enter_context(rasterio.open(ref.path))
+            return opened[ref.path]
+
+        current = ""
+        try:
+            for i, name in enumerate(bands):
+                ref = scene.bands[name]
+                current = ref.path
+                covered &= _read_band(src_of(ref), ref, grid, tile, data[i], enc.fill, resampling)
+            valid = covered.copy()
+            if scene.mask is not None:
+                current = scene.mask.path
+                mask = np.zeros((h, w), np.float64)
+                _read_band(src_of(scene.mask), scene.mask, grid, tile, mask, 0, Resampling.nearest)
+                valid &= np.isin(mask.astype(np.int64), np.fromiter(scene.mask_clear, np.int64))
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            raise ReadError(f"{current}: failed while reading pixels ({exc})") from None
+    return data, valid, covered
+
+
+def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
+                resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
+    """Mosaic the scenes of one date (already in mosaic order) into ``data`` (band, y, x) and ``valid`` (y, x)."""
+    h, w = tile.shape
+    data = np.full((len(bands), h, w), enc.fill, enc.dtype)
+    valid = np.zeros((h, w), bool)
+    covered = np.zeros((h, w), bool)
+    for scene in scenes:
+        d, v, c = read_scene(scene, bands, grid, tile, enc, resampling)
+        take = (v & ~valid) | (c & ~covered)  # valid beats invalid; otherwise first come
+        data[:, take] = d[:, take]
+        valid |= v
+        covered |= c
+    return data, valid

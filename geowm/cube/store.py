@@ -1,0 +1,174 @@
+"""Cube storage: an Icechunk repository (transactional, versioned Zarr v3) holding one cube.
+
+Why Icechunk and not plain Zarr with a write-ahead manifest: see the README ("Storage choice") and
+``benchmarks/store_choice.py``. Each ingest batch is one Icechunk commit, so readers always see a
+whole committed snapshot, a killed writer leaves the previous snapshot in place, and the snapshot
+id names the exact cube state a model or forecast was made from.
+
+Plain xarray opens a cube through the Icechunk store::
+
+    import icechunk, xarray as xr
+    repo = icechunk.Repository.open(icechunk.local_filesystem_storage("demo/cube"))
+    ds = xr.open_zarr(repo.readonly_session("main").store, consolidated=False)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import icechunk
+import rioxarray  # noqa: F401  (registers the .rio accessor on what open_cube returns)
+import numpy as np
+import xarray as xr
+import zarr
+from affine import Affine
+
+from geowm.cube.grid import CubeGrid
+from geowm.cube.reader import Encoding
+
+icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by cube_lock
+
+BRANCH = "main"
+FORMAT = "geowm-cube/1"
+
+
+class CubeError(ValueError):
+    """A cube cannot be opened or used as asked; the message names the cube and the problem."""
+
+
+def storage_for(path: str | Path) -> icechunk.Storage:
+    """Icechunk storage for a local path or an object-store URL (``s3://bucket/prefix``, credentials
+    from the environment)."""
+    text = str(path)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[5:].partition("/")
+        return icechunk.s3_storage(bucket=bucket, prefix=prefix or None, from_env=True)
+    if "://" in text:
+        raise CubeError(f"{text}: unsupported cube URL scheme (local paths and s3:// are supported)")
+    return icechunk.local_filesystem_storage(str(Path(text).absolute()))
+
+
+def cube_exists(path: str | Path) -> bool:
+    p = Path(str(path))
+    if "://" not in str(path) and not p.exists():
+        return False
+    return icechunk.Repository.exists(storage_for(path))
+
+
+def open_repo(path: str | Path) -> icechunk.Repository:
+    if not cube_exists(path):
+        raise CubeError(f"{path}: no geowm cube here (not an Icechunk repository)")
+    return icechunk.Repository.open(storage_for(path))
+
+
+def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
+    """Open a cube lazily as an xarray Dataset with dims ``time, band, y, x``.
+
+    Variables: ``reflectance`` (time, band, y, x; decoded to physical values, fill -> NaN) and
+    ``valid`` (time, y, x; bool: observed, not cloud, not fill). ``spatial_ref`` holds the CRS as a
+    CF grid mapping (rioxarray reads it: ``ds.rio.crs``). ``attrs['geowm:snapshot']`` is the
+    Icechunk snapshot id of what was read; pass ``snapshot`` to read an earlier state.
+    """
+    repo = open_repo(path)
+    session = repo.readonly_session(snapshot_id=snapshot) if snapshot else repo.readonly_session(BRANCH)
+    ds = xr.open_zarr(session.store, consolidated=False)
+    if ds.attrs.get("geowm:format") != FORMAT:
+        raise CubeError(f"{path}: not a geowm cube (format {ds.attrs.get('geowm:format')!r})")
+    ds = ds.set_coords("spatial_ref")
+    ds.attrs["geowm:snapshot"] = session.snapshot_id
+    return ds
+
+
+@dataclass
+class CubeState:
+    """What an ingest needs to know about an existing cube (read from metadata, no pixels)."""
+
+    grid: CubeGrid
+    bands: list[str]
+    times: np.ndarray  # datetime64[s], sorted
+    encoding: Encoding
+    scale: float
+    offset: float
+    sources: list[dict]
+    time_chunk: int
+    snapshot: str
+
+
+def read_state(path: str | Path) -> CubeState:
+    repo = open_repo(path)
+    session = repo.readonly_session(BRANCH)
+    g = zarr.open_group(session.store, mode="r")
+    attrs = dict(g.attrs)
+    if attrs.get("geowm:format") != FORMAT:
+        raise CubeError(f"{path}: not a geowm cube (format {attrs.get('geowm:format')!r})")
+    sref = dict(g["spatial_ref"].attrs)
+    gt = [float(v) for v in sref["GeoTransform"].split()]
+    refl = g["reflectance"]
+    grid = CubeGrid(sref["crs_wkt"], Affine.from_gdal(*gt), int(refl.shape[3]), int(refl.shape[2]),
+                    int(attrs["geowm:tile_size"]))
+    ra = dict(refl.attrs)
+    fill = ra.get("_FillValue", refl.fill_value)
+    return CubeState(
+        grid=grid,
+        bands=[str(b) for b in g["band"][:]],
+        times=(g["time"][:].astype("int64")).astype("datetime64[s]"),
+        encoding=Encoding(str(refl.dtype), float(fill) if fill is not None else float("nan")),
+        scale=float(ra.get("scale_factor", 1.0)),
+        offset=float(ra.get("add_offset", 0.0)),
+        sources=list(attrs.get("geowm:sources", [])),
+        time_chunk=int(refl.chunks[0]),
+        snapshot=session.snapshot_id,
+    )
+
+
+@contextmanager
+def cube_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
+    """Exclusive writer lock on a local cube (flock on its folder; nothing is written into the cube).
+
+    A second writer fails at once with :class:`CubeError` unless ``wait`` is True. Object-store cubes
+    rely on Icechunk's optimistic concurrency (a conflicting commit fails) instead.
+    """
+    if "://" in str(path):
+        yield
+        return
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise CubeError(f"{path}: another process is writing this cube; re-run when it has finished") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def cube_checksum(path: str | Path) -> str:
+    """SHA-256 over the committed cube's arrays (values, shapes, dtypes) and attributes."""
+    repo = open_repo(path)
+    g = zarr.open_group(repo.readonly_session(BRANCH).store, mode="r")
+    h = hashlib.sha256()
+    h.update(repr(sorted(dict(g.attrs).items())).encode())
+    for name in sorted(g.array_keys()):
+        a = g[name]
+        h.update(f"{name}{a.shape}{a.dtype}{sorted(dict(a.attrs).items())}".encode())
+        h.update(np.ascontiguousarray(a[...]).tobytes())
+    return h.hexdigest()
+
+
+def tree_digest(path: str | Path) -> str:
+    """SHA-256 over every file (relative path and bytes) under a local folder: 'byte-for-byte unchanged'."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
