@@ -143,7 +143,11 @@ def validate_catalog(catalog_json: str | Path) -> list[str]:
     import json
 
     import pystac.validation
-    from stac_validator import stac_validator
+    import warnings
+
+    with warnings.catch_warnings():  # the package points at its successor, stac_valid, with the same API
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from stac_validator import stac_validator
 
     local = Path(pystac.validation.__file__).parent / "jsonschemas" / "stac-spec"
     schema_map = {}

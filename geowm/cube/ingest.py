@@ -17,7 +17,7 @@ import math
 import os
 import time as _time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from pathlib import Path
 
@@ -93,6 +93,8 @@ class FileInfo:
     scales: tuple[float, ...]
     offsets: tuple[float, ...]
     count: int
+    width: int
+    height: int
     pixel_bytes: int
 
 
@@ -141,7 +143,7 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
         return FileInfo(
             path=path, crs=crs, bounds_in_cube_crs=bounds, transform=tuple(src.transform), res=abs(src.res[0]),
             dtypes=tuple(src.dtypes), nodata=src.nodata, scales=tuple(src.scales), offsets=tuple(src.offsets),
-            count=src.count, pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
+            count=src.count, width=src.width, height=src.height, pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
         )
 
 
@@ -214,10 +216,8 @@ def _native_bounds(info: FileInfo) -> tuple[float, float, float, float]:
     from affine import Affine
 
     t = Affine(*info.transform[:6])
-    with rasterio.open(info.path) as src:
-        w, h = src.width, src.height
-    xs = [t.c, t.c + t.a * w]
-    ys = [t.f, t.f + t.e * h]
+    xs = [t.c, t.c + t.a * info.width]
+    ys = [t.f, t.f + t.e * info.height]
     return (min(xs), min(ys), max(xs), max(ys))
 
 
@@ -243,12 +243,16 @@ def _encoding(infos: Sequence[FileInfo], state: CubeState | None) -> tuple[Encod
 # ------------------------------------------------------------------------------------------- workers
 
 
-def _build_block(cube: str, base_snapshot: str | None, grid: CubeGrid, bands: list[str], enc: Encoding,
-                 tile: Tile, entries: list[tuple[str, object]], resampling: str):
-    """One (time chunk x tile) block: ``entries`` is a list of ("old", index in base) or ("new", scenes)."""
+def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, bands: list[str], enc: Encoding,
+                 region: Tile, t0: int, entries: list[tuple[str, object]], resampling: str):
+    """Build and write one block: time indexes ``t0 .. t0+len(entries)`` x ``region`` (whole tiles).
+
+    ``entries`` holds ("old", index in the base snapshot) or ("new", scenes of that date). The block is
+    written into ``fork`` (an Icechunk ForkSession), which is returned for the coordinator to merge.
+    """
     import icechunk
 
-    h, w = tile.shape
+    h, w = region.shape
     n = len(entries)
     data = np.full((n, len(bands), h, w), enc.fill, enc.dtype)
     valid = np.zeros((n, h, w), bool)
@@ -258,14 +262,31 @@ def _build_block(cube: str, base_snapshot: str | None, grid: CubeGrid, bands: li
         g = zarr.open_group(repo.readonly_session(snapshot_id=base_snapshot).store, mode="r")
         js = [j for _, j in old]
         lo, hi = min(js), max(js) + 1
-        r = g["reflectance"][lo:hi, :, tile.y, tile.x]
-        v = g["valid"][lo:hi, tile.y, tile.x]
+        r = g["reflectance"][lo:hi, :, region.y, region.x]
+        v = g["valid"][lo:hi, region.y, region.x]
         for k, j in old:
             data[k], valid[k] = r[j - lo], v[j - lo]
     for k, (kind, scenes) in enumerate(entries):
         if kind == "new":
-            data[k], valid[k] = mosaic_date(scenes, bands, grid, tile, enc, Resampling[resampling])
-    return tile, data, valid
+            data[k], valid[k] = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling])
+    out = zarr.open_group(fork.store, mode="r+")
+    out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
+    out["valid"][t0: t0 + n, region.y, region.x] = valid
+    return fork
+
+
+def _regions(grid: CubeGrid, n_time_chunks: int, block_bytes_per_row: int, workers: int,
+             max_bytes: int = 128 * 2**20) -> list[Tile]:
+    """Split the grid into bands of whole tile rows: as large as ``max_bytes`` allows (few file opens,
+    big reads) yet enough of them to keep ``workers`` busy."""
+    rows, _ = grid.n_tiles
+    per_tile_row = block_bytes_per_row * grid.tile_size
+    by_memory = max(1, max_bytes // max(per_tile_row, 1))
+    by_parallelism = max(1, math.ceil(rows * n_time_chunks / (4 * workers)))
+    step = int(max(1, min(by_memory, by_parallelism, rows)))
+    s = grid.tile_size
+    return [Tile(r, 0, slice(r * s, min((r + step) * s, grid.height)), slice(0, grid.width))
+            for r in range(0, rows, step)]
 
 
 class _Executor:
@@ -273,6 +294,7 @@ class _Executor:
 
     def __init__(self, scheduler: str):
         self.client = self.cluster = None
+        self.workers = 1
         if scheduler == "synchronous":
             return
         from distributed import Client, LocalCluster
@@ -288,6 +310,7 @@ class _Executor:
             self.client = Client(self.cluster)
         else:
             self.client = Client(scheduler)
+        self.workers = max(1, sum(self.client.nthreads().values()))
 
     def map_unordered(self, fn: Callable, calls: list[tuple], window: int):
         if self.client is None:
@@ -360,12 +383,17 @@ def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray,
     ds.valid.attrs.update(long_name="observed, not cloud, not fill", grid_mapping="spatial_ref",
                           coordinates="spatial_ref")
     ds.attrs.update({"Conventions": "CF-1.8", "geowm:format": FORMAT, "geowm:tile_size": ts, "geowm:sources": []})
-    refl_enc: dict = {"dtype": enc.dtype, "chunks": (time_chunk, nb, ts, ts), "_FillValue": _fill_value(enc)}
+    from zarr.codecs import BloscCodec
+
+    # blosc-zstd level 1 with bit shuffling: as fast to write as plain zstd level 0, ~20 % smaller
+    fast = [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
+    refl_enc: dict = {"dtype": enc.dtype, "chunks": (time_chunk, nb, ts, ts), "_FillValue": _fill_value(enc),
+                      "compressors": fast}
     if scale != 1.0 or offset != 0.0:
         refl_enc.update(scale_factor=np.float32(scale), add_offset=np.float32(offset))
     encoding = {
         "reflectance": refl_enc,
-        "valid": {"chunks": (time_chunk, ts, ts)},
+        "valid": {"chunks": (time_chunk, ts, ts), "compressors": fast},
         "time": {"units": "seconds since 1970-01-01T00:00:00", "calendar": "proleptic_gregorian", "dtype": "int64",
                  "chunks": (4096,)},
     }
@@ -440,8 +468,10 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
                 if ref.path not in infos:
                     infos[ref.path] = inspect_file(ref.path, cube_crs, opts.max_pixels)
         grid = state.grid if state else _new_grid(list(infos.values()), opts)
-        if state is None:
-            infos = {p: inspect_file(p, grid.crs, opts.max_pixels) for p in infos}
+        if state is None:  # bounds were in each file's own CRS: express them in the new cube's
+            infos = {p: replace(i, bounds_in_cube_crs=tuple(transform_bounds(i.crs, grid.crs, *_native_bounds(i),
+                                                                             densify_pts=21)))
+                     for p, i in infos.items()}
         for info in infos.values():
             if not _overlaps(info.bounds_in_cube_crs, grid.bounds):
                 raise IngestError(
@@ -482,10 +512,25 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
 
 def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start, entries, new, opts,
            progress, report) -> str:
+    """Write the batch on a temporary branch, then move ``main`` to it in one step (compare-and-swap).
+
+    Metadata (new cube, or resized arrays and new time values) is committed on the temporary branch
+    first, because Icechunk forks (one per dask task) need a session without uncommitted changes; the
+    workers write their blocks into forks that are merged and committed; ``main`` is then reset to that
+    snapshot only if it still points where it pointed when the ingest began.
+    """
+    import uuid
+
     import icechunk
 
     repo = icechunk.Repository.open_or_create(storage_for(cube))
-    session = repo.writable_session(BRANCH)
+    for branch in repo.list_branches():  # leftovers of a killed ingest (we hold the writer lock)
+        if branch.startswith("ingest-"):
+            repo.delete_branch(branch)
+    base = repo.lookup_branch(BRANCH)
+    tmp = f"ingest-{uuid.uuid4().hex[:12]}"
+    repo.create_branch(tmp, base)
+    session = repo.writable_session(tmp)
     if created:
         _create_template(session.store, grid, bands, merged, enc, scale, offset, ct)
     g = zarr.open_group(session.store, mode="r+")
@@ -497,35 +542,28 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
     sources = list(state.sources) if state else []
     sources += [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
+    session.commit("prepare ingest (metadata)")
+    session = repo.writable_session(tmp)
 
-    base = state.snapshot if state else None
-    calls = []
-    for t0 in range(start, len(merged), ct):
-        chunk_entries = entries[t0: t0 + ct]
-        for tile in grid.tiles():
-            calls.append((cube, base, grid, bands, enc, tile, chunk_entries, opts.resampling))
     executor = _Executor(opts.scheduler)
     try:
-        done = 0
-        per_chunk = grid.n_tiles[0] * grid.n_tiles[1]
-        window = 2 * max(1, os.cpu_count() or 1)
-        indexed = [(i, *c) for i, c in enumerate(calls)]
-        for i, tile, data, valid in executor.map_unordered(_indexed_block, indexed, window):
-            t0 = start + (i // per_chunk) * ct
-            g["reflectance"][t0: t0 + data.shape[0], :, tile.y, tile.x] = data
-            g["valid"][t0: t0 + data.shape[0], tile.y, tile.x] = valid
-            done += 1
+        chunk_starts = list(range(start, len(merged), ct))
+        row_bytes = ct * len(bands) * grid.width * np.dtype(enc.dtype).itemsize
+        regions = _regions(grid, len(chunk_starts), row_bytes, executor.workers)
+        calls = [(session.fork(), cube, state.snapshot if state else None, grid, bands, enc, region, t0,
+                  entries[t0: t0 + ct], opts.resampling) for t0 in chunk_starts for region in regions]
+        window = 2 * executor.workers
+        for done, fork in enumerate(executor.map_unordered(_build_block, calls, window), start=1):
+            session.merge(fork)
             if progress:
                 progress(done, len(calls))
     finally:
         executor.close()
-    report.tiles_written = len(calls)
+    report.tiles_written = len(chunk_starts) * grid.n_tiles[0] * grid.n_tiles[1]
     old = set(state.times) if state is not None else set()
     days = ", ".join(str(t.astype("datetime64[D]")) for t in merged if t not in old)
-    return session.commit(f"ingest {len(new)} scene(s): {days}",
-                          metadata={"geowm": "ingest", "scenes": [s.id for s in new]})
-
-
-def _indexed_block(i, *args):
-    tile, data, valid = _build_block(*args)
-    return i, tile, data, valid
+    snapshot = session.commit(f"ingest {len(new)} scene(s): {days}",
+                              metadata={"geowm": "ingest", "scenes": [s.id for s in new]})
+    repo.reset_branch(BRANCH, snapshot, from_snapshot_id=base)
+    repo.delete_branch(tmp)
+    return snapshot

@@ -119,17 +119,28 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
             valid = covered.copy()
             if scene.mask is not None:
                 current = scene.mask.path
-                mask = np.zeros((h, w), np.float64)
+                mask = np.zeros((h, w), np.int64)
                 _read_band(src_of(scene.mask), scene.mask, grid, tile, mask, 0, Resampling.nearest)
-                valid &= np.isin(mask.astype(np.int64), np.fromiter(scene.mask_clear, np.int64))
+                valid &= _clear_lookup(scene.mask_clear, mask)
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise ReadError(f"{current}: failed while reading pixels ({exc})") from None
     return data, valid, covered
 
 
+def _clear_lookup(clear: frozenset[int], mask: np.ndarray) -> np.ndarray:
+    """``mask`` values that are in ``clear`` (a table lookup; values outside 0..65535 are never clear)."""
+    table = np.zeros(65536, bool)
+    table[[v for v in clear if 0 <= v < 65536]] = True
+    inside = (mask >= 0) & (mask < 65536)
+    return table[np.where(inside, mask, 0)] & inside
+
+
 def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
                 resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
     """Mosaic the scenes of one date (already in mosaic order) into ``data`` (band, y, x) and ``valid`` (y, x)."""
+    if len(scenes) == 1:
+        data, valid, _ = read_scene(scenes[0], bands, grid, tile, enc, resampling)
+        return data, valid
     h, w = tile.shape
     data = np.full((len(bands), h, w), enc.fill, enc.dtype)
     valid = np.zeros((h, w), bool)
