@@ -1,0 +1,10 @@
+"""Synthetic Earth generator: a Sentinel-2-like image time series with weather and ground truth.
+
+>>> from geowm.synth import generate
+>>> summary = generate("region", size=256, start="2021-01-01", end="2021-12-31", seed=3)  # doctest: +SKIP
+"""
+
+from .generator import generate
+from .landscape import BANDS, CLASSES
+
+__all__ = ["generate", "BANDS", "CLASSES"]
