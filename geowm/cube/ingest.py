@@ -282,7 +282,7 @@ def _regions(grid: CubeGrid, n_time_chunks: int, block_bytes_per_row: int, worke
     rows, _ = grid.n_tiles
     per_tile_row = block_bytes_per_row * grid.tile_size
     by_memory = max(1, max_bytes // max(per_tile_row, 1))
-    by_parallelism = max(1, math.ceil(rows * n_time_chunks / (4 * workers)))
+    by_parallelism = max(1, rows * n_time_chunks // (4 * workers))
     step = int(max(1, min(by_memory, by_parallelism, rows)))
     s = grid.tile_size
     return [Tile(r, 0, slice(r * s, min((r + step) * s, grid.height)), slice(0, grid.width))
@@ -302,8 +302,16 @@ class _Executor:
         if scheduler in ("local", "threads"):
             n = max(1, os.cpu_count() or 1)
             if scheduler == "local":  # worker processes, bound to loopback
-                self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                            dashboard_address=None, silence_logs=40)
+                import dask
+
+                saved_env = dict(os.environ)  # the nanny exports its pre-spawn variables into this process
+                # distributed's default MALLOC_TRIM_THRESHOLD_=65536 halves the workers' speed here
+                # (many short-lived decode buffers); keep glibc's default
+                with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                    self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                                dashboard_address=None, silence_logs=40)
+                os.environ.clear()
+                os.environ.update(saved_env)
             else:  # one in-process worker with a thread per core
                 self.cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
                                             dashboard_address=None, silence_logs=40)
