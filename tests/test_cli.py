@@ -1,0 +1,44 @@
+"""The command line end to end on a small region, with relative paths as a user types them."""
+
+from __future__ import annotations
+
+import json
+
+import pystac
+from typer.testing import CliRunner
+
+from catalog.stac import validate_catalog
+from geowm.cli import app
+
+runner = CliRunner()
+
+
+def test_synth_ingest_info_with_relative_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, ["synth", "region", "--size", "96", "--start", "2021-05-01", "--end", "2021-06-30",
+                              "--seed", "5"])
+    assert res.exit_code == 0, res.output
+    n = json.loads(res.stdout)["n_acquisitions"]
+    res = runner.invoke(app, ["ingest", "region/stac/catalog.json", "--cube", "work/cube", "--scheduler", "threads"])
+    assert res.exit_code == 0, res.output
+    assert "ingested" in res.stderr and "work/catalog/catalog.json" in res.stderr
+    res = runner.invoke(app, ["info", "work/cube", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["dims"] == {"time": n, "band": 4, "y": 96, "x": 96}
+    assert info["crs"] == "EPSG:32633" and info["resolution"] == 10.0 and info["tiles"]["count"] == 1
+    assert info["time"]["median_gap_days"] == 5.0
+    assert 0 < info["clear_fraction"]["mean"] < 1 and len(info["clear_fraction_by_date"]) == n
+    assert validate_catalog(tmp_path / "work" / "catalog" / "catalog.json") == []
+    cat = pystac.Catalog.from_file(str(tmp_path / "work" / "catalog" / "catalog.json"))
+    assert len(list(cat.get_child("sources").get_items())) == n
+    res = runner.invoke(app, ["info", "work/cube"])  # the human-readable table
+    assert res.exit_code == 0 and "EPSG:32633" in res.stdout and "B02, B03, B04, B08" in res.stdout
+    res = runner.invoke(app, ["ingest", "region/stac/catalog.json", "--cube", "work/cube"])
+    assert res.exit_code == 0 and "nothing new" in res.stderr
+
+
+def test_info_on_a_folder_that_is_not_a_cube(tmp_path):
+    (tmp_path / "x").mkdir()
+    res = runner.invoke(app, ["info", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "no geowm cube here" in res.output
