@@ -19,10 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/geowm synth $(DEMO)/synth --size 512 --start 2021-01-01 --end 2022-12-31 --seed 7
+	test -f $(DEMO)/synth/synth.json || $(VENV)/bin/geowm synth $(DEMO)/synth --size 512 --start 2021-01-01 --end 2022-12-31 --seed 7
 	$(VENV)/bin/geowm ingest $(DEMO)/synth/stac/catalog.json --cube $(DEMO)/cube --catalog $(DEMO)/catalog
 	$(VENV)/bin/geowm info $(DEMO)/cube
-	@echo "demo outputs in $(DEMO)/: synthetic scenes, cube ($(DEMO)/cube), STAC catalog ($(DEMO)/catalog/catalog.json)"
+	test -f $(DEMO)/runs/tiny/eval.json || { rm -rf $(DEMO)/runs/tiny && $(VENV)/bin/geowm train --cube $(DEMO)/cube \
+	  --out $(DEMO)/runs/tiny --preset tiny --steps 400 --train-until 2022-06-30 --landcover $(DEMO)/synth/landcover.tif; }
+	@echo "demo outputs in $(DEMO)/: synthetic scenes ($(DEMO)/synth), cube ($(DEMO)/cube), STAC catalog"
+	@echo "($(DEMO)/catalog/catalog.json), trained tiny model with probes and held-out scores ($(DEMO)/runs/tiny/eval.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

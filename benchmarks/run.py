@@ -1,6 +1,7 @@
 """Run the benchmark suite: ``python -m benchmarks.run [--quick | --smoke] [--only NAME[,NAME]] [--out DIR]``.
 
-Each benchmark is a module ``benchmarks/bench_<name>.py`` with ``run(mode, workdir) -> dict`` returning
+Each benchmark is a module ``benchmarks/bench_<name>.py`` (or the one named in ``MODULES``) with
+``run(mode, workdir) -> dict`` returning
 ``{"results": {"headline": {metric: number}, ...details}, "targets": {key: {"target", "value", "met"}}}``
 (mode is ``full``, ``quick`` or ``smoke``). This runner calls them one after the other, writes
 ``OUT/<name>.json`` for each and regenerates ``OUT/README.md`` from every JSON present in ``OUT``.
@@ -23,7 +24,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice")  # run order; module benchmarks.bench_<name>
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step")  # run order; module benchmarks.bench_<name>
+MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -104,7 +106,7 @@ def run_one(name: str, mode: str, workdir: Path, machine: dict) -> dict:
     targets: dict = {}
     saved_env = dict(os.environ)  # e.g. dask nannies write MALLOC_TRIM_THRESHOLD_ into os.environ
     try:
-        module = importlib.import_module(f"benchmarks.bench_{name}")
+        module = importlib.import_module(MODULES.get(name, f"benchmarks.bench_{name}"))
         out = module.run(mode, workdir / name)
         results, targets = out["results"], out.get("targets", {})
         status = "ok"

@@ -141,9 +141,9 @@ def validate_catalog(catalog_json: str | Path) -> list[str]:
     """Validate every object of the catalog with stac-validator against the STAC core JSON schemas that
     ship with pystac (offline). Returns the error messages (empty when valid)."""
     import json
+    import warnings
 
     import pystac.validation
-    import warnings
 
     with warnings.catch_warnings():  # the package points at its successor, stac_valid, with the same API
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -14,5 +14,6 @@ except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
 from geowm.cube.store import open_cube  # noqa: E402
+from geowm.inference import WorldModel, load_model  # noqa: E402
 
-__all__ = ["open_cube", "__version__"]
+__all__ = ["open_cube", "load_model", "WorldModel", "__version__"]

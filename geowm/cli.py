@@ -6,10 +6,12 @@ status 2; nothing already on disk is changed by a failed command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -121,6 +123,70 @@ def ingest(
 
 
 @app.command()
+def train(
+    cube: str = typer.Option(..., "--cube", help="Cube to train on."),
+    out: Path = typer.Option(..., "--out", help="Run directory to create (or continue with --resume)."),
+    preset: str = typer.Option("tiny", help="Model size: tiny (CPU, minutes), small, base (GPU)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps."),
+    minutes: float | None = typer.Option(None, help="Or a wall-clock budget in minutes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    batch_size: int | None = typer.Option(None, help="Windows per step (default 8)."),
+    train_until: str | None = typer.Option(None, help="Last date (YYYY-MM-DD) for training; later dates are "
+                                                      "held out for evaluation."),
+    config: Path | None = typer.Option(None, help="JSON file with training config keys (see geowm.train."
+                                                  "TrainConfig); command-line options override it."),
+    landcover: str | None = typer.Option(None, help="Land-cover raster for the land-cover probe."),
+    seed: int | None = typer.Option(None, help="Random seed (default 0)."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes (default 1)."),
+    evaluate: bool = typer.Option(True, help="After training, fit the probes and score held-out forecasts."),
+) -> None:
+    """Train the JEPA world model on a cube (CPU or CUDA; under torchrun for DDP)."""
+    from geowm.cube.store import CubeError
+    from geowm.train import RunError, TrainConfig, evaluate_run
+    from geowm.train import train as run_train
+
+    try:
+        base = json.loads(config.read_text()) if config else {}
+    except (OSError, json.JSONDecodeError) as exc:
+        _fail(ValueError(f"{config}: cannot read the training config ({exc})"))
+    cli = dict(preset=preset, steps=steps, minutes=minutes, device=device, batch_size=batch_size,
+               train_until=train_until, seed=seed, workers=workers)
+    try:
+        cfg = TrainConfig.from_dict({**base, **{k: v for k, v in cli.items() if v is not None}})
+        if "preset" not in base:
+            cfg.preset = preset
+    except RunError as exc:
+        _fail(ValueError(f"{config or 'options'}: {exc}"))
+    import os
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with _progress() if rank0 else contextlib.nullcontext() as bar:
+        task = bar.add_task("train", total=None) if rank0 else None
+
+        def show(step: int, total: int, row: dict) -> None:
+            desc = f"train loss {row['loss']:.4f}"
+            if "health_rankme" in row:
+                show.health = f" rank {row['health_rankme']:.0f} std {row['health_std_mean']:.2f}"
+            bar.update(task, completed=step, total=total, description=desc + getattr(show, "health", ""))
+
+        try:
+            run = run_train(cube, out, cfg, resume=resume, progress=show if rank0 else None)
+        except (RunError, CubeError, ValueError) as exc:
+            _fail(exc)
+    if not rank0:
+        return
+    if evaluate:
+        report = evaluate_run(run, landcover=landcover, device=device)
+        out_console = Console(stderr=True)
+        s = report["forecast_skill"]
+        out_console.print(f"held-out forecast L1: model {s['l1_model']:.4f} vs copy-last {s['l1_copy_last']:.4f} "
+                          f"({s['n_target_tokens']} tokens)")
+        out_console.print(f"probes: {json.dumps(report['probes'])}")
+    err.print(f"run: {run}")
+
+
+@app.command()
 def info(
     cube: str = typer.Argument(..., help="Cube folder (or s3:// URL)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -153,6 +219,104 @@ def info(
     t.add_row("fill by band", ", ".join(f"{b}={v:.2f}" for b, v in s["band_fill_fraction"].items()))
     t.add_row("sources", str(s["sources"]))
     out.print(t)
+
+
+@app.command()
+def forecast(
+    cube: str = typer.Option(..., "--cube", help="Cube folder (or s3:// URL)."),
+    model: Path = typer.Option(..., "--model", help="Run directory of a trained model (geowm train --out)."),
+    out_store: str = typer.Option(..., "--out", help="Forecast store (created if new; new inits are added)."),
+    init: str | None = typer.Option(None, help="Init date: context = clear observations up to it (default: "
+                                               "the cube's last date)."),
+    leads: str = typer.Option("5,10,20,30", help="Lead times in days, comma-separated (> 0)."),
+    valid_times: str | None = typer.Option(None, "--valid-times", help="Explicit dates to forecast (comma-"
+                                                                        "separated), instead of --leads."),
+    bbox: str | None = typer.Option(None, help="minx,miny,maxx,maxy in the cube CRS (default: whole cube)."),
+    members: int = typer.Option(8, help="Ensemble members (context subsamples) for p10/p50/p90 and spread."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Forecast latents at each lead, decode them to bands/NDVI with p10/p50/p90, write the forecast store."""
+    from geowm.cube.store import CubeError
+    from geowm.forecast import ForecastError
+    from geowm.forecast import forecast as run_forecast
+    from geowm.forecast_store import ForecastStoreError, write_forecasts
+    from geowm.inference import WorldModel
+    from geowm.train import RunError
+
+    try:
+        lead_days = [float(v) for v in leads.split(",") if v.strip()]
+    except ValueError:
+        _fail(ValueError(f"--leads {leads!r}: expected comma-separated numbers of days"))
+    try:
+        vts = None
+        if valid_times:
+            vts = [np.datetime64(v.strip(), "s") for v in valid_times.split(",") if v.strip()]
+        if init is not None:
+            np.datetime64(init, "s")
+    except ValueError as exc:
+        _fail(ValueError(f"cannot parse a date: {exc}"))
+    box = _floats(bbox, 4, "--bbox")
+    try:
+        wm = WorldModel(model, device)
+        with _progress() as bar:
+            task = bar.add_task("forecast tiles", total=None)
+            fc = run_forecast(cube, wm, init=init, leads=lead_days, valid_times=vts, bbox=box, members=members,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        commit = write_forecasts(fc, out_store)
+    except (ForecastError, ForecastStoreError, CubeError, RunError) as exc:
+        _fail(exc)
+    init_t = str(fc["init_time"].values[0])[:19]
+    err.print(f"forecast init {init_t}, leads {[round(d, 2) for d in lead_days] if vts is None else 'valid times'}"
+              f", {fc.sizes['y']} x {fc.sizes['x']} px, {members} members -> {out_store} (commit {commit})")
+
+
+@app.command()
+def anomalies(
+    cube: str = typer.Option(..., "--cube", help="Cube folder (or s3:// URL) with the new observations."),
+    forecasts: str = typer.Option(..., "--forecasts", help="Forecast store (its model and grid are used)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for alerts.geojson, alerts.parquet, scores.zarr."),
+    start: str | None = typer.Option(None, "--from", help="First acquisition to score (default: the store's "
+                                                          "first init)."),
+    end: str | None = typer.Option(None, "--to", help="Last acquisition to score (default: the cube's last)."),
+    history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's own history."),
+    threshold: float = typer.Option(4.0, help="Score that starts an alert candidate."),
+    confirm_threshold: float = typer.Option(3.0, help="Score a second clear observation needs to confirm it."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
+    from geowm.alerts import AlertRules, write_alerts
+    from geowm.anomaly import detect, write_scores
+    from geowm.cube.store import CubeError, open_cube
+    from geowm.forecast_store import ForecastStoreError, open_forecasts
+    from geowm.inference import WorldModel
+    from geowm.train import RunError
+
+    try:
+        store = open_forecasts(forecasts)
+        ds = open_cube(cube)
+        wm = WorldModel(store.attrs["geowm:model_run"], device)
+        if store.spatial_ref.attrs.get("crs_wkt") != ds.spatial_ref.attrs.get("crs_wkt"):
+            raise ForecastStoreError(f"{forecasts}: made from a cube in another CRS than {cube}")
+        xs, ys = store["x"].values, store["y"].values
+        if not (np.isin(xs, ds["x"].values).all() and np.isin(ys, ds["y"].values).all()):
+            raise ForecastStoreError(f"{forecasts}: made from another cube grid than {cube}")
+        half = abs(float(xs[1] - xs[0])) / 2 if len(xs) > 1 else 0.0
+        bbox = (xs.min() - half, ys.min() - half, xs.max() + half, ys.max() + half)
+        first = np.datetime64(start, "s") if start else store["init_time"].values.min().astype("datetime64[s]")
+        times = ds["time"].values.astype("datetime64[s]")
+        if first > times[-1]:
+            raise CubeError(f"{cube}: no acquisition after {first} (last is {times[-1]})")
+        rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold)
+        with _progress() as bar:
+            task = bar.add_task("score tiles", total=None)
+            scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox, rules=rules,
+                                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ForecastStoreError, CubeError, RunError, ValueError) as exc:
+        _fail(exc)
+    write_scores(scores, out_dir / "scores.zarr")
+    paths = write_alerts(alerts, out_dir)
+    err.print(f"{len(alerts)} alert(s) from {scores.sizes['time']} acquisition(s) since {first}: "
+              f"{paths['geojson']}, {paths['parquet']}, {out_dir / 'scores.zarr'}")
 
 
 def main() -> None:  # pragma: no cover - console entry

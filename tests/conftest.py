@@ -18,6 +18,16 @@ def synth_region(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def synth_cube(synth_region, tmp_path_factory) -> Path:
+    """``synth_region`` ingested into a cube, once per session."""
+    from geowm.cube import IngestOptions, ingest
+
+    cube = tmp_path_factory.mktemp("cube") / "cube"
+    ingest(synth_region / "stac" / "catalog.json", cube, IngestOptions(scheduler="threads"))
+    return cube
+
+
+@pytest.fixture(scope="session")
 def landsat_dir() -> Path:
     """The real Landsat 8 pair shipped in ../shared/data (two adjacent scenes, one date)."""
     here = Path(__file__).resolve().parents[1]
@@ -59,3 +69,18 @@ def write_tif(path: Path, data, *, crs="EPSG:32633", transform=None, nodata=None
 def tif():
     """The :func:`write_tif` helper as a fixture."""
     return write_tif
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_cube, tmp_path_factory) -> Path:
+    """A small model trained for a few steps on ``synth_cube``, with its probes (for inference tests)."""
+    from geowm.data import WindowConfig
+    from geowm.train import TrainConfig, evaluate_run, train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = TrainConfig(steps=6, batch_size=2, workers=0, train_until="2021-09-30",
+                      window=WindowConfig(frames=4, size=32),
+                      model=dict(dim=48, depth=2, heads=2, pred_dim=24, pred_depth=1, pred_heads=2))
+    train(str(synth_cube), run, cfg)
+    evaluate_run(run, n_windows=4)
+    return run

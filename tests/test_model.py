@@ -261,7 +261,7 @@ def test_bf16_autocast_step():
 # ---- forecasting ----------------------------------------------------------------------------------
 
 def test_predictor_forecasts_past_the_window_and_uses_drivers():
-    model = make_model(drivers_dim=3)
+    model = make_model(drivers_dim=3, pred_anchor=False)  # the transformer path alone (no copy-last skip)
     sharpen(model.predictor)
     batch = make_batch(B=2, T=4)
     last = batch["days"][:, -1:]
@@ -333,3 +333,26 @@ def test_param_counts_and_flops():
     assert f1 > 0 and f2 == pytest.approx(2 * f1)
     tiny = JEPA(ModelConfig.preset("tiny")).param_counts()["trainable"]
     assert 0.5e6 < tiny < 2e6
+
+
+def test_anchor_skip_starts_as_copy_last_and_only_uses_the_past():
+    """With ``pred_anchor`` the predictor starts near "copy the last latent seen at this patch" (identity
+    skip), and a training target's anchor comes only from earlier time slots."""
+    from geowm.model.vit import TokenGrid, last_seen
+
+    model = make_model()
+    batch = make_batch(B=2, T=4)
+    with torch.no_grad():
+        grid, token_valid, positions = model.tokens(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        ctx = model.encoder(batch["pixels"], batch["valid"], positions, token_valid)
+        anchor, ok = last_seen(ctx, grid)
+        S = grid.h * grid.w
+        assert not ok[:, :S].any() and ok[:, S:].all()  # slot 0 has no past; later slots see slot 0
+        dense = torch.zeros(2, grid.n, model.cfg.dim).scatter(1, ctx.index[..., None].expand_as(ctx.x), ctx.x)
+        torch.testing.assert_close(anchor[:, grid.t * S:], dense[:, (grid.t - 1) * S:])  # after window = last slot
+        last = batch["days"][:, -1:]
+        pred = model.predict(batch, last + 10, batch["doy"][:, -1:])
+        copy = torch.nn.functional.layer_norm(dense[:, (grid.t - 1) * S:], (model.cfg.dim,))
+        cos = torch.nn.functional.cosine_similarity(pred.reshape(2, S, -1), copy, dim=-1)
+        assert cos.min() > 0.9
+    assert isinstance(grid, TokenGrid)

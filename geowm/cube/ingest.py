@@ -40,7 +40,7 @@ from geowm.cube.store import (
     read_state,
     storage_for,
 )
-from geowm.sources import Scene, SourceError, discover, natural_key
+from geowm.sources import Scene, discover, natural_key
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
 
@@ -143,7 +143,8 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
         return FileInfo(
             path=path, crs=crs, bounds_in_cube_crs=bounds, transform=tuple(src.transform), res=abs(src.res[0]),
             dtypes=tuple(src.dtypes), nodata=src.nodata, scales=tuple(src.scales), offsets=tuple(src.offsets),
-            count=src.count, width=src.width, height=src.height, pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
+            count=src.count, width=src.width, height=src.height,
+            pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
         )
 
 
@@ -483,7 +484,8 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         for info in infos.values():
             if not _overlaps(info.bounds_in_cube_crs, grid.bounds):
                 raise IngestError(
-                    f"{info.path}: does not overlap the cube (file bounds {tuple(round(v, 1) for v in info.bounds_in_cube_crs)}"
+                    f"{info.path}: does not overlap the cube "
+                    f"(file bounds {tuple(round(v, 1) for v in info.bounds_in_cube_crs)}"
                     f" vs cube bounds {tuple(round(v, 1) for v in grid.bounds)} in {grid.crs})"
                 )
         data_infos = [infos[s.bands[b].path] for s in new for b in bands]

@@ -152,3 +152,19 @@ def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, t
         valid |= v
         covered |= c
     return data, valid
+
+
+def read_to_grid(path: str, grid: CubeGrid, band: int = 1) -> tuple[np.ndarray, dict[int, str]]:
+    """A categorical raster (e.g. land cover) on the cube grid (nearest neighbour), with its class names
+    from the GeoTIFF tag ``CLASSES`` (JSON ``{code: name}``) when present. Raises ``ReadError``."""
+    import json
+
+    try:
+        with rasterio.open(path) as src:
+            out = np.zeros((grid.height, grid.width), src.dtypes[band - 1])
+            reproject(source=rasterio.band(src, band), destination=out, dst_transform=grid.transform,
+                      dst_crs=grid.crs, resampling=Resampling.nearest)
+            classes = json.loads(src.tags().get("CLASSES", "{}"))
+    except (rasterio.errors.RasterioError, OSError, ValueError) as exc:
+        raise ReadError(f"{path}: cannot read it onto the cube grid ({exc})") from None
+    return out, {int(k): v for k, v in classes.items()}

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import icechunk
-import rioxarray  # noqa: F401  (registers the .rio accessor on what open_cube returns)
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor on what open_cube returns)
 import xarray as xr
 import zarr
 from affine import Affine

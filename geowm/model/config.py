@@ -38,18 +38,20 @@ class ModelConfig:
     pred_depth: int = 2
     pred_heads: int = 2
     drivers_dim: int = 0  # D of the optional weather drivers; 0 = the model takes no driver tokens
+    pred_anchor: bool = True  # mask tokens also carry the last context latent seen at their (row, col)
+    pred_out_norm: bool = True  # layer-norm the predictions (no affine): they live where the targets live
     # rotary positions: periods of the lowest and highest frequencies (geometric in between)
     rope_day_periods: tuple[float, float] = (4.0, 2000.0)  # days
     rope_patch_periods: tuple[float, float] = (3.0, 200.0)  # patches
     token_pad_multiple: int = 8  # variable-length token sets are padded to a multiple of this
     # masks
-    forecast_mask_prob: float = 0.5  # probability that a sample gets a forecast mask (else tube masks)
+    forecast_mask_prob: float = 0.75  # probability that a sample gets a forecast mask (else tube masks)
     forecast_slots: tuple[int, int] = (1, 2)  # k, number of trailing time slots to predict (inclusive)
     tube_blocks: int = 3  # rectangular blocks per tube mask, each spanning all time slots
     tube_scale: tuple[float, float] = (0.1, 0.25)  # area of one block as a fraction of the patch grid
     tube_aspect: tuple[float, float] = (0.5, 2.0)  # block height / width (log-uniform)
     # loss
-    loss: str = "smooth_l1"  # "smooth_l1" or "l1", on layer-normed target latents
+    loss: str = "l1"  # "l1" (as V-JEPA) or "smooth_l1", on layer-normed target latents
     smooth_l1_beta: float = 1.0
     sigreg_weight: float = 0.0  # weight of the SIGReg isotropy term (LeJEPA); 0 = off
     sigreg_projections: int = 64  # random 1-D directions per step

@@ -33,6 +33,7 @@ from geowm.model.vit import (
     Predictor,
     TokenGrid,
     gather_tokens,
+    last_seen,
     select_tokens,
     tubelet_positions,
     tubelet_valid_fraction,
@@ -147,8 +148,10 @@ class JEPA(nn.Module):
         t_latents = gather_tokens(dense_targets, t_index)
 
         ctx = self.encoder(pixels, valid, positions, context)
+        anchor, anchor_ok = last_seen(ctx, grid)  # slot t, patch s -> flat index t * S + s, as grid order
         pred = self.predictor(ctx, gather_tokens(positions, t_index), t_valid,
-                              batch.get("drivers"), batch.get("drivers_days"))
+                              batch.get("drivers"), batch.get("drivers_days"),
+                              gather_tokens(anchor, t_index), gather_tokens(anchor_ok, t_index))
         pred_loss = latent_loss(pred, t_latents, t_valid, cfg.loss, cfg.smooth_l1_beta)
 
         if cfg.sigreg_weight > 0:
@@ -218,7 +221,11 @@ class JEPA(nn.Module):
             target_doy.float()[:, :, None, None].expand(shape),
         ], dim=-1).reshape(B, -1, 4)
         ok = torch.ones(pos.shape[:2], dtype=torch.bool, device=pos.device)
-        pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"))
+        anchor, anchor_ok = last_seen(ctx, grid)
+        S = grid.h * grid.w  # every target takes the latest context at its patch ("after the window" slot)
+        after, after_ok = anchor[:, grid.t * S:], anchor_ok[:, grid.t * S:]
+        pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"),
+                              after.repeat(1, K, 1), after_ok.repeat(1, K))
         return pred.reshape(*shape, self.cfg.dim)
 
     # ---- monitoring ---------------------------------------------------------------------------------------

@@ -121,6 +121,33 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, idx)
 
 
+def last_seen(context: TokenSet, grid: TokenGrid) -> tuple[Tensor, Tensor]:
+    """For every time slot t (and t = grid.t, "after the window") and patch (row, col): the context latent
+    at that patch from the latest time slot before t.
+
+    Returns ``anchor`` (B, (Tt + 1) * Hp * Wp, D), flattened as (slot, row, col), and ``ok`` (same
+    without D) bool, False where the patch has no earlier context token.
+    """
+    B, L, D = context.x.shape
+    S = grid.h * grid.w
+    x = torch.where(context.valid[..., None], context.x, torch.zeros((), dtype=context.x.dtype,
+                                                                     device=context.x.device))
+    # index is a prefix of a permutation of the grid: each slot is written at most once
+    dense = x.new_zeros(B, grid.n, D).scatter(1, context.index[..., None].expand(B, L, D), x)
+    present = torch.zeros(B, grid.n, dtype=torch.bool, device=x.device).scatter(1, context.index, context.valid)
+    dense, present = dense.reshape(B, grid.t, S, D), present.reshape(B, grid.t, S)
+    last = x.new_zeros(B, S, D)
+    seen = torch.zeros(B, S, dtype=torch.bool, device=x.device)
+    anchors, oks = [], []
+    for t in range(grid.t + 1):
+        anchors.append(last)
+        oks.append(seen)
+        if t < grid.t:
+            last = torch.where(present[:, t, :, None], dense[:, t], last)
+            seen = seen | present[:, t]
+    return torch.stack(anchors, 1).reshape(B, -1, D), torch.stack(oks, 1).reshape(B, -1)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with 3D RoPE on queries and keys and a key padding mask."""
 
@@ -239,15 +266,24 @@ class Predictor(nn.Module):
         if cfg.drivers_dim > 0:
             self.driver_embed = nn.Linear(cfg.drivers_dim, cfg.pred_dim)
             self.driver_flag = nn.Parameter(torch.zeros(cfg.pred_dim))
+        if cfg.pred_anchor:
+            self.anchor_embed = nn.Linear(cfg.dim, cfg.pred_dim)
+            self.anchor_out = nn.Linear(cfg.dim, cfg.dim)  # skip path: predict the change from the anchor
         self.transformer = Transformer(cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.mlp_ratio, cfg)
         self.proj = nn.Linear(cfg.pred_dim, cfg.dim)
         init_weights(self)
+        if cfg.pred_anchor:  # start exactly as "copy the last latent seen here"; training learns the change
+            nn.init.eye_(self.anchor_out.weight)
+            nn.init.zeros_(self.anchor_out.bias)
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         if cfg.drivers_dim > 0:
             nn.init.trunc_normal_(self.driver_flag, std=0.02)
 
     def forward(self, context: TokenSet, target_pos: Tensor, target_valid: Tensor,
-                drivers: Tensor | None = None, drivers_days: Tensor | None = None) -> Tensor:
+                drivers: Tensor | None = None, drivers_days: Tensor | None = None,
+                anchor: Tensor | None = None, anchor_ok: Tensor | None = None) -> Tensor:
         """Predict the target encoder's (layer-normed) latents at ``target_pos``.
 
         Args:
@@ -257,6 +293,8 @@ class Predictor(nn.Module):
             target_valid: (B, Lt) bool, False for padding.
             drivers: optional (B, Td, drivers_dim) weather conditioning.
             drivers_days: (B, Td) dates of ``drivers`` (days), required with them.
+            anchor, anchor_ok: (B, Lt, dim) the last context latent seen at each target's patch
+                (``last_seen``) and whether there is one; used when ``cfg.pred_anchor``.
 
         Returns:
             (B, Lt, dim) predictions.
@@ -274,8 +312,17 @@ class Predictor(nn.Module):
             zeros = torch.zeros_like(drivers_days, dtype=torch.float32)
             pos.append(torch.stack([drivers_days.float(), zeros, zeros], dim=-1))
             ok.append(torch.ones(drivers_days.shape, dtype=torch.bool, device=drivers_days.device))
-        xs.append(self.mask_token + self.doy_embed(doy_features(target_pos[..., 3])))
+        masks = self.mask_token + self.doy_embed(doy_features(target_pos[..., 3]))
+        skip = None
+        if self.cfg.pred_anchor and anchor is not None:
+            a_norm = F.layer_norm(anchor, (anchor.shape[-1],))
+            zero = torch.zeros((), dtype=a_norm.dtype, device=a_norm.device)
+            masks = masks + torch.where(anchor_ok[..., None], self.anchor_embed(a_norm), zero)
+            skip = torch.where(anchor_ok[..., None], self.anchor_out(a_norm), zero)
+        xs.append(masks)
         pos.append(target_pos[..., :3])
         ok.append(target_valid)
         x = self.transformer(torch.cat(xs, dim=1), torch.cat(pos, dim=1), torch.cat(ok, dim=1))
-        return self.proj(x[:, -Lt:])
+        out = self.proj(x[:, -Lt:])
+        out = out if skip is None else out + skip
+        return F.layer_norm(out, (out.shape[-1],)) if self.cfg.pred_out_norm else out

@@ -192,7 +192,8 @@ def write_stac(stac_dir: Path, scenes: list[dict[str, Any]], grid: Grid) -> pyst
         EOExtension.ext(item, add_if_missing=True).cloud_cover = float(s["cloud_cover"])
         ProjectionExtension.ext(item, add_if_missing=True).apply(
             code=grid.crs, shape=[grid.size, grid.size], transform=transform, bbox=list(grid.bounds))
-        refl = pystac.Asset(str(Path(s["reflectance"]).absolute()), "Surface reflectance x 10000", media_type=pystac.MediaType.COG,
+        refl = pystac.Asset(str(Path(s["reflectance"]).absolute()), "Surface reflectance x 10000",
+                            media_type=pystac.MediaType.COG,
                             roles=["data", "reflectance"])
         item.add_asset("reflectance", refl)
         EOExtension.ext(refl).bands = [Band.create(name=b, common_name=c, center_wavelength=CENTER_WAVELENGTH_UM[b])

@@ -1,0 +1,172 @@
+"""A trained run as one object: ``geowm.load_model(RUN)`` -> :class:`WorldModel` (encode, predict, decode).
+
+Everything comes from the run directory (config, normalisation statistics, weights, probes), so
+inference needs nothing else. Inputs and outputs are xarray objects with real coordinates:
+
+* ``encode(ds)``: ``ds`` with ``reflectance`` (time, band, y, x) in physical units and ``valid``
+  (time, y, x), e.g. ``geowm.open_cube(path).isel(...)``; returns latents (time, py, px, latent).
+* ``predict(ds, valid_times)``: forecast latents (time, py, px, latent) at the requested dates from
+  the observations in ``ds`` (one direct prediction per date).
+* ``decode(latents)``: the probes' reading of latents: ``reflectance`` (time, band, y, x) and
+  ``ndvi`` (time, y, x) at pixel resolution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from geowm.data import WindowConfig, day_of_year
+from geowm.model import JEPA, ModelConfig
+from geowm.train import RunError, load_weights, pick_device
+
+
+class WorldModel:
+    """A trained JEPA with its run's normalisation and probes. Latents are layer-normed (the space the
+    predictor forecasts in); ``latent`` has ``model.cfg.dim`` entries."""
+
+    def __init__(self, run: str | Path, device: str = "auto"):
+        self.run = Path(run)
+        cfg_path = self.run / "config.json"
+        if not cfg_path.exists():
+            raise RunError(f"{self.run}: not a geowm run directory (no config.json)")
+        self.config = json.loads(cfg_path.read_text())
+        self.device = pick_device(device)
+        self.model = JEPA(ModelConfig.from_dict(self.config["model"])).to(self.device)
+        load_weights(self.run, self.model)
+        self.model.eval()
+        data = self.config["data"]
+        self.bands: list[str] = data["bands"]
+        self.mean = np.asarray(data["stats"]["mean"], np.float32)
+        self.std = np.asarray(data["stats"]["std"], np.float32)
+        self.probes, self.probe_meta = None, {}
+        if (self.run / "probes.safetensors").exists():
+            from geowm.probes import load_probes
+
+            self.probes, self.probe_meta = load_probes(self.run)
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def window(self) -> WindowConfig:
+        """The training window geometry (size in px, frames, clear-sky rule): inference uses the same."""
+        return WindowConfig(**self.config["train"]["window"])
+
+    @property
+    def run_id(self) -> str:
+        """The run's name and the SHA-256 prefix of its weights: what forecasts record as their model."""
+        meta = json.loads((self.run / "checkpoint.json").read_text()) if (self.run / "checkpoint.json").exists() else {}
+        return f"{self.run.name}@{str(meta.get('model_sha256', 'unknown'))[:12]}"
+
+    @property
+    def config_hash(self) -> str:
+        """SHA-256 (16 hex digits) of the run's model and training configuration."""
+        text = json.dumps({"model": self.config["model"], "train": self.config["train"]}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def normalise(self, refl: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Physical band values (..., T, C, h, w) and valid (..., T, h, w) -> model input (0 where invalid)
+        and the validity with non-finite pixels removed."""
+        valid = valid.astype(bool) & np.isfinite(refl).all(axis=-3)
+        norm = (refl - self.mean[:, None, None]) / self.std[:, None, None]
+        return np.where(valid[..., None, :, :], norm, 0.0).astype(np.float32), valid
+
+    def decode_array(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Latents (N, latent) -> band values (N, C, p, p) in physical units and NDVI (N, p, p) (None
+        without an NDVI probe), by the run's linear probes."""
+        if self.probes is None:
+            raise RunError(f"{self.run}: no probes (probes.safetensors); run `geowm train` to the end or "
+                           "fit them with geowm.train.evaluate_run")
+        p, C = self.cfg.patch, len(self.bands)
+        z = z.reshape(-1, z.shape[-1]).astype(np.float32)
+        w, b = self.probes["decoder_pixels_w"].numpy(), self.probes["decoder_pixels_b"].numpy()
+        pix = (z @ w + b).reshape(-1, C, p, p) * self.std[None, :, None, None] + self.mean[None, :, None, None]
+        ndvi = None
+        if "decoder_ndvi_w" in self.probes:
+            w, b = self.probes["decoder_ndvi_w"].numpy(), self.probes["decoder_ndvi_b"].numpy()
+            ndvi = np.clip((z @ w + b).reshape(-1, p, p), -1, 1)
+        return pix.astype(np.float32), None if ndvi is None else ndvi.astype(np.float32)
+
+    # ------------------------------------------------------------------------------ tensors
+    def _batch(self, ds: xr.Dataset) -> tuple[dict[str, torch.Tensor], xr.Dataset, np.ndarray]:
+        missing = [b for b in self.bands if b not in ds["band"].values]
+        if missing:
+            raise ValueError(f"input lacks band(s) {missing}; the model was trained on {self.bands}")
+        p = self.cfg.patch
+        ny, nx = ds.sizes["y"] // p * p, ds.sizes["x"] // p * p
+        if ny == 0 or nx == 0:
+            raise ValueError(f"input of {ds.sizes['y']} x {ds.sizes['x']} px is smaller than one {p} px patch")
+        ds = ds.isel(y=slice(0, ny), x=slice(0, nx)).sel(band=self.bands)
+        refl = ds["reflectance"].values.astype(np.float32)  # (T, C, H, W)
+        valid = ds["valid"].values.astype(bool) & np.isfinite(refl).all(axis=1)
+        norm = (refl - self.mean[:, None, None]) / self.std[:, None, None]
+        norm = np.where(valid[:, None], norm, 0.0).astype(np.float32)
+        times = ds["time"].values.astype("datetime64[s]")
+        days = ((times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
+        return {"pixels": t(norm), "valid": t(valid), "days": t(days), "doy": t(day_of_year(times))}, ds, times
+
+    def _patch_coords(self, ds: xr.Dataset) -> dict[str, np.ndarray]:
+        p = self.cfg.patch
+        y, x = ds["y"].values, ds["x"].values
+        return {"py": y.reshape(-1, p).mean(1), "px": x.reshape(-1, p).mean(1)}
+
+    # ------------------------------------------------------------------------------ public
+    @torch.no_grad()
+    def encode(self, ds: xr.Dataset) -> xr.DataArray:
+        """Observed latents (time, py, px, latent), NaN where a patch is mostly cloud or fill."""
+        batch, ds, times = self._batch(ds)
+        lat, ok, _ = self.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        lat = lat[0].float().cpu().numpy()
+        lat[~ok[0].cpu().numpy()] = np.nan
+        tf = self.cfg.t_frames
+        coords = {"time": times[::tf][: lat.shape[0]], **self._patch_coords(ds)}
+        return xr.DataArray(lat, dims=("time", "py", "px", "latent"), coords=coords, name="latent",
+                            attrs={"run": str(self.run), "description": "observed latent (target encoder)"})
+
+    @torch.no_grad()
+    def predict(self, ds: xr.Dataset, valid_times: Sequence) -> xr.DataArray:
+        """Forecast latents (time, py, px, latent) at ``valid_times`` from the observations in ``ds``."""
+        batch, ds, times = self._batch(ds)
+        vt = np.asarray(valid_times, dtype="datetime64[s]")
+        days = ((vt - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)
+        target_days = torch.from_numpy(days)[None].to(self.device)
+        target_doy = torch.from_numpy(day_of_year(vt))[None].to(self.device)
+        pred = self.model.predict(batch, target_days, target_doy)[0].float().cpu().numpy()
+        return xr.DataArray(pred, dims=("time", "py", "px", "latent"),
+                            coords={"time": vt, **self._patch_coords(ds)}, name="latent",
+                            attrs={"run": str(self.run), "description": "forecast latent (predictor)",
+                                   "init_time": str(times[-1])})
+
+    def decode(self, latents: xr.DataArray) -> xr.Dataset:
+        """Band values (time, band, y, x) and NDVI (time, y, x) at pixel resolution, from the probes."""
+        p, C = self.cfg.patch, len(self.bands)
+        z = latents.transpose("time", "py", "px", "latent").values.astype(np.float32)
+        T, Hp, Wp, _ = z.shape
+        pix, nd = self.decode_array(z)
+        pix = pix.reshape(T, Hp, Wp, C, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(T, C, Hp * p, Wp * p)
+        offs = (np.arange(p) - (p - 1) / 2.0)
+        py, px = latents["py"].values, latents["px"].values
+        dy = (py[1] - py[0]) / p if len(py) > 1 else -1.0
+        dx = (px[1] - px[0]) / p if len(px) > 1 else 1.0
+        y = (py[:, None] + offs[None, :] * dy).ravel()
+        x = (px[:, None] + offs[None, :] * dx).ravel()
+        out = xr.Dataset({"reflectance": (("time", "band", "y", "x"), pix.astype(np.float32))},
+                         coords={"time": latents["time"].values, "band": self.bands, "y": y, "x": x})
+        if nd is not None:
+            nd = nd.reshape(T, Hp, Wp, p, p).transpose(0, 1, 3, 2, 4).reshape(T, Hp * p, Wp * p)
+            out["ndvi"] = (("time", "y", "x"), nd)
+        return out
+
+
+def load_model(run: str | Path, device: str = "auto") -> WorldModel:
+    """Load a trained run directory: ``geowm.load_model("runs/tiny").encode(cube.isel(...))``."""
+    return WorldModel(run, device)

@@ -1,0 +1,157 @@
+"""Probes on frozen latents: a decoder to band values / NDVI and a linear land-cover classifier.
+
+Probes make latents readable in physical units and measure representation quality. Both are fitted
+after training on tokens of training windows and scored on tokens of held-out windows:
+
+* **decoder**: ridge regression from a token's latent (target encoder, layer-normed) to the
+  normalised pixel values of its patch (C x p x p) and to its per-pixel NDVI (p x p);
+* **land cover**: multinomial logistic regression from the latent to the patch's majority class,
+  compared with the same classifier on the raw pixels of the same patch and date (the baseline a
+  representation must beat).
+
+Saved in the run directory as ``probes.safetensors`` (weights) and ``probes.json`` (scores, band and
+class names).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from geowm.data import CubeWindows
+from geowm.model import JEPA
+
+RED_NIR = (("B04", "B08"), ("B4", "B5"), ("red", "nir"), ("RED", "NIR"))
+
+
+def ndvi_bands(bands: list[str]) -> tuple[int, int] | None:
+    """Indexes of the red and near-infrared bands by name (Sentinel-2, Landsat 8/9, common names)."""
+    for red, nir in RED_NIR:
+        if red in bands and nir in bands:
+            return bands.index(red), bands.index(nir)
+    return None
+
+
+@torch.no_grad()
+def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: torch.device,
+                   landcover: np.ndarray | None = None, batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Per valid token of the given windows: latent (n, dim), raw patch pixels (n, C p p, normalised),
+    NDVI per pixel (n, p p) if red/NIR are known, land-cover majority class (n,) if given, window id (n,)."""
+    cfg = model.cfg
+    p = cfg.patch
+    mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
+    rn = ndvi_bands(ds.reader.bands)
+    out: dict[str, list] = {"latent": [], "pixels": [], "ndvi": [], "landcover": [], "window": []}
+    for b0 in range(0, len(windows), batch_size):
+        idx = windows[b0: b0 + batch_size]
+        items = [ds[i] for i in idx]
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("pixels", "valid", "days", "doy")}
+        lat, ok, _ = model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        B, T, C, H, W = batch["pixels"].shape
+        Tt, Hp, Wp = lat.shape[1:4]
+        pix = batch["pixels"].reshape(B, T, C, Hp, p, Wp, p).permute(0, 1, 3, 5, 2, 4, 6)  # B T Hp Wp C p p
+        pv = batch["valid"].reshape(B, T, Hp, p, Wp, p).permute(0, 1, 2, 4, 3, 5)  # B T Hp Wp p p
+        if cfg.t_frames > 1:  # a tubelet's first frame stands for it
+            pix, pv = pix[:, :: cfg.t_frames], pv[:, :: cfg.t_frames]
+        keep = ok & (pv.float().mean(dim=(-1, -2)) > 0.99)  # fully clear patches only, for clean targets
+        out["latent"].append(lat[keep].float().cpu().numpy())
+        px = pix[keep].float().cpu().numpy()  # n C p p (normalised)
+        out["pixels"].append(px.reshape(len(px), -1))
+        if rn is not None:
+            phys = px * std[None, :, None, None] + mean[None, :, None, None]
+            red, nir = phys[:, rn[0]], phys[:, rn[1]]
+            out["ndvi"].append(((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(px), -1))
+        wid = np.broadcast_to(np.asarray(idx)[:, None, None, None], keep.shape)[keep.cpu().numpy()]
+        out["window"].append(wid)
+        if landcover is not None:
+            yx = np.stack([it["yx"].numpy() for it in items])
+            for j in range(B):
+                y0, x0 = yx[j]
+                lc = landcover[y0: y0 + H, x0: x0 + W].reshape(Hp, p, Wp, p).transpose(0, 2, 1, 3).reshape(Hp, Wp, -1)
+                maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
+                k = keep[j].cpu().numpy()
+                out["landcover"].append(np.broadcast_to(maj, k.shape)[k])
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """Closed-form ridge regression with intercept: returns (W (d, k), b (k,))."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc = (x - xm).astype(np.float64)
+    w = np.linalg.solve(xc.T @ xc + alpha * len(x) * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return w.astype(np.float32), (ym - xm @ w).astype(np.float32)
+
+
+def r2(y: np.ndarray, pred: np.ndarray) -> float:
+    return float(1.0 - ((y - pred) ** 2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, steps: int = 300,
+                 weight_decay: float = 1e-4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on standardised features (LBFGS). Returns W, b, mu, sigma."""
+    g = torch.Generator().manual_seed(seed)
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    xt = torch.from_numpy(((x - mu) / sigma).astype(np.float32))
+    yt = torch.from_numpy(y.astype(np.int64))
+    lin = torch.nn.Linear(x.shape[1], n_classes)
+    torch.nn.init.normal_(lin.weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(lin.bias)
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xt), yt) + weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lin.weight.detach().numpy(), lin.bias.detach().numpy(), mu.astype(np.float32), sigma.astype(np.float32)
+
+
+def predict_logistic(x, w, b, mu, sigma) -> np.ndarray:
+    return (((x - mu) / sigma) @ w.T + b).argmax(1)
+
+
+def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Path, device: torch.device,
+               landcover: np.ndarray | None = None, class_names: dict[int, str] | None = None,
+               n_windows: int = 64, seed: int = 0) -> dict:
+    """Fit the probes on ``train_ds`` windows, score them on ``test_ds`` windows, save them in ``run``."""
+    rng = np.random.default_rng(seed)
+    pick = lambda ds: sorted(rng.choice(len(ds), min(n_windows, len(ds)), replace=False).tolist())  # noqa: E731
+    tr = token_features(model, train_ds, pick(train_ds), device, landcover)
+    te = token_features(model, test_ds, pick(test_ds), device, landcover)
+    tensors: dict[str, torch.Tensor] = {}
+    scores: dict = {"n_train_tokens": int(len(tr["latent"])), "n_test_tokens": int(len(te["latent"]))}
+    w, b = ridge(tr["latent"], tr["pixels"])
+    tensors.update(decoder_pixels_w=torch.from_numpy(w), decoder_pixels_b=torch.from_numpy(b))
+    scores["decoder_pixels_r2"] = r2(te["pixels"], te["latent"] @ w + b)
+    if "ndvi" in tr:
+        w, b = ridge(tr["latent"], tr["ndvi"])
+        tensors.update(decoder_ndvi_w=torch.from_numpy(w), decoder_ndvi_b=torch.from_numpy(b))
+        pred = te["latent"] @ w + b
+        scores["decoder_ndvi_r2"] = r2(te["ndvi"], pred)
+        scores["decoder_ndvi_rmse"] = float(np.sqrt(((te["ndvi"] - pred) ** 2).mean()))
+    if landcover is not None and "landcover" in tr:
+        n_classes = int(max(tr["landcover"].max(), te["landcover"].max())) + 1
+        for name, key in (("latent", "latent"), ("raw_pixels", "pixels")):
+            wc, bc, mu, sigma = fit_logistic(tr[key], tr["landcover"], n_classes, seed=seed)
+            acc = float((predict_logistic(te[key], wc, bc, mu, sigma) == te["landcover"]).mean())
+            scores[f"landcover_accuracy_{name}"] = acc
+            if name == "latent":
+                tensors.update(landcover_w=torch.from_numpy(wc), landcover_b=torch.from_numpy(bc),
+                               landcover_mu=torch.from_numpy(mu), landcover_sigma=torch.from_numpy(sigma))
+        majority = np.bincount(tr["landcover"]).argmax()
+        scores["landcover_accuracy_majority_class"] = float((te["landcover"] == majority).mean())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(run / "probes.safetensors"))
+    meta = {"scores": scores, "bands": train_ds.reader.bands, "ndvi_bands": ndvi_bands(train_ds.reader.bands),
+            "patch": model.cfg.patch, "classes": class_names or {}}
+    (run / "probes.json").write_text(json.dumps(meta, indent=1))
+    return scores
+
+
+def load_probes(run: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(str(run / "probes.safetensors")), json.loads((run / "probes.json").read_text())
