@@ -1,0 +1,341 @@
+"""From anomaly scores to confirmed alert polygons (GeoJSON / GeoParquet).
+
+Input is a score cube ``score (time, y, x)``: a robust standardised surprise (how far what the satellite
+saw departs from what the model expected, in robust z units), NaN where the cell was not clear-sky.
+
+Confirmation (forest-alert style, as GLAD / RADD): per cell and in time order, a clear observation with
+``score >= threshold`` opens a *candidate*; it becomes an *alert* once ``confirmations`` further clear
+observations reach ``confirm_threshold`` (cloudy dates in between are skipped, not counted against it). A
+clear observation below ``confirm_threshold`` drops the candidate; a candidate expires when its next
+supporting clear observation comes more than ``max_gap_days`` after it opened. An alert stays open while
+clear observations stay ``>= confirm_threshold`` and closes at the first clear one below; the cell can then
+raise a new alert later. ``first_detected`` is the date the candidate opened, not the confirmation date.
+
+Grouping: the open alert episodes form a (time, y, x) volume; cells are linked in space (8-neighbours, on the
+same date) and in time (same cell, consecutive dates, cloudy gaps inside an episode filled). Each connected
+piece is one alert: its footprint is the union of its cells over time, ``first_detected`` the earliest cell
+detection, ``last_seen`` the latest date with a score ``>= confirm_threshold``.
+
+Type guess (only with ``obs``), from the median footprint reflectance before (up to ``120`` days before
+``first_detected``) and after (``first_detected .. last_seen``), NDVI = (B08-B04)/(B08+B04),
+NDWI = (B03-B08)/(B03+B08), vis = mean of B02/B03/B04; first rule that holds wins:
+
+- ``flood``: NDWI rises by more than 0.3 and ends above 0 (green brighter than NIR: open water);
+- ``fire``: NIR falls below 60 % of before, and after the scar is dark: NIR < 0.15 and vis < 0.10;
+- ``clearcut``: NDVI falls by more than 0.25 and the visible brightens by more than 20 % (bare soil);
+- ``drought``: NDVI falls by more than 0.05 and the alert lasts at least 30 days (slow, spread out);
+- ``unknown``: anything else, or not enough clear observations / bands.
+
+Confidence = (1 - exp(-peak_score / threshold)) * (1 - 0.5 ** n_obs), with ``n_obs`` the number of dates
+with a supporting observation: in [0, 1), increasing in both peak score and supporting observations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import xarray as xr
+from affine import Affine
+from rasterio import features
+from scipy import ndimage
+from shapely import make_valid
+from shapely.geometry import shape
+from shapely.ops import unary_union
+
+ALERT_COLUMNS = ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"]
+ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "unknown")
+DAY = np.timedelta64(1, "D")
+
+
+@dataclass
+class AlertRules:
+    """Thresholds of the confirmation rule (scores in robust z units, times in days, areas in hectares)."""
+
+    threshold: float = 4.0  # score that opens a candidate
+    confirm_threshold: float = 3.0  # score a following clear observation needs to support it
+    confirmations: int = 1  # further supporting clear observations needed to confirm
+    min_area_ha: float = 0.1
+    max_gap_days: float = 90  # a candidate expires if not confirmed within this many days
+
+
+def grid_transform(y: np.ndarray, x: np.ndarray) -> Affine:
+    """Affine transform of a regular grid from its cell-centre coordinates (at least 2 cells per axis)."""
+    y, x = np.asarray(y, dtype=float), np.asarray(x, dtype=float)
+    if y.size < 2 or x.size < 2:
+        raise ValueError("grid_transform needs at least 2 cells along y and x to know the cell size")
+    dx, dy = x[1] - x[0], y[1] - y[0]
+    return Affine(dx, 0.0, x[0] - dx / 2, 0.0, dy, y[0] - dy / 2)
+
+
+def _days(times) -> np.ndarray:
+    times = np.asarray(times, dtype="datetime64[ns]")
+    return ((times - times[0]) / DAY).astype(float) if times.size else np.zeros(0)
+
+
+def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules) -> tuple[np.ndarray, np.ndarray]:
+    """Run the per-cell confirmation state machine; loop over time, vectorised over cells.
+
+    s: (T, P) scores, NaN = not clear. Returns ``confirmed`` (T, P) bool (True on the confirmation date) and
+    ``episode`` (T, P) int32: the alert episode id (1, 2, ... per cell) on every date the cell is inside a
+    confirmed alert (from first detection to last supporting observation), 0 elsewhere.
+    """
+    T, P = s.shape
+    state = np.zeros(P, np.int8)  # 0 idle, 1 candidate, 2 alert
+    ep_id = np.zeros(P, np.int32)  # counter of candidates per cell = id of the current one
+    start_day = np.zeros(P)
+    n_conf = np.zeros(P, np.int32)
+    mark = np.zeros((T, P), np.int32)  # episode id on supporting observations
+    ok = np.zeros((T + 1, P), bool)  # ok[i, p]: candidate i of cell p was confirmed
+    confirmed = np.zeros((T, P), bool)
+    cols = np.arange(P)
+    for t in range(T):
+        v = s[t]
+        clear = np.isfinite(v)
+        hi = clear & (v >= rules.confirm_threshold)
+        state[(state == 1) & clear & (days[t] - start_day > rules.max_gap_days)] = 0  # expired
+        was_alert = state == 2
+        cand = state == 1
+        sup = cand & hi
+        n_conf[sup] += 1
+        mark[t, sup] = ep_id[sup]
+        conf = sup & (n_conf >= rules.confirmations)
+        state[cand & clear & ~hi] = 0  # dropped
+        state[conf] = 2
+        keep = was_alert & hi
+        mark[t, keep] = ep_id[keep]
+        state[was_alert & clear & ~hi] = 0  # alert closes
+        new = (state == 0) & clear & (v >= rules.threshold)
+        ep_id[new] += 1
+        start_day[new] = days[t]
+        n_conf[new] = 0
+        mark[t, new] = ep_id[new]
+        if rules.confirmations <= 0:
+            state[new] = 2
+            conf = conf | new
+        else:
+            state[new] = 1
+        confirmed[t] = conf
+        ok[ep_id[conf], cols[conf]] = True
+    ep = np.where(np.take_along_axis(ok, mark, axis=0), mark, 0)
+    # fill cloudy gaps between supporting observations of the same episode
+    tt = np.arange(T)[:, None]
+    last = np.maximum.accumulate(np.where(ep > 0, tt, -1), axis=0)
+    nxt = np.minimum.accumulate(np.where(ep > 0, tt, T)[::-1], axis=0)[::-1]
+    ff = np.where(last >= 0, np.take_along_axis(ep, np.clip(last, 0, T - 1), axis=0), 0)
+    bf = np.where(nxt < T, np.take_along_axis(ep, np.clip(nxt, 0, T - 1), axis=0), 0)
+    episode = np.where((ff > 0) & (ff == bf), ff, 0).astype(np.int32)
+    return confirmed, episode
+
+
+def confirmed(score: xr.DataArray, rules: AlertRules = AlertRules()) -> xr.DataArray:
+    """Confirmed alerts per cell: (time, y, x) bool, True on the date a cell's alert is confirmed.
+
+    The per-cell first detection of its first alert is attached as coordinate ``first_detected (y, x)``
+    (datetime64, NaT where the cell never alerts).
+    """
+    score = score.transpose("time", "y", "x")
+    T, ny, nx = score.shape
+    times = score["time"].values.astype("datetime64[ns]")
+    conf, episode = _track(score.values.reshape(T, -1).astype(float), _days(times), rules)
+    first = np.full(ny * nx, np.datetime64("NaT", "ns"))
+    ever = episode.any(axis=0)
+    first[ever] = times[np.argmax(episode > 0, axis=0)[ever]]
+    out = xr.DataArray(conf.reshape(T, ny, nx), coords=score.coords, dims=("time", "y", "x"), name="confirmed")
+    return out.assign_coords(first_detected=(("y", "x"), first.reshape(ny, nx)))
+
+
+def empty_alerts(crs="EPSG:4326") -> gpd.GeoDataFrame:
+    """An alerts table with no rows but the full schema."""
+    df = pd.DataFrame({
+        "id": pd.Series(dtype=str), "type_guess": pd.Series(dtype=str),
+        "first_detected": pd.Series(dtype="datetime64[ns]"), "last_seen": pd.Series(dtype="datetime64[ns]"),
+        "peak_score": pd.Series(dtype=float), "area_ha": pd.Series(dtype=float),
+        "confidence": pd.Series(dtype=float)})
+    return gpd.GeoDataFrame(df, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
+
+
+def _footprint_polygon(mask: np.ndarray, transform: Affine):
+    polys = [shape(g) for g, val in features.shapes(mask.astype(np.uint8), mask=mask, connectivity=8,
+                                                     transform=transform) if val == 1]
+    return make_valid(unary_union(polys))
+
+
+def _band_index(obs: xr.Dataset) -> dict[str, int]:
+    return {str(b): i for i, b in enumerate(obs["reflectance"]["band"].values)}
+
+
+def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.ndarray,
+                first: np.datetime64, last: np.datetime64) -> str:
+    """Type guess for one footprint; ``rows``/``cols`` map obs y/x to score-grid indices (-1 = outside)."""
+    bands = _band_index(obs)
+    if not {"B03", "B04", "B08"} <= set(bands):
+        return "unknown"
+    r_in = np.nonzero((rows >= 0) & foot.any(axis=1)[np.clip(rows, 0, None)])[0]
+    c_in = np.nonzero((cols >= 0) & foot.any(axis=0)[np.clip(cols, 0, None)])[0]
+    if r_in.size == 0 or c_in.size == 0:
+        return "unknown"
+    ys, xs = slice(r_in.min(), r_in.max() + 1), slice(c_in.min(), c_in.max() + 1)
+    omask = foot[rows[ys]][:, cols[xs]] & (rows[ys] >= 0)[:, None] & (cols[xs] >= 0)[None, :]
+    t = obs["time"].values.astype("datetime64[ns]")
+    names = [b for b in ("B02", "B03", "B04", "B08") if b in bands]
+
+    def median_refl(tsel: np.ndarray) -> dict[str, float] | None:
+        if not tsel.any():
+            return None
+        sub = obs.isel(time=np.nonzero(tsel)[0], y=ys, x=xs)
+        refl = sub["reflectance"].isel(band=[bands[b] for b in names]).values[..., omask]  # (t, b, px)
+        valid = sub["valid"].values[..., omask] if "valid" in sub else np.isfinite(refl).all(axis=1)
+        refl = np.where(valid[:, None, :], refl, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(np.nanmean(refl, axis=2), axis=0)
+        return None if not np.isfinite(med).all() else dict(zip(names, med, strict=True))
+
+    before = median_refl((t < first) & (t >= first - 120 * DAY))
+    after = median_refl((t >= first) & (t <= last))
+    if before is None or after is None:
+        return "unknown"
+
+    def idx(m: dict[str, float]) -> tuple[float, float, float, float]:
+        g, r, n = m["B03"], m["B04"], m["B08"]
+        vis = np.mean([m[b] for b in ("B02", "B03", "B04") if b in m])
+        return (n - r) / (n + r + 1e-6), (g - n) / (g + n + 1e-6), vis, n
+
+    ndvi_b, ndwi_b, vis_b, nir_b = idx(before)
+    ndvi_a, ndwi_a, vis_a, nir_a = idx(after)
+    if ndwi_a - ndwi_b > 0.3 and ndwi_a > 0:
+        return "flood"
+    if nir_a < 0.6 * nir_b and nir_a < 0.15 and vis_a < 0.10:
+        return "fire"
+    if ndvi_a - ndvi_b < -0.25 and vis_a > 1.2 * vis_b:
+        return "clearcut"
+    if ndvi_a - ndvi_b < -0.05 and (last - first) / DAY >= 30:
+        return "drought"
+    return "unknown"
+
+
+def _obs_index(obs_coord: np.ndarray, edge0: float, step: float, n: int) -> np.ndarray:
+    i = np.floor((np.asarray(obs_coord, dtype=float) - edge0) / step).astype(int)
+    return np.where((i >= 0) & (i < n), i, -1)
+
+
+def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertRules(),
+                       obs: xr.Dataset | None = None) -> gpd.GeoDataFrame:
+    """Confirmed alerts as polygons in EPSG:4326, one row per spatio-temporally connected alert.
+
+    score: (time, y, x) robust z scores, NaN = not clear; ``y``/``x`` cell centres in ``crs`` (metres).
+    obs: optional Dataset with ``reflectance (time, band, y, x)`` (0..1) and ``valid (time, y, x)``, on the
+    score grid or a finer one, used for ``type_guess``. Columns: ``ALERT_COLUMNS`` + geometry.
+    """
+    score = score.transpose("time", "y", "x")
+    T, ny, nx = score.shape
+    if T == 0 or ny < 2 or nx < 2:
+        return empty_alerts()
+    times = score["time"].values.astype("datetime64[ns]")
+    values = score.values.astype(float)
+    _, episode = _track(values.reshape(T, -1), _days(times), rules)
+    active = episode.reshape(T, ny, nx) > 0
+    if not active.any():
+        return empty_alerts()
+    transform = grid_transform(score["y"].values, score["x"].values)
+    cell_ha = abs(transform.a * transform.e) / 1e4
+    structure = np.zeros((3, 3, 3), bool)
+    structure[1] = True
+    structure[0, 1, 1] = structure[2, 1, 1] = True
+    labels, n = ndimage.label(active, structure=structure)
+    if obs is not None:
+        rows = _obs_index(obs["y"].values, transform.f, transform.e, ny)
+        cols = _obs_index(obs["x"].values, transform.c, transform.a, nx)
+    records, geoms = [], []
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        sub = labels[sl] == k
+        foot = sub.any(axis=0)
+        area = float(foot.sum()) * cell_ha
+        if area < rules.min_area_ha - 1e-9:
+            continue
+        sc = values[sl]
+        supported = (sub & np.isfinite(sc)).any(axis=(1, 2))
+        first, last = times[sl[0].start], times[sl[0].start + np.nonzero(supported)[0].max()]
+        peak = float(np.nanmax(np.where(sub, sc, np.nan)))
+        n_obs = int(supported.sum())
+        r0, c0 = sl[1].start, sl[2].start
+        geom = _footprint_polygon(foot, transform @ Affine.translation(c0, r0))
+        full = np.zeros((ny, nx), bool)
+        full[sl[1], sl[2]] = foot
+        kind = _guess_type(obs, rows, cols, full, first, last) if obs is not None else "unknown"
+        cx, cy = geom.centroid.x, geom.centroid.y
+        digest = hashlib.sha1(f"{np.datetime_as_string(first, 'D')}|{cx:.0f}|{cy:.0f}|{crs}".encode()).hexdigest()
+        conf = (1 - np.exp(-max(peak, 0.0) / max(rules.threshold, 1e-6))) * (1 - 0.5 ** n_obs)
+        records.append(dict(id=f"alert-{digest[:12]}", type_guess=kind, first_detected=first, last_seen=last,
+                            peak_score=peak, area_ha=round(area, 6), confidence=float(conf)))
+        geoms.append(geom)
+    if not records:
+        return empty_alerts()
+    gdf = gpd.GeoDataFrame(pd.DataFrame.from_records(records, columns=ALERT_COLUMNS), geometry=geoms, crs=crs)
+    gdf = gdf.to_crs("EPSG:4326").sort_values(["first_detected", "id"]).reset_index(drop=True)
+    for col in ("first_detected", "last_seen"):
+        gdf[col] = gdf[col].astype("datetime64[ns]")
+    return gdf
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_alerts(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write ``alerts.geojson`` and ``alerts.parquet`` (GeoParquet) in EPSG:4326, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if gdf.crs is None:
+        raise ValueError("alerts GeoDataFrame has no CRS")
+    gdf = gdf.to_crs("EPSG:4326") if not gdf.crs.equals("EPSG:4326") else gdf
+    text_df = gdf.copy()
+    for col in text_df.columns:
+        if col != "geometry" and pd.api.types.is_datetime64_any_dtype(text_df[col]):
+            text_df[col] = text_df[col].dt.strftime("%Y-%m-%dT%H:%M:%S")
+    doc = json.loads(text_df.to_json(na="null", drop_id=True)) if len(text_df) else \
+        {"type": "FeatureCollection", "features": []}
+    paths = {"geojson": out / "alerts.geojson", "parquet": out / "alerts.parquet"}
+
+    def write_json(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(doc))
+
+    _atomic_write(paths["geojson"], write_json)
+    _atomic_write(paths["parquet"], lambda tmp: gdf.to_parquet(tmp, index=False))
+    return paths
+
+
+def open_alerts(path: str | os.PathLike) -> gpd.GeoDataFrame:
+    """Read alerts from ``alerts.parquet`` / ``alerts.geojson`` or a folder holding them (parquet preferred)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "alerts.parquet" if (path / "alerts.parquet").exists() else path / "alerts.geojson"
+    if not path.exists():
+        raise FileNotFoundError(f"no alerts file at {path}")
+    gdf = gpd.read_parquet(path) if path.suffix == ".parquet" else gpd.read_file(path)
+    if len(gdf) == 0:
+        return empty_alerts()
+    if gdf.crs is None:
+        gdf = gdf.set_crs("EPSG:4326")
+    for col in ("first_detected", "last_seen"):
+        if col in gdf:
+            gdf[col] = pd.to_datetime(gdf[col]).astype("datetime64[ns]")
+    return gdf[[c for c in ALERT_COLUMNS if c in gdf] + ["geometry"]]

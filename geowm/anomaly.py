@@ -1,0 +1,233 @@
+"""Anomalies: where the satellite sees something the world model did not expect.
+
+For every acquisition date ``t`` and every patch that is clear at ``t``:
+
+1. **surprise** = cosine distance between the observed latent (target encoder on the window ending at
+   ``t``: what was actually seen) and the model's forecast latent for ``t``, one direct prediction
+   from the clear acquisitions before ``t`` (the same prediction ``geowm forecast`` stores, made at
+   the latest init before the observation);
+2. **score** = the surprise normalised robustly against the patch's own history in the same season:
+   ``(surprise - median) / (1.4826 MAD)`` over the patch's clear surprises at dates before
+   ``t - 30 days`` whose day of year is within 60 days of ``t``'s (all earlier dates, then the
+   whole region's history, when too few), with the MAD floored by half the region's median MAD;
+3. **alerts** (:mod:`geowm.alerts`): a score above the threshold starts a candidate, a second clear
+   observation above the confirm threshold confirms it (as forest-alert systems confirm), and
+   confirmed patches are merged into polygons.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+
+from geowm.forecast import LOOKBACK_DAYS, TILE, _as_dataset, model_inputs, region
+from geowm.inference import WorldModel
+
+LEAD_DAYS = 30.0  # each observation is compared with the forecast made this long before it
+SEASON_DAYS = 60  # history dates within this many days of year of t form the season reference
+EXCLUDE_RECENT_DAYS = 30  # the month before t is not reference (an ongoing event must not normalise itself)
+MIN_REFERENCE = 6  # fewer reference values: widen to all earlier dates, then to the whole region
+
+
+@torch.no_grad()
+def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lead_days: float = LEAD_DAYS,
+             batch_size: int = 32,
+             progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+    """Per-patch surprise at every cube date in [start, end] (default: all dates).
+
+    Returns a Dataset on the patch grid: ``surprise`` (time, py, px; cosine distance 0..2, NaN where
+    the patch is not clear or has fewer than 2 clear context dates) and ``clear_fraction`` (time, py,
+    px; share of valid pixels), with the cube's ``spatial_ref``.
+    """
+    wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    ds, name = _as_dataset(cube)
+    p = wm.cfg.patch
+    ds = region(ds, bbox, p)
+    times = ds["time"].values.astype("datetime64[s]")
+    lo = times[0] if start is None else np.datetime64(start, "s")
+    hi = times[-1] if end is None else np.datetime64(end, "s")
+    score_idx = np.flatnonzero((times >= lo) & (times <= hi))
+    if len(score_idx) == 0:
+        raise ValueError(f"{name}: no acquisition between {lo} and {hi} (cube {times[0]} .. {times[-1]})")
+    need = np.flatnonzero((times >= lo - np.timedelta64(LOOKBACK_DAYS, "D")) & (times <= hi))
+    H, W = ds.sizes["y"], ds.sizes["x"]
+    Hp, Wp = H // p, W // p
+    out = np.full((len(score_idx), Hp, Wp), np.nan, np.float32)
+    clear = np.zeros((len(score_idx), Hp, Wp), np.float32)
+    tiles = [(y0, x0) for y0 in range(0, H, TILE) for x0 in range(0, W, TILE)]
+    for n, (y0, x0) in enumerate(tiles):
+        sub = ds[["reflectance", "valid"]].isel(time=need, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE)).load()
+        s, c = _surprise_tile(wm, sub, times[score_idx], lead_days, batch_size)
+        out[:, y0 // p: y0 // p + s.shape[1], x0 // p: x0 // p + s.shape[2]] = s
+        clear[:, y0 // p: y0 // p + s.shape[1], x0 // p: x0 // p + s.shape[2]] = c
+        if progress:
+            progress(n + 1, len(tiles))
+    y, x = ds["y"].values, ds["x"].values
+    res = xr.Dataset(
+        {"surprise": (("time", "py", "px"), out), "clear_fraction": (("time", "py", "px"), clear)},
+        coords={"time": times[score_idx].astype("datetime64[ns]"), "py": y.reshape(-1, p).mean(1),
+                "px": x.reshape(-1, p).mean(1)},
+        attrs={"geowm:model_run": str(wm.run.absolute()), "geowm:run_id": wm.run_id, "geowm:cube": name,
+               "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", ""))})
+    if "spatial_ref" in ds.coords:
+        res = res.assign_coords(spatial_ref=ds["spatial_ref"])
+    res["surprise"].attrs.update(long_name="cosine distance between observed and forecast latent", units="1")
+    return res
+
+
+def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int):
+    """Surprise (Ts, hp, wp) and patch clear fraction for one in-memory tile."""
+    p, win = wm.cfg.patch, wm.window
+    n_ctx = win.frames - 1
+    H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
+    sub = sub.isel(y=slice(0, H), x=slice(0, W))
+    times = sub["time"].values.astype("datetime64[s]")
+    refl = sub["reflectance"].sel(band=wm.bands).values.astype(np.float32)  # (T, C, H, W)
+    valid = sub["valid"].values.astype(bool) & np.isfinite(refl).all(axis=1)
+    bh, bw = min(win.size, H) // p * p, min(win.size, W) // p * p
+    starts = lambda n, b: sorted({*range(0, n - b + 1, b), n - b})  # noqa: E731
+    blocks = [(by, bx) for by in starts(H, bh) for bx in starts(W, bw)]
+    frac = np.stack([valid[:, by: by + bh, bx: bx + bw].mean(axis=(1, 2)) for by, bx in blocks], 1)  # (T, nb)
+    patch_clear = valid.reshape(len(times), H // p, p, W // p, p).mean(axis=(2, 4))
+    out = np.full((len(score_times), H // p, W // p), np.nan, np.float32)
+    clear = np.zeros_like(out)
+    jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+    for k, t in enumerate(score_times):
+        ti = int(np.searchsorted(times, t))
+        if ti >= len(times) or times[ti] != t:
+            continue
+        clear[k] = patch_clear[ti]
+        for b in range(len(blocks)):
+            init = t - np.timedelta64(int(lead_days * 86400), "s")
+            past = np.flatnonzero((frac[:ti, b] >= win.min_frame_clear) & (times[:ti] <= init)
+                                  & (times[:ti] >= init - np.timedelta64(LOOKBACK_DAYS, "D")))[-n_ctx:]
+            if len(past) >= 2 and frac[ti, b] > 0:
+                jobs.setdefault(len(past), []).append((k, b, np.append(past, ti)))
+    for _, group in sorted(jobs.items()):
+        for g0 in range(0, len(group), batch_size):
+            chunk = group[g0: g0 + batch_size]
+            sl = [(slice(blocks[b][0], blocks[b][0] + bh), slice(blocks[b][1], blocks[b][1] + bw)) for _, b, _ in chunk]
+            r = np.stack([refl[t_idx][:, :, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
+            v = np.stack([valid[t_idx][:, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
+            tt = np.stack([times[t_idx] for _, _, t_idx in chunk])
+            batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
+            lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+            obs, obs_ok = lat[:, -1].float(), ok[:, -1]  # the acquisition at t, seen in its window
+            ctx = {key: val[:, :-1] for key, val in batch.items()}
+            pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
+            d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
+            d[~obs_ok.cpu().numpy()] = np.nan
+            for j, (k, b, _) in enumerate(chunk):
+                py0, px0 = blocks[b][0] // p, blocks[b][1] // p
+                out[k, py0: py0 + bh // p, px0: px0 + bw // p] = d[j]
+    return out, clear
+
+
+def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_recent_days: float = EXCLUDE_RECENT_DAYS,
+              min_reference: int = MIN_REFERENCE) -> xr.DataArray:
+    """Robust z-score of each surprise against the patch's own earlier surprises in the same season.
+
+    ``surp`` is (time, py, px) with NaN where not clear. The reference of date ``t`` is the patch's
+    clear values at dates before ``t - exclude_recent_days`` with day of year within ``season_days``;
+    with fewer than ``min_reference`` of them, all its earlier values; with still fewer, every patch's
+    earlier values in the season. Returns (time, py, px) float32, NaN where ``surp`` is NaN or no
+    reference exists yet.
+    """
+    s = surp.values.astype(np.float64)
+    t = surp["time"].values.astype("datetime64[D]")
+    day = t.astype(np.int64)
+    doy = (t - t.astype("datetime64[Y]")).astype(np.int64)
+    z = np.full_like(s, np.nan)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _, mad_all = _med_mad(s)  # the MAD floor: half the median over patches of each patch's MAD
+        floor = max(float(np.nanmedian(mad_all)) * 0.5 if np.isfinite(mad_all).any() else 0.0, 1e-4)
+        for k in range(len(t)):
+            past = day < day[k] - exclude_recent_days
+            if not past.any() or not np.isfinite(s[k]).any():
+                continue
+            dd = np.abs(doy - doy[k])
+            season = past & (np.minimum(dd, 365 - dd) <= season_days)
+            med, mad = _med_mad(s[season])
+            few = np.isfinite(s[season]).sum(axis=0) < min_reference
+            wide_med, wide_mad = _med_mad(s[past])
+            med, mad = np.where(few, wide_med, med), np.where(few, wide_mad, mad)
+            none = few & (np.isfinite(s[past]).sum(axis=0) < min_reference)
+            pool = s[season][np.isfinite(s[season])]
+            if len(pool) < min_reference:
+                pool = s[past][np.isfinite(s[past])]
+            if none.any() and len(pool):
+                g_med = np.median(pool)
+                med = np.where(none, g_med, med)
+                mad = np.where(none, np.median(np.abs(pool - g_med)) * 1.4826, mad)
+            z[k] = (s[k] - med) / np.maximum(mad, floor)
+    out = xr.DataArray(z.astype(np.float32), dims=surp.dims, coords=surp.coords, name="score",
+                       attrs={"long_name": "anomaly score: robust z of the surprise against the patch's history",
+                              "units": "1"})
+    return out
+
+
+def _med_mad(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if a.shape[0] == 0:
+        nan = np.full(a.shape[1:], np.nan)
+        return nan, nan
+    med = np.nanmedian(a, axis=0)
+    return med, np.nanmedian(np.abs(a - med), axis=0) * 1.4826
+
+
+def regional_residual(surp: xr.DataArray, min_patches: int = 16) -> xr.DataArray:
+    """Surprise minus its median over the region's clear patches of the same date (when at least
+    ``min_patches`` are clear): haze, illumination and sensor shifts touch a whole scene, events do not."""
+    med = surp.median(("py", "px"), skipna=True)
+    n = np.isfinite(surp).sum(("py", "px"))
+    return surp - med.where(n >= min_patches, 0.0)
+
+
+def detect(cube, model: WorldModel | str, start, end=None, history_days: float = 365.0, bbox=None,
+           lead_days: float = LEAD_DAYS, rules=None, progress: Callable[[int, int], None] | None = None):
+    """Surprise, scores and confirmed alerts for the acquisitions in [start, end].
+
+    The patches' history for the normalisation is scored too: ``history_days`` before ``start``.
+    Returns (scores Dataset on the patch grid with ``surprise``, ``score``, ``clear_fraction``; alerts
+    GeoDataFrame in EPSG:4326).
+    """
+    from geowm.alerts import AlertRules, alerts_from_scores
+
+    wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    ds, name = _as_dataset(cube)
+    start_t = np.datetime64(start, "s")
+    hist0 = start_t - np.timedelta64(int(history_days * 86400), "s")
+    sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress)
+    score = normalise(regional_residual(sur["surprise"]))
+    out = sur.assign(score=score).sel(time=slice(start_t.astype("datetime64[ns]"), None))
+    out.attrs.update({"geowm:from": str(start_t), "geowm:lead_days": float(lead_days),
+                      "geowm:history_days": float(history_days)})
+    crs = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
+    if crs is None:
+        raise ValueError(f"{name}: the cube has no CRS (spatial_ref)")
+    grid = out["score"].rename(py="y", px="x")
+    alerts = alerts_from_scores(grid, crs, rules or AlertRules(), obs=region(ds, bbox, wm.cfg.patch).sel(
+        time=slice(hist0.astype("datetime64[ns]"), None)))
+    return out, alerts
+
+
+def write_scores(scores: xr.Dataset, path) -> None:
+    """The score raster as a plain Zarr v3 store (``xr.open_zarr(path)``), replaced atomically."""
+    import shutil
+    import uuid
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    ds = scores.rename(py="y", px="x")
+    ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
+    old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,286 @@
+"""Pixel-level NDVI forecast and anomaly-score baselines that the JEPA world model is compared against.
+
+Every baseline works on per-pixel NDVI series ``(time, y, x)`` that are irregular in time and cloudy
+(NaN where not clear), vectorised with numpy over all pixels (loops, where any, run over time only):
+
+* :class:`Persistence`: tomorrow looks like the last clear observation;
+* :class:`Climatology`: tomorrow looks like the same day of year in past years;
+* :class:`Harmonic`: a CCDC-style per-pixel regression (intercept, linear trend, annual harmonics),
+  with CCDC's change rule (:meth:`Harmonic.breaks`).
+
+``fit(history)`` takes NDVI up to some date; ``forecast(init_time, valid_times)`` predicts NDVI
+``(valid_time, y, x)`` from the history up to ``init_time`` only; ``score(obs)`` turns new observations
+into a standardised surprise ``|obs - expected| / sigma`` (dimensionless, >= 0; NaN where obs is not
+clear or no expectation exists) where each observation is compared only with what was known before it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+# Red / NIR band names (Sentinel-2, Landsat 8/9, common names). Mirrors geowm.probes.RED_NIR, which is
+# not imported because geowm.probes pulls in torch and the model (seconds) for a table of names.
+RED_NIR = (("B04", "B08"), ("B4", "B5"), ("red", "nir"), ("RED", "NIR"))
+MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
+DAYS_PER_YEAR = 365.25
+TimesLike = Sequence | np.ndarray | pd.DatetimeIndex | xr.DataArray
+
+
+def ndvi(ds: xr.Dataset) -> xr.DataArray:
+    """NDVI ``(time, y, x)`` float32, ``(NIR - red) / (NIR + red)``, from a cube Dataset.
+
+    ``ds`` holds ``reflectance (time, band, y, x)`` (physical reflectance, NaN fill) and optionally
+    ``valid (time, y, x)`` (bool clear-sky mask). NaN where not valid or not finite. Lazy if ``ds`` is.
+    Raises ValueError naming the bands present if no red/NIR pair is found.
+    """
+    bands = [str(b) for b in ds["band"].values]
+    pair = next(((r, n) for r, n in RED_NIR if r in bands and n in bands), None)
+    if pair is None:
+        raise ValueError(f"NDVI needs a red and a near-infrared band (one of {RED_NIR}); cube has {bands}")
+    refl = ds["reflectance"]
+    red, nir = refl.sel(band=pair[0], drop=True), refl.sel(band=pair[1], drop=True)
+    denom = nir + red
+    out = (nir - red) / denom.where(denom != 0)
+    ok = np.isfinite(out)
+    if "valid" in ds:
+        ok = ok & ds["valid"].astype(bool)
+    out = out.where(ok).astype(np.float32).transpose("time", "y", "x").rename("ndvi")
+    out.attrs = {"long_name": "normalised difference vegetation index", "units": "1",
+                 "geowm:bands": f"({pair[1]} - {pair[0]}) / ({pair[1]} + {pair[0]})"}
+    return out
+
+
+def _as_times(times: TimesLike) -> pd.DatetimeIndex:
+    return pd.DatetimeIndex(np.atleast_1d(np.asarray(times, dtype="datetime64[ns]")))
+
+
+def _flat(da: xr.DataArray) -> tuple[pd.DatetimeIndex, np.ndarray]:
+    """(times, values (T, P) float64 with NaN where not clear) from a (time, y, x) DataArray."""
+    if set(da.dims) != {"time", "y", "x"}:
+        raise ValueError(f"expected NDVI with dims (time, y, x), got {da.dims}")
+    da = da.transpose("time", "y", "x").sortby("time")
+    vals = np.asarray(da.values, dtype=np.float64).reshape(da.sizes["time"], -1)
+    return _as_times(da["time"].values), np.where(np.isfinite(vals), vals, np.nan)
+
+
+def _robust_sigma(res: np.ndarray, floor: float, min_count: int = 3) -> np.ndarray:
+    """Per pixel MAD * 1.4826 of residuals (T, P) (NaN ignored) -> (P,). Pixels with fewer than
+    ``min_count`` residuals take the median over pixels; everything is floored at ``floor``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: handled below
+        med = np.nanmedian(res, axis=0)
+        sigma = MAD_TO_SIGMA * np.nanmedian(np.abs(res - med), axis=0)
+        sigma[np.sum(np.isfinite(res), axis=0) < min_count] = np.nan
+        fallback = np.nanmedian(sigma) if np.isfinite(sigma).any() else floor
+    return np.fmax(np.where(np.isfinite(sigma), sigma, fallback), floor)
+
+
+def _last_clear(values: np.ndarray, strict: bool) -> np.ndarray:
+    """(T, P): the last clear value at or before (``strict``: before) each time; NaN if none."""
+    T = len(values)
+    idx = np.maximum.accumulate(np.where(np.isfinite(values), np.arange(T)[:, None], -1), axis=0)
+    if strict:
+        idx = np.concatenate([np.full((1, values.shape[1]), -1), idx[:-1]], axis=0)
+    got = np.take_along_axis(values, np.maximum(idx, 0), axis=0)
+    return np.where(idx >= 0, got, np.nan)
+
+
+class Baseline:
+    """A per-pixel NDVI forecaster and anomaly scorer (base class; subclasses fill ``_fit``,
+    ``_predict`` and ``_expected``). NDVI is dimensionless; times are datetime64."""
+
+    name: str = "baseline"
+
+    def __init__(self, sigma_floor: float = 0.02) -> None:
+        self.sigma_floor = sigma_floor  # NDVI units: the smallest noise level a pixel is credited with
+        self._history: xr.DataArray | None = None
+
+    def fit(self, history: xr.DataArray) -> Baseline:
+        """Fit on NDVI ``history (time, y, x)`` (NaN = not clear). Returns self."""
+        self._times, self._values = _flat(history)
+        self._history = history.transpose("time", "y", "x")
+        self._shape = (history.sizes["y"], history.sizes["x"])
+        self._fit()
+        return self
+
+    def forecast(self, init_time: str | np.datetime64 | pd.Timestamp, valid_times: TimesLike) -> xr.DataArray:
+        """NDVI ``(valid_time, y, x)`` float32 predicted from the history at times <= ``init_time`` only."""
+        self._check_fitted()
+        init, targets = pd.Timestamp(init_time).as_unit("ns"), _as_times(valid_times)
+        keep = np.asarray(self._times <= init)
+        pred = self._predict(self._times[keep], self._values[keep], targets)
+        out = self._wrap(pred, "valid_time", targets, "NDVI forecast")
+        return out.assign_coords(init_time=init.to_datetime64(), lead_time=("valid_time", (targets - init).values))
+
+    def score(self, obs: xr.DataArray) -> xr.DataArray:
+        """Anomaly score ``(time, y, x)`` float32 of new NDVI observations ``obs`` (NaN = not clear):
+        ``|obs - expected| / sigma`` >= 0, NaN where obs is NaN or nothing is expected there."""
+        self._check_fitted()
+        times, vals = _flat(obs)
+        expected, sigma = self._expected(times, vals)
+        out = np.abs(vals - expected) / sigma
+        return self._wrap(out, "time", times, "anomaly score (standardised surprise)", units="1")
+
+    def _check_fitted(self) -> None:
+        if self._history is None:
+            raise RuntimeError(f"{type(self).__name__}: call fit(history) first")
+
+    def _wrap(self, arr: np.ndarray, dim: str, times: pd.DatetimeIndex, long_name: str,
+              units: str | None = None) -> xr.DataArray:
+        h = self._history
+        coords = {k: c for k, c in h.coords.items() if k != "spatial_ref" and set(c.dims) <= {"y", "x"} and c.dims}
+        attrs = {**h.attrs, "long_name": long_name, "geowm:baseline": self.name}
+        if units:
+            attrs["units"] = units
+        return xr.DataArray(arr.reshape(len(times), *self._shape).astype(np.float32), dims=(dim, "y", "x"),
+                            coords={dim: times.values, **coords}, attrs=attrs, name=f"{self.name}_{dim}")
+
+    def _fit(self) -> None:
+        raise NotImplementedError
+
+    def _predict(self, times: pd.DatetimeIndex, values: np.ndarray, targets: pd.DatetimeIndex) -> np.ndarray:
+        """From history (T, P) predict (V, P) at ``targets``."""
+        raise NotImplementedError
+
+    def _expected(self, times: pd.DatetimeIndex, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For observations (T, P): expected values (T, P) and noise sigma (P,) or (T, P)."""
+        raise NotImplementedError
+
+
+class Persistence(Baseline):
+    """Forecast = the last clear observation up to init. Score = |obs - previous clear value| / robust
+    sigma (MAD * 1.4826, floored) of clear-to-clear differences in the history."""
+
+    name = "persistence"
+
+    def _fit(self) -> None:
+        self.sigma_ = _robust_sigma(self._values - _last_clear(self._values, strict=True), self.sigma_floor)
+
+    def _predict(self, times, values, targets):
+        last = _last_clear(values, strict=False)[-1] if len(values) else np.full(values.shape[1], np.nan)
+        return np.broadcast_to(last, (len(targets), values.shape[1]))
+
+    def _expected(self, times, values):
+        before = np.asarray(self._times < times[0]) if len(times) else np.zeros(len(self._times), bool)
+        series = np.concatenate([self._values[before], values], axis=0)  # previous obs of obs count too
+        return _last_clear(series, strict=True)[before.sum():], self.sigma_
+
+
+class Climatology(Baseline):
+    """Forecast = per pixel mean of clear history observations within ``half_window`` days of the
+    target's day of year (circular), widening to ``fallback_windows`` and then to the pixel mean when
+    empty. Score = |obs - climatology| / robust sigma of leave-one-out history residuals."""
+
+    name = "climatology"
+
+    def __init__(self, half_window: float = 15.0, fallback_windows: Sequence[float] = (30.0, 60.0),
+                 sigma_floor: float = 0.02) -> None:
+        super().__init__(sigma_floor)
+        self.windows = (half_window, *fallback_windows, DAYS_PER_YEAR)  # the last one takes every date
+
+    def _clim(self, times, values, targets, leave_one_out: bool = False) -> np.ndarray:
+        dist = np.abs(np.asarray(targets.day_of_year, float)[:, None] - np.asarray(times.day_of_year, float)[None])
+        dist = np.minimum(dist, DAYS_PER_YEAR - dist)  # (V, T) circular day-of-year distance
+        clear = np.isfinite(values)
+        x, m = np.where(clear, values, 0.0), clear.astype(np.float64)
+        out = np.full((len(targets), values.shape[1]), np.nan)
+        for w in self.windows:
+            near = (dist <= w).astype(np.float64)
+            total, count = near @ x, near @ m  # (V, P)
+            if leave_one_out:  # targets are the history times themselves: leave each obs out of its mean
+                total, count = total - x, count - m
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out = np.where(np.isnan(out) & (count > 0), total / np.where(count > 0, count, 1), out)
+        return out
+
+    def _fit(self) -> None:
+        res = self._values - self._clim(self._times, self._values, self._times, leave_one_out=True)
+        self.sigma_ = _robust_sigma(res, self.sigma_floor)
+
+    def _predict(self, times, values, targets):
+        return self._clim(times, values, targets)
+
+    def _expected(self, times, values):
+        return self._clim(self._times, self._values, times), self.sigma_
+
+
+class Harmonic(Baseline):
+    """CCDC-style per pixel ordinary least squares: intercept + linear trend (per year) + ``n_harmonics``
+    annual sin/cos pairs, fitted on the clear history. A pixel needs ``obs_per_term`` clear observations
+    per coefficient and a year of record for a harmonic model; else it falls back to fewer harmonics, then
+    to its mean (>= ``obs_per_term`` obs), else NaN. Score = |residual| / the fit's RMSE (floored)."""
+
+    name = "harmonic"
+
+    def __init__(self, n_harmonics: int = 2, obs_per_term: int = 3, min_span_years: float = 1.0,
+                 sigma_floor: float = 0.02) -> None:
+        if not 1 <= n_harmonics <= 3:
+            raise ValueError(f"n_harmonics must be 1..3, got {n_harmonics}")
+        super().__init__(sigma_floor)
+        self.n_harmonics, self.obs_per_term, self.min_span_years = n_harmonics, obs_per_term, min_span_years
+
+    def _design(self, times: pd.DatetimeIndex) -> np.ndarray:
+        """(T, 2 + 2 n) columns: 1, years since the first history date, sin/cos(2 pi k years)."""
+        t = np.asarray((times - self._times[0]) / pd.Timedelta(days=1), float) / DAYS_PER_YEAR
+        cols = [np.ones_like(t), t]
+        for k in range(1, self.n_harmonics + 1):
+            cols += [np.sin(2 * np.pi * k * t), np.cos(2 * np.pi * k * t)]
+        return np.stack(cols, axis=1)
+
+    def _ols(self, times, values) -> tuple[np.ndarray, np.ndarray]:
+        """Batched least squares -> coefficients (P, 2 + 2 n) (unused terms 0, NaN if no model), n terms (P,)."""
+        X, clear = self._design(times), np.isfinite(values)
+        m, y = clear.astype(np.float64), np.where(clear, values, 0.0)
+        A = np.einsum("tp,ti,tj->pij", m, X, X, optimize=True)  # (P, k, k) normal equations per pixel
+        b = np.einsum("tp,ti->pi", m * y, X, optimize=True)
+        n = m.sum(axis=0)
+        t = X[:, 1][:, None]
+        span = np.where(clear, t, -np.inf).max(axis=0) - np.where(clear, t, np.inf).min(axis=0)
+        beta, nterms = np.full(b.shape, np.nan), np.zeros(len(n), int)
+        for k in [2 + 2 * h for h in range(self.n_harmonics, 0, -1)] + [1]:
+            sel = (nterms == 0) & (n >= self.obs_per_term * k) & ((span >= self.min_span_years) | (k == 1))
+            if sel.any():
+                Ak = A[sel][:, :k, :k] + 1e-9 * np.eye(k)  # a whisker of ridge keeps solve() from failing
+                beta[sel] = 0.0
+                beta[sel, :k] = np.linalg.solve(Ak, b[sel, :k, None])[..., 0]
+                nterms[sel] = k
+        return beta, nterms
+
+    def _model(self, beta: np.ndarray, targets: pd.DatetimeIndex) -> np.ndarray:
+        return self._design(targets) @ beta.T  # (V, P)
+
+    def _fit(self) -> None:
+        self.coef_, self.n_terms_ = self._ols(self._times, self._values)
+        res = self._values - self._model(self.coef_, self._times)
+        dof = np.maximum(np.isfinite(res).sum(axis=0) - self.n_terms_, 1)
+        rmse = np.sqrt(np.nansum(res**2, axis=0) / dof)
+        self.rmse_ = np.fmax(np.where(self.n_terms_ > 0, rmse, np.nan), self.sigma_floor)
+
+    def _predict(self, times, values, targets):
+        beta, _ = self._ols(times, values) if len(times) < len(self._times) else (self.coef_, None)
+        return self._model(beta, targets)
+
+    def _expected(self, times, values):
+        return self._model(self.coef_, times), self.rmse_
+
+    def breaks(self, obs: xr.DataArray, k: float = 3.0, consecutive: int = 2) -> xr.DataArray:
+        """CCDC change rule on new observations ``obs (time, y, x)`` NDVI: True (bool, same dims) at the
+        clear observation that confirms a run of ``consecutive`` consecutive clear observations whose
+        |residual| exceeds ``k`` RMSE. Cloudy observations neither extend nor break a run."""
+        z = self.score(obs).values.reshape(obs.sizes["time"], -1)
+        clear = np.isfinite(z)
+        run, out = np.zeros(z.shape[1], int), np.zeros(z.shape, bool)
+        for i in range(len(z)):  # a loop over time; all pixels at once
+            run = np.where(clear[i], np.where(z[i] > k, run + 1, 0), run)
+            out[i] = clear[i] & (run == consecutive)
+        times = _as_times(obs.sortby("time")["time"].values)
+        da = self._wrap(out, "time", times, f"break: {consecutive} consecutive clear obs beyond {k} sigma")
+        return da.astype(bool).rename(f"{self.name}_breaks")
+
+
+BASELINES: dict[str, type[Baseline]] = {"persistence": Persistence, "climatology": Climatology, "harmonic": Harmonic}

@@ -1,0 +1,345 @@
+"""Latent forecasts of every patch of a region, decoded to bands and NDVI, with an ensemble spread.
+
+``forecast(cube, model, init=..., leads=...)`` returns the forecast dataset of DESIGN.md for one
+init (in memory); :mod:`geowm.forecast_store` appends it to a Zarr store.
+
+How one forecast is made. The region is cut into blocks of the training window size (64 px for the
+presets). For each block, the context is the last ``frames - 1`` acquisitions on or before the init
+that are at least ``min_frame_clear`` clear there (the training window rule); the predictor then
+makes one direct prediction per valid time (no rollout). The ensemble: member 0 uses the whole
+context, the others drop a random quarter of its dates, so p10/p50/p90 and the latent spread show how
+much the forecast depends on which scenes were seen.
+
+Decoding ("delta" mode, the default): the probes map latents to bands and NDVI; a pixel's forecast is
+its last clear observed value plus the decoded *change* between the last observed latent of its patch
+and the forecast latent, so the probe's per-place bias cancels. Pixels without a clear observation
+on their patch's last observed date take the decoded forecast as is ("absolute" mode everywhere).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from geowm.data import day_of_year
+from geowm.inference import WorldModel
+
+QUANTILES = (0.1, 0.5, 0.9)
+LOOKBACK_DAYS = 365  # how far before the init a block's context may reach
+
+
+class ForecastError(ValueError):
+    """A forecast cannot be made as asked; the message names the input and the problem."""
+
+
+@dataclass
+class Block:
+    """A block of the region (pixel offsets relative to the region) and its context dates (cube indexes)."""
+
+    y0: int
+    x0: int
+    h: int
+    w: int
+    t_index: np.ndarray
+
+
+def _as_dataset(cube) -> tuple[xr.Dataset, str]:
+    if isinstance(cube, xr.Dataset):
+        return cube, str(cube.attrs.get("geowm:cube", "<dataset>"))
+    from geowm.cube.store import open_cube
+
+    ds = open_cube(cube)
+    ds.attrs["geowm:cube"] = str(cube)
+    return ds, str(cube)
+
+
+def region(ds: xr.Dataset, bbox: Sequence[float] | None, patch: int) -> xr.Dataset:
+    """The cube cropped to ``bbox`` (minx, miny, maxx, maxy in the cube CRS) and to whole patches."""
+    if bbox is not None:
+        minx, miny, maxx, maxy = map(float, bbox)
+        if not (minx < maxx and miny < maxy):
+            raise ForecastError(f"bbox {tuple(bbox)}: need minx < maxx and miny < maxy")
+        x, y = ds["x"].values, ds["y"].values
+        xs, ys = np.flatnonzero((x >= minx) & (x <= maxx)), np.flatnonzero((y >= miny) & (y <= maxy))
+        if len(xs) == 0 or len(ys) == 0:
+            raise ForecastError(f"bbox {tuple(bbox)} does not overlap the cube (x {x.min():.1f}..{x.max():.1f}, "
+                                f"y {y.min():.1f}..{y.max():.1f})")
+        ds = ds.isel(y=slice(ys.min(), ys.max() + 1), x=slice(xs.min(), xs.max() + 1))
+    ny, nx = ds.sizes["y"] // patch * patch, ds.sizes["x"] // patch * patch
+    if ny == 0 or nx == 0:
+        raise ForecastError(f"region of {ds.sizes['y']} x {ds.sizes['x']} px is smaller than one {patch} px patch")
+    return ds.isel(y=slice(0, ny), x=slice(0, nx))
+
+
+def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64, n_context: int | None = None,
+           inclusive: bool = True) -> list[Block]:
+    """Cut the region into window-sized blocks and pick each block's context dates (on or before
+    ``before``, or strictly before it with ``inclusive=False``)."""
+    win, p = wm.window, wm.cfg.patch
+    n_context = n_context or win.frames - 1
+    H, W = ds.sizes["y"], ds.sizes["x"]
+    bh, bw = min(win.size, H) // p * p, min(win.size, W) // p * p
+    times = ds["time"].values.astype("datetime64[s]")
+    end = np.datetime64(before, "s")
+    sel = (times <= end) if inclusive else (times < end)
+    sel &= times >= end - np.timedelta64(LOOKBACK_DAYS, "D")
+    t_cand = np.flatnonzero(sel)
+    starts = lambda n, b: sorted({*range(0, n - b + 1, b), n - b})  # noqa: E731  (last block flush with the edge)
+    out = []
+    if len(t_cand):
+        valid = ds["valid"].isel(time=t_cand).values  # (T, H, W) bool
+    for y0 in starts(H, bh):
+        for x0 in starts(W, bw):
+            if len(t_cand) == 0:
+                out.append(Block(y0, x0, bh, bw, np.zeros(0, np.int64)))
+                continue
+            frac = valid[:, y0: y0 + bh, x0: x0 + bw].mean(axis=(1, 2))
+            good = t_cand[frac >= win.min_frame_clear]
+            out.append(Block(y0, x0, bh, bw, good[-n_context:]))
+    return out
+
+
+def read_block(ds: xr.Dataset, wm: WorldModel, b: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Physical values (T, C, h, w), valid (T, h, w), dates (T,) of a block's context."""
+    sub = ds.isel(time=b.t_index, y=slice(b.y0, b.y0 + b.h), x=slice(b.x0, b.x0 + b.w))
+    refl = sub["reflectance"].sel(band=wm.bands).values.astype(np.float32)
+    return refl, sub["valid"].values.astype(bool), sub["time"].values.astype("datetime64[s]")
+
+
+def model_inputs(wm: WorldModel, refl: np.ndarray, valid: np.ndarray, times: np.ndarray,
+                 target_times: np.ndarray) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Batched model inputs for windows (B, T, C, h, w) with dates (B, T) and targets (B, K)."""
+    pixels, valid = wm.normalise(refl, valid)
+    t0 = times[:, :1]
+    to_days = lambda t: ((t - t0).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)  # noqa: E731
+    dev = wm.device
+    batch = {"pixels": torch.from_numpy(pixels).to(dev), "valid": torch.from_numpy(valid).to(dev),
+             "days": torch.from_numpy(to_days(times)).to(dev),
+             "doy": torch.from_numpy(day_of_year(times.ravel()).reshape(times.shape)).to(dev)}
+    tdoy = day_of_year(target_times.ravel()).reshape(target_times.shape)
+    return batch, torch.from_numpy(to_days(target_times)).to(dev), torch.from_numpy(tdoy).to(dev)
+
+
+def last_observed(lat: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per patch, the latest valid latent: (B, Hp, Wp, D), its time slot (B, Hp, Wp) and whether any."""
+    B, T = ok.shape[:2]
+    slot = np.where(ok, np.arange(T)[None, :, None, None], -1).max(axis=1)
+    has = slot >= 0
+    z = np.take_along_axis(lat, np.maximum(slot, 0)[:, None, ..., None], axis=1)[:, 0]
+    return z, slot, has
+
+
+def _members(n: int, members: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Context subsets (positions in 0..n-1) for the ensemble: all dates, then random 3/4 subsets."""
+    out = [np.arange(n)]
+    drop = max(1, n // 4)
+    for _ in range(members - 1):
+        keep = np.sort(rng.choice(n, n - drop, replace=False)) if n - drop >= 2 else np.arange(n)
+        out.append(keep)
+    return out
+
+
+def _patches_to_pixels(a: np.ndarray, p: int) -> np.ndarray:
+    """(..., Hp, Wp, p, p) -> (..., Hp p, Wp p)."""
+    *lead, Hp, Wp, _, _ = a.shape
+    return np.moveaxis(a, -3, -2).reshape(*lead, Hp * p, Wp * p)
+
+
+@torch.no_grad()
+def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = (5, 10, 20, 30),
+             valid_times: Sequence | None = None, bbox: Sequence[float] | None = None, members: int = 8,
+             decode: str = "delta", seed: int = 0, batch_size: int = 16,
+             progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+    """Forecast one init over a region; returns the forecast dataset (in memory).
+
+    Args:
+        cube: a cube path or the Dataset ``geowm.open_cube`` returns.
+        model: a run directory or a loaded :class:`WorldModel`.
+        init: the init time (context = observations on or before it); default the cube's last date.
+        leads: lead times in days (> 0), used when ``valid_times`` is not given.
+        valid_times: explicit dates to forecast (after ``init``); lead = valid time - init.
+        bbox: (minx, miny, maxx, maxy) in the cube CRS; default the whole cube.
+        members: ensemble size (1 = no ensemble: quantiles all equal the single forecast).
+        decode: "delta" (last observation + decoded change) or "absolute" (decoded forecast latent).
+
+    Returns:
+        Dataset with dims ``init_time`` (1), ``lead_time`` (K, timedelta64), ``quantile`` (0.1, 0.5,
+        0.9), ``y, x`` (cube pixels), ``py, px`` (patch centres), ``latent``: one variable per band
+        and ``ndvi`` (init_time, lead_time, quantile, y, x; band units as the cube, NDVI unitless),
+        ``embedding`` (init_time, lead_time, py, px, latent; the latent forecast, ensemble mean,
+        L2-normalised, so similarity is a dot product),
+        ``latent_spread`` (init_time, lead_time, py, px; mean per-dimension std over members),
+        ``n_context`` (init_time, py, px; context dates used); coord ``valid_time(init_time,
+        lead_time)``. NaN where a block had fewer than 2 clear context dates.
+    """
+    wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    ds, name = _as_dataset(cube)
+    if decode not in ("delta", "absolute"):
+        raise ForecastError(f"decode must be 'delta' or 'absolute', got {decode!r}")
+    if members < 1:
+        raise ForecastError(f"members must be >= 1, got {members}")
+    missing = [b for b in wm.bands if b not in ds["band"].values]
+    if missing:
+        raise ForecastError(f"{name}: cube lacks band(s) {missing} that model {wm.run} was trained on")
+    times = ds["time"].values.astype("datetime64[s]")
+    init_t = times[-1] if init is None else np.datetime64(init, "s")
+    if init_t < times[0]:
+        raise ForecastError(f"{name}: init {init_t} is before the cube starts ({times[0]})")
+    if valid_times is not None:
+        vt = np.asarray(valid_times, dtype="datetime64[s]")
+        if len(vt) == 0 or (vt <= init_t).any():
+            raise ForecastError(f"valid times must be after the init {init_t}: got {list(vt)}")
+        lead_days = (vt - init_t).astype(np.float64) / 86400.0
+    else:
+        lead_days = np.asarray(leads, dtype=np.float64)
+        if len(lead_days) == 0 or not np.all(np.isfinite(lead_days)) or (lead_days <= 0).any():
+            raise ForecastError(f"leads must be positive numbers of days, got {list(leads)}")
+        vt = init_t + (lead_days * 86400).astype("timedelta64[s]")
+    order = np.argsort(lead_days, kind="stable")
+    lead_days, vt = lead_days[order], vt[order]
+    p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
+    ds = region(ds, bbox, p)
+    H, W = ds.sizes["y"], ds.sizes["x"]
+    Hp, Wp, D = H // p, W // p, wm.cfg.dim
+    nd_rn = wm.probe_meta.get("ndvi_bands") if wm.probes is not None else None
+
+    out_bands = np.full((C, K, len(QUANTILES), H, W), np.nan, np.float32)
+    out_ndvi = np.full((K, len(QUANTILES), H, W), np.nan, np.float32)
+    out_lat = np.full((K, Hp, Wp, D), np.nan, np.float32)
+    out_spread = np.full((K, Hp, Wp), np.nan, np.float32)
+    out_nctx = np.zeros((Hp, Wp), np.int16)
+    outs = (out_bands, out_ndvi, out_lat, out_spread, out_nctx)
+    tiles = list(tile_regions(ds, init_t))
+    for n, (ty, tx, sub) in enumerate(tiles):
+        _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
+        if progress:
+            progress(n + 1, len(tiles))
+    return _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
+                    out_nctx, name, decode, members)
+
+
+TILE = 256  # px: a region is processed one tile (all its dates in the look-back, in memory) at a time
+
+
+def tile_regions(ds: xr.Dataset, before: np.datetime64, tile: int = TILE):
+    """Yield (y0, x0, in-memory sub-dataset) per tile of the region, with the dates of the look-back."""
+    times = ds["time"].values.astype("datetime64[s]")
+    keep = np.flatnonzero((times <= np.datetime64(before, "s"))
+                          & (times >= np.datetime64(before, "s") - np.timedelta64(LOOKBACK_DAYS, "D")))
+    H, W = ds.sizes["y"], ds.sizes["x"]
+    for y0 in range(0, H, tile):
+        for x0 in range(0, W, tile):
+            sub = ds[["reflectance", "valid"]].isel(time=keep, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile))
+            yield y0, x0, sub.load()
+
+
+def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx) -> None:
+    out_bands, out_ndvi, out_lat, out_spread, out_nctx = outs
+    p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
+    todo = [b for b in blocks(sub, wm, init_t) if len(b.t_index) >= 2]
+    jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # context length -> (block, member, dates)
+    for i, b in enumerate(todo):
+        rng = np.random.default_rng([seed, ty + b.y0, tx + b.x0])
+        for m, keep in enumerate(_members(len(b.t_index), members, rng)):
+            jobs.setdefault(len(keep), []).append((i, m, keep))
+    data = {i: read_block(sub, wm, b) for i, b in enumerate(todo)}
+    preds: dict[tuple[int, int], np.ndarray] = {}
+    anchors: dict[int, tuple] = {}
+    for _, group in sorted(jobs.items()):
+        for g0 in range(0, len(group), batch_size):
+            chunk = group[g0: g0 + batch_size]
+            refl = np.stack([data[i][0][keep] for i, _, keep in chunk])
+            valid = np.stack([data[i][1][keep] for i, _, keep in chunk])
+            tt = np.stack([data[i][2][keep] for i, _, keep in chunk])
+            batch, tdays, tdoy = model_inputs(wm, refl, valid, tt, np.broadcast_to(vt, (len(chunk), K)))
+            z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
+            for j, (i, m, _) in enumerate(chunk):
+                preds[(i, m)] = z[j]
+            full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
+            if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
+                sel = {k: v[full] for k, v in batch.items()}
+                lat, ok, _ = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
+                zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
+                for j, jj in enumerate(full):
+                    anchors[chunk[jj][0]] = (zo[j], slot[j], has[j])
+
+    for i, b in enumerate(todo):
+        z = np.stack([preds[(i, m)] for m in range(members)])  # (M, K, hp, wp, D)
+        M, _, hp, wp, _ = z.shape
+        py0, px0 = (ty + b.y0) // p, (tx + b.x0) // p
+        unit = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+        mean = unit.mean(axis=0)
+        out_lat[:, py0: py0 + hp, px0: px0 + wp] = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
+        out_spread[:, py0: py0 + hp, px0: px0 + wp] = unit.std(axis=0).mean(axis=-1)
+        out_nctx[py0: py0 + hp, px0: px0 + wp] = len(b.t_index)
+        if wm.probes is None:
+            continue
+        pix, nd = wm.decode_array(z)  # (M K hp wp, C, p, p), (M K hp wp, p, p)
+        pix = _patches_to_pixels(np.moveaxis(pix.reshape(M, K, hp, wp, C, p, p), 4, 2), p)  # M K C h w
+        nd = None if nd is None else _patches_to_pixels(nd.reshape(M, K, hp, wp, p, p), p)  # M K h w
+        if decode == "delta":
+            pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn)
+        ys, xs = slice(ty + b.y0, ty + b.y0 + b.h), slice(tx + b.x0, tx + b.x0 + b.w)
+        out_bands[:, :, :, ys, xs] = np.moveaxis(np.quantile(pix, QUANTILES, axis=0), 0, 2).transpose(1, 0, 2, 3, 4)
+        if nd is not None:
+            out_ndvi[:, :, ys, xs] = np.moveaxis(np.quantile(nd, QUANTILES, axis=0), 0, 1)
+
+
+def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.ndarray | None, rn) -> tuple:
+    """Last clear observation + decoded change since the patch's last observed latent (see module doc)."""
+    refl, valid, _ = blk
+    z_obs, slot, has = anchor
+    p = wm.cfg.patch
+    base_pix, base_nd = wm.decode_array(z_obs)  # (hp wp, C, p, p)
+    hp, wp = slot.shape
+    base_pix = _patches_to_pixels(np.moveaxis(base_pix.reshape(hp, wp, -1, p, p), 2, 0), p)  # C h w
+    slot_px = np.repeat(np.repeat(slot, p, 0), p, 1)  # h w
+    has_px = np.repeat(np.repeat(has, p, 0), p, 1)
+    t_px = np.maximum(slot_px, 0) * wm.cfg.t_frames
+    obs = np.take_along_axis(refl, t_px[None, None], axis=0)[0]  # C h w
+    obs_ok = np.take_along_axis(valid, t_px[None], axis=0)[0] & has_px & np.isfinite(obs).all(axis=0)
+    pix = np.where(obs_ok, obs + (pix - base_pix), pix)
+    if nd is not None and rn is not None:
+        base_nd = _patches_to_pixels(base_nd.reshape(hp, wp, p, p), p)
+        red, nir = obs[rn[0]], obs[rn[1]]
+        obs_nd = (nir - red) / np.maximum(nir + red, 1e-6)
+        nd = np.clip(np.where(obs_ok, obs_nd + (nd - base_nd), nd), -1, 1)
+    return pix, nd
+
+
+def _dataset(ds, wm, init_t, vt, lead_days, bands, ndvi, lat, spread, nctx, name, decode, members) -> xr.Dataset:
+    p = wm.cfg.patch
+    y, x = ds["y"].values, ds["x"].values
+    lead = (lead_days * 86400 * 1e9).astype("timedelta64[ns]")
+    coords = {"init_time": [init_t.astype("datetime64[ns]")], "lead_time": lead, "quantile": list(QUANTILES),
+              "y": y, "x": x, "py": y.reshape(-1, p).mean(1), "px": x.reshape(-1, p).mean(1),
+              "valid_time": (("init_time", "lead_time"), vt.astype("datetime64[ns]")[None])}
+    dims = ("init_time", "lead_time", "quantile", "y", "x")
+    data = {b: (dims, bands[c][None]) for c, b in enumerate(wm.bands)}
+    if ndvi is not None:
+        data["ndvi"] = (dims, ndvi[None])
+    data["embedding"] = (("init_time", "lead_time", "py", "px", "latent"), lat[None])
+    data["latent_spread"] = (("init_time", "lead_time", "py", "px"), spread[None])
+    data["n_context"] = (("init_time", "py", "px"), nctx[None])
+    out = xr.Dataset(data, coords=coords)
+    if "spatial_ref" in ds.coords:
+        out = out.assign_coords(spatial_ref=ds["spatial_ref"])
+        for v in out.data_vars:
+            if {"y", "x"} <= set(out[v].dims):
+                out[v].attrs["grid_mapping"] = "spatial_ref"
+    if "ndvi" in out:
+        out["ndvi"].attrs.update(long_name="forecast NDVI", units="1")
+    out["embedding"].attrs.update(long_name="forecast latent, ensemble mean, L2-normalised", units="1")
+    out["latent_spread"].attrs.update(long_name="ensemble spread of the forecast latent (mean per-dim std)")
+    out["n_context"].attrs.update(long_name="context acquisitions used")
+    out.attrs.update({
+        "geowm:format": "geowm-forecast/1", "geowm:model_run": str(wm.run.absolute()), "geowm:run_id": wm.run_id,
+        "geowm:config_hash": wm.config_hash, "geowm:cube": name,
+        "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", "")), "geowm:decode": decode,
+        "geowm:members": int(members), "geowm:patch": int(p),
+    })
+    return out

@@ -1,0 +1,233 @@
+"""Alerts from score cubes (confirmation, polygons, type guess, files) and evaluation metrics, on tiny grids."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from shapely.geometry import box
+
+from geowm.alerts import AlertRules, alerts_from_scores, confirmed, open_alerts, write_alerts
+from geowm.metrics import alert_scores, auroc, load_events, patch_labels, rasterize_events
+
+CRS = "EPSG:32633"
+N, T = 40, 12
+X0, Y0, RES = 500000.0, 5400000.0, 10.0
+TIMES = pd.date_range("2021-01-01", periods=T, freq="10D")
+X = X0 + RES / 2 + RES * np.arange(N)
+Y = Y0 - RES / 2 - RES * np.arange(N)
+
+
+def scores(fill: float = 0.0) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.clip(rng.normal(0, 0.7, (T, N, N)), -2.5, 2.5) + fill
+
+
+def as_da(s: np.ndarray) -> xr.DataArray:
+    return xr.DataArray(s, coords={"time": TIMES, "y": Y, "x": X}, dims=("time", "y", "x"), name="score")
+
+
+def native_box(r0, r1, c0, c1):
+    """Polygon covering grid rows r0..r1-1 and columns c0..c1-1, in the native CRS."""
+    return box(X0 + c0 * RES, Y0 - r1 * RES, X0 + c1 * RES, Y0 - r0 * RES)
+
+
+def test_persistent_jump_gives_one_confirmed_alert():
+    s = scores()
+    s[4:, 5:15, 5:15] = 8.0  # 100 px = 1 ha
+    conf = confirmed(as_da(s))
+    assert conf.dtype == bool and conf.dims == ("time", "y", "x")
+    assert np.nonzero(conf.values.any(axis=(1, 2)))[0].tolist() == [5]  # confirmed at the 2nd clear obs
+    assert int(conf.values[5].sum()) == 100
+    assert conf["first_detected"].values[8, 8] == TIMES[4].to_datetime64()
+    assert np.isnat(conf["first_detected"].values[30, 30])
+
+    gdf = alerts_from_scores(as_da(s), CRS)
+    assert len(gdf) == 1 and gdf.crs.equals("EPSG:4326")
+    a = gdf.iloc[0]
+    assert a["first_detected"] == TIMES[4] and a["last_seen"] == TIMES[-1]
+    assert a["area_ha"] == pytest.approx(1.0) and a["peak_score"] == pytest.approx(8.0)
+    assert 0 < a["confidence"] < 1 and a["type_guess"] == "unknown"
+    region = gpd.GeoSeries([native_box(0, N, 0, N)], crs=CRS).to_crs(4326).iloc[0]
+    assert region.contains(a.geometry)
+    assert gdf.to_crs(CRS).geometry.iloc[0].area == pytest.approx(10_000, rel=1e-3)
+
+
+def test_single_spike_is_not_confirmed():
+    s = scores()
+    s[3, 20:30, 20:30] = 8.0
+    assert not confirmed(as_da(s)).values.any()
+    assert len(alerts_from_scores(as_da(s), CRS)) == 0
+
+
+def test_cloud_gap_does_not_break_confirmation_but_expiry_does():
+    s = scores()
+    s[4, 5:15, 5:15] = 8.0
+    s[5:7, 5:15, 5:15] = np.nan  # cloud
+    s[7, 5:15, 5:15] = 6.0
+    s[8:, 5:15, 5:15] = 0.0  # back to normal
+    s[0, 25:35, 25:35] = 8.0  # candidate ...
+    s[1:10, 25:35, 25:35] = np.nan  # ... next clear look 100 days later > max_gap_days
+    s[10, 25:35, 25:35] = 8.0
+    conf = confirmed(as_da(s))
+    assert np.nonzero(conf.values.any(axis=(1, 2)))[0].tolist() == [7]
+    gdf = alerts_from_scores(as_da(s), CRS)
+    assert len(gdf) == 1
+    assert gdf["first_detected"].iloc[0] == TIMES[4] and gdf["last_seen"].iloc[0] == TIMES[7]
+    assert gdf["peak_score"].iloc[0] == pytest.approx(8.0)
+
+
+def test_separate_patches_and_separate_episodes():
+    s = scores()
+    s[2:, 2:8, 2:8] = 8.0
+    s[3:, 30:36, 20:26] = 7.0
+    s[2:5, 20:26, 2:8] = 8.0  # first event at this place ...
+    s[5:8, 20:26, 2:8] = 0.0
+    s[8:, 20:26, 2:8] = 9.0  # ... a second one later
+    s[4:, 36:39, 36:39] = 8.0  # 9 px = 0.09 ha < min_area_ha
+    gdf = alerts_from_scores(as_da(s), CRS)
+    assert len(gdf) == 4 and gdf["id"].is_unique
+    assert sorted(gdf["first_detected"]) == sorted([TIMES[2], TIMES[2], TIMES[3], TIMES[8]])
+    assert gdf["area_ha"].tolist() == pytest.approx([0.36] * 4)
+    # ids are stable across runs
+    assert alerts_from_scores(as_da(s), CRS)["id"].tolist() == gdf["id"].tolist()
+    # a stricter rule (two supporting observations) confirms one date later
+    strict = AlertRules(confirmations=2)
+    assert np.nonzero(confirmed(as_da(s), strict).values[:, 4, 4])[0].tolist() == [4]
+
+
+def test_files_round_trip(tmp_path):
+    s = scores()
+    s[2:, 2:8, 2:8] = 8.0
+    s[3:, 30:36, 20:26] = 7.0
+    gdf = alerts_from_scores(as_da(s), CRS)
+    paths = write_alerts(gdf, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["alerts.geojson", "alerts.parquet"]
+    for back in (gpd.read_file(paths["geojson"]), gpd.read_parquet(paths["parquet"]), open_alerts(tmp_path / "out"),
+                 open_alerts(paths["geojson"])):
+        assert back.crs.equals("EPSG:4326")
+        assert back["id"].tolist() == gdf["id"].tolist()
+        assert back["area_ha"].tolist() == pytest.approx(gdf["area_ha"].tolist())
+        assert pd.to_datetime(back["first_detected"]).tolist() == gdf["first_detected"].tolist()
+        assert back.geometry.iloc[0].equals_exact(gdf.geometry.iloc[0], tolerance=1e-9)
+
+
+def test_empty_result_writes_valid_files(tmp_path):
+    gdf = alerts_from_scores(as_da(scores()), CRS)
+    assert len(gdf) == 0 and gdf.crs.equals("EPSG:4326")
+    assert list(gdf.columns) == ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha",
+                                 "confidence", "geometry"]
+    paths = write_alerts(gdf, tmp_path)
+    assert json.loads(paths["geojson"].read_text())["features"] == []
+    assert len(gpd.read_file(paths["geojson"])) == 0
+    back = gpd.read_parquet(paths["parquet"])
+    assert len(back) == 0 and list(back.columns) == list(gdf.columns)
+    assert list(open_alerts(tmp_path).columns) == list(gdf.columns)
+
+
+BANDS = ["B02", "B03", "B04", "B08"]
+VEGETATION = [0.03, 0.06, 0.04, 0.35]
+AFTER = {  # (rows, cols) of the patch, reflectance after the change, expected guess
+    "flood": ((2, 10), [0.06, 0.08, 0.05, 0.03]),
+    "fire": ((15, 23), [0.03, 0.03, 0.03, 0.06]),
+    "clearcut": ((28, 36), [0.08, 0.10, 0.12, 0.22]),
+    "drought": ((2, 10, 28, 36), [0.03, 0.06, 0.06, 0.28]),
+}
+
+
+def test_type_guess_from_reflectance():
+    s = scores()
+    refl = np.broadcast_to(np.array(VEGETATION)[None, :, None, None], (T, 4, N, N)).copy()
+    for (rows, after) in AFTER.values():
+        r0, r1 = rows[:2]
+        c0, c1 = rows[2:] if len(rows) == 4 else (2, 10)
+        s[4:, r0:r1, c0:c1] = 8.0
+        refl[4:, :, r0:r1, c0:c1] = np.array(after)[None, :, None, None]
+    valid = np.ones((T, N, N), bool)
+    valid[5] = False  # a cloudy date does not matter
+    obs = xr.Dataset({"reflectance": (("time", "band", "y", "x"), refl), "valid": (("time", "y", "x"), valid)},
+                     coords={"time": TIMES, "band": BANDS, "y": Y, "x": X})
+    gdf = alerts_from_scores(as_da(s), CRS, obs=obs).to_crs(CRS)
+    assert len(gdf) == 4
+    for kind, (rows, _) in AFTER.items():
+        r0, r1 = rows[:2]
+        c0, c1 = rows[2:] if len(rows) == 4 else (2, 10)
+        hit = gdf[gdf.intersects(native_box(r0, r1, c0, c1).buffer(-1))]
+        assert hit["type_guess"].tolist() == [kind]
+
+
+def test_auroc_hand_values():
+    assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auroc([1, 1, 1, 1], [0, 1, 0, 1]) == 0.5
+    # positives {2, 4} vs negatives {1, 3, 2}: 1 + 0 + 0.5 + 3 = 4.5 of 6 pairs
+    assert auroc([1, 2, 3, 4, 2, np.nan, 9], [0, 1, 0, 1, 0, 1, -1]) == pytest.approx(0.75)
+    assert np.isnan(auroc([1, 2], [1, 1]))
+
+
+def events_gdf() -> gpd.GeoDataFrame:
+    rows = [  # id, type, start, end, anomaly, grid box
+        ("1", "clearcut", "2021-03-01", "2021-12-31", True, (0, 10, 0, 10)),
+        ("2", "flood", "2021-05-01", "2021-05-20", True, (0, 10, 20, 30)),
+        ("3", "mowing", "2021-06-01", "2021-06-01", False, (20, 30, 0, 10)),
+        ("4", "mowing", "2021-06-01", "2021-06-01", False, (20, 30, 20, 30)),
+    ]
+    gdf = gpd.GeoDataFrame(
+        {"id": [r[0] for r in rows], "type": [r[1] for r in rows], "start": pd.to_datetime([r[2] for r in rows]),
+         "end": pd.to_datetime([r[3] for r in rows]), "anomaly": [r[4] for r in rows]},
+        geometry=[native_box(*r[5]) for r in rows], crs=CRS).to_crs(4326)
+    gdf.attrs["crs"] = CRS
+    return gdf
+
+
+def test_alert_scores_precision_recall_delay_and_false_alarms():
+    alerts = gpd.GeoDataFrame(
+        {"id": list("abcde"),
+         "first_detected": pd.to_datetime(["2021-03-11", "2021-03-21", "2021-06-06", "2021-04-01", "2021-09-01"])},
+        geometry=[native_box(2, 5, 2, 5), native_box(4, 8, 4, 8),  # TP on the clearcut (twice)
+                  native_box(22, 25, 2, 5),  # on a mowed field: false alarm on normal change
+                  native_box(35, 38, 35, 38),  # nowhere
+                  native_box(2, 5, 22, 25)],  # on the flood but 100 days after it ended
+        crs=CRS).to_crs(4326)
+    r = alert_scores(alerts, events_gdf())
+    assert r["precision"] == pytest.approx(2 / 5) and r["recall"] == pytest.approx(1 / 2)
+    assert r["f1"] == pytest.approx(2 * 0.4 * 0.5 / 0.9)
+    assert r["median_detection_delay_days"] == pytest.approx(10.0)
+    assert r["recall_by_type"] == {"clearcut": 1.0, "flood": 0.0}
+    assert r["false_alarms_normal_change"] == {"count": 1, "events": 1, "rate": 0.5}
+    empty = alert_scores(alerts.iloc[:0], events_gdf())
+    assert empty["recall"] == 0.0 and np.isnan(empty["precision"])
+
+
+def test_load_events_patch_labels_and_masks(tmp_path):
+    path = tmp_path / "events.geojson"
+    ev = events_gdf()
+    ev["start"], ev["end"] = ev["start"].dt.strftime("%Y-%m-%d"), ev["end"].dt.strftime("%Y-%m-%d")
+    doc = json.loads(ev.to_json())
+    doc["geowm:crs"] = CRS
+    path.write_text(json.dumps(doc))
+    ev = load_events(path)
+    assert ev.attrs["crs"] == CRS and ev["anomaly"].tolist() == [True, True, False, False]
+    like = as_da(scores())[0]
+    masks = rasterize_events(ev, like)
+    assert [int(m.sum()) for m in masks.values()] == [100, 100, 100, 100]
+    times = pd.date_range("2021-02-19", periods=12, freq="10D")  # t2 = 2021-03-11 ...
+    lab = patch_labels(ev, times, Y, X)
+    assert lab.dtype == np.int8 and lab.dims == ("time", "y", "x")
+    clear = lab.values[:, 5, 5]  # clearcut from 2021-03-01: positive for 60 days, then excluded
+    assert clear.tolist() == [0, 1, 1, 1, 1, 1, 1, 1, -1, -1, -1, -1]
+    assert lab.values[:, 25, 5].tolist() == [0] * 11 + [-1]  # mowing on 2021-06-01, excluded for 30 days
+    assert (lab.values[:, 35, 35] == 0).all()
+
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.geojson"):
+        load_events(bad)
+    del doc["features"][0]["properties"]["anomaly"]
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="anomaly"):
+        load_events(bad)

@@ -1,0 +1,115 @@
+"""Anomaly scoring: surprise against the forecast made ``lead_days`` earlier, robust normalisation,
+the `geowm anomalies` command (alerts + score raster readable by plain geopandas/xarray) and bad input."""
+
+from __future__ import annotations
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import xarray as xr
+from typer.testing import CliRunner
+
+import geowm
+from geowm.anomaly import normalise, regional_residual, surprise
+from geowm.cli import app
+from geowm.forecast import forecast
+from geowm.forecast_store import write_forecasts
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def surp(synth_cube, tiny_run):
+    return surprise(str(synth_cube), str(tiny_run), start="2021-08-01", lead_days=20)
+
+
+def test_surprise_only_where_clear(surp, synth_cube):
+    s = surp["surprise"].values
+    assert surp["surprise"].dims == ("time", "py", "px")
+    assert np.isfinite(s).mean() > 0.2 and np.nanmin(s) >= -1e-5 and np.nanmax(s) <= 2 + 1e-5
+    cloudy = surp["clear_fraction"].values < 0.5  # a mostly cloudy patch is dropped, so it has no surprise
+    assert not np.isfinite(s[cloudy]).any()
+    cube = geowm.open_cube(synth_cube)
+    assert surp.time.values[0] >= np.datetime64("2021-08-01") and surp.time.values[-1] == cube.time.values[-1]
+
+
+def test_surprise_compares_with_the_forecast_made_lead_days_before(surp, synth_cube, tiny_run):
+    cube = geowm.open_cube(synth_cube).load()
+    t = surp.time.values[np.isfinite(surp["surprise"]).sum(("py", "px")).values.argmax()]
+    recent = (cube.time > t - np.timedelta64(20, "D")) & (cube.time < t)
+    assert bool(recent.any())
+    changed = cube.copy()
+    changed["reflectance"] = cube.reflectance.where(~recent, 0.5)  # what was seen within the lead changes
+    a = surprise(cube, str(tiny_run), start=t, end=t, lead_days=20)
+    b = surprise(changed, str(tiny_run), start=t, end=t, lead_days=20)
+    np.testing.assert_array_equal(a["surprise"].values, b["surprise"].values)
+    np.testing.assert_allclose(a["surprise"].values, surp["surprise"].sel(time=t).values[None], atol=1e-5)
+
+
+def test_normalise_against_own_history():
+    rng = np.random.default_rng(0)
+    times = np.datetime64("2021-01-01") + np.arange(0, 730, 5).astype("timedelta64[D]")
+    s = rng.gamma(2.0, 0.01, (len(times), 6, 6)) * np.linspace(1, 5, 6)[None, None, :]  # noisier columns
+    s[-1, 2, 2] += 0.5  # an anomaly at the last date
+    s[-1, 0, 5] += 0.05  # a small change where the patch is usually noisy
+    da = xr.DataArray(s, dims=("time", "py", "px"), coords={"time": times})
+    z = normalise(da).values
+    assert z[-1, 2, 2] > 10 and abs(z[-1, 0, 5]) < 6
+    assert np.nanmedian(np.abs(z[80:-1])) < 1.5  # ordinary dates are ordinary
+    shifted = da.copy()
+    shifted[-2] += 0.3  # a scene-wide shift (haze) is removed by the regional residual
+    assert np.nanmax(np.abs(regional_residual(shifted).values[-2] - regional_residual(da).values[-2])) < 1e-9
+
+
+def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
+    store = tmp_path / "fc"
+    write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10, 20), members=1), store)
+    out = tmp_path / "alerts"
+    res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out),
+                              "--history-days", "60"])
+    assert res.exit_code == 0, res.output
+    alerts = gpd.read_parquet(out / "alerts.parquet")
+    assert alerts.crs.to_epsg() == 4326
+    assert {"id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"} <= set(alerts)
+    gpd.read_file(out / "alerts.geojson")
+    scores = xr.open_zarr(out / "scores.zarr")
+    assert scores.score.dims == ("time", "y", "x") and scores.time.values[0] >= np.datetime64("2021-08-01")
+
+
+def test_cli_anomalies_bad_input(synth_cube, tiny_run, tmp_path):
+    cube = geowm.open_cube(synth_cube)
+    x0, y1 = float(cube.x[0]), float(cube.y[0])
+    store = tmp_path / "fc"
+    other = forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10,), members=1,
+                     bbox=(x0, y1 - 640, x0 + 640, y1))
+    other = other.assign_coords(x=other.x + 5.0)  # as if made on another cube's grid
+    write_forecasts(other, store)
+    out = tmp_path / "alerts"
+    res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out)])
+    assert res.exit_code == 2 and "another cube grid" in res.output.replace("\n", " ") and not out.exists()
+    res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(tmp_path / "nope"),
+                              "--out", str(out)])
+    assert res.exit_code == 2 and "no forecast store" in res.output and not out.exists()
+
+
+def test_readme_python_quickstart_runs(synth_cube, tiny_run, tmp_path):
+    """The README's quickstart for scientists, on the test cube, run, store and alerts."""
+    import re
+    from pathlib import Path
+
+    from geowm.alerts import empty_alerts, write_alerts
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Python quickstart\s+```python\n(.*?)```", readme, re.S).group(1)
+    store, alerts = tmp_path / "fc", tmp_path / "alerts"
+    write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10,), members=1), store)
+    write_alerts(empty_alerts(), alerts)
+    for a, b in (("demo/cube", synth_cube), ("demo/runs/tiny", tiny_run), ("demo/forecasts", store),
+                 ("demo/alerts", alerts)):
+        code = code.replace(f'"{a}"', repr(str(b)))
+    assert "demo/" not in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["fc"].ndvi.dims == ("init_time", "lead_time", "quantile", "y", "x")
+    hits = scope["geowm"].similar(scope["query"], k=3, among=scope["lat"])
+    assert len(hits) == 3 and (hits.score.diff().dropna() <= 1e-9).all() and {"time", "py", "px"} <= set(hits)

@@ -1,0 +1,125 @@
+"""Forecasts: the dataset contract, context only up to the init, the store (append, insert, replace,
+plain xarray), and bad input (another grid, init before the cube, leads not positive)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import geowm
+from geowm.cli import app
+from geowm.cube.store import tree_digest
+from geowm.forecast import ForecastError, forecast
+from geowm.forecast_store import ForecastStoreError, open_forecasts, write_forecasts
+
+runner = CliRunner()
+INIT = "2021-07-01"
+
+
+@pytest.fixture(scope="module")
+def fc(synth_cube, tiny_run):
+    return forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=3)
+
+
+def test_forecast_dataset_contract(fc, synth_cube, tiny_run):
+    cube = geowm.open_cube(synth_cube)
+    assert fc.ndvi.dims == ("init_time", "lead_time", "quantile", "y", "x")
+    assert fc.embedding.dims == ("init_time", "lead_time", "py", "px", "latent")
+    assert list(fc["quantile"].values) == [0.1, 0.5, 0.9]
+    assert (fc.lead_time.values.astype("timedelta64[D]").astype(int) == [5, 10, 30]).all()
+    assert (fc.valid_time.values[0] == np.datetime64(INIT) + fc.lead_time.values).all()
+    assert fc.sizes["y"] == cube.sizes["y"] and np.allclose(fc.x.values, cube.x.values)
+    for band in cube.band.values:
+        assert fc[str(band)].dims == fc.ndvi.dims
+    nd = fc.ndvi.values
+    assert np.isfinite(nd).mean() > 0.9 and np.nanmax(np.abs(nd)) <= 1
+    assert (nd[:, :, 0] <= nd[:, :, 1] + 1e-6).all() and (nd[:, :, 1] <= nd[:, :, 2] + 1e-6).all()
+    norms = np.linalg.norm(fc.embedding.values, axis=-1)
+    np.testing.assert_allclose(norms[np.isfinite(norms)], 1.0, atol=1e-4)
+    assert float(fc.latent_spread.max()) > 0  # the ensemble members differ
+    assert int(fc.n_context.max()) == 3  # frames - 1 of the run's window
+    assert fc.attrs["geowm:run_id"].startswith("tiny@") and len(fc.attrs["geowm:config_hash"]) == 16
+    assert fc.attrs["geowm:cube_snapshot"] == cube.attrs["geowm:snapshot"]
+    assert fc.spatial_ref.attrs["crs_wkt"] == cube.spatial_ref.attrs["crs_wkt"]
+
+
+def test_forecast_sees_nothing_after_the_init(fc, synth_cube, tiny_run):
+    cube = geowm.open_cube(synth_cube).load()
+    after = cube.time > np.datetime64(INIT)
+    cube["reflectance"] = cube.reflectance.where(~after, 0.9)  # the future looks completely different
+    again = forecast(cube, str(tiny_run), init=INIT, leads=(5, 10, 30), members=3)
+    np.testing.assert_array_equal(again.ndvi.values, fc.ndvi.values)
+    np.testing.assert_array_equal(again.embedding.values, fc.embedding.values)
+
+
+def test_store_append_insert_replace_and_plain_xarray(fc, synth_cube, tiny_run, tmp_path):
+    store = tmp_path / "fc"
+    write_forecasts(fc, store)
+    later = forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(5, 10, 30), members=1)
+    earlier = forecast(str(synth_cube), str(tiny_run), init="2021-06-01", leads=(5, 10, 30), members=1)
+    write_forecasts(later, store)
+    write_forecasts(earlier, store)  # older than the newest: inserted in order
+    ds = open_forecasts(store)
+    assert [str(t)[:10] for t in ds.init_time.values] == ["2021-06-01", "2021-07-01", "2021-08-01"]
+    np.testing.assert_array_equal(ds.ndvi.sel(init_time="2021-06-01").values, earlier.ndvi.values[0])
+    np.testing.assert_array_equal(ds.ndvi.sel(init_time="2021-07-01").values, fc.ndvi.values[0])
+    assert (ds.valid_time.values[:, 0].astype("datetime64[D]").astype(str) ==
+            ["2021-06-06", "2021-07-06", "2021-08-06"]).all()
+    # re-running an init replaces it (here with another ensemble size -> other quantiles)
+    redo = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=1)
+    write_forecasts(redo, store)
+    ds = open_forecasts(store)
+    assert ds.sizes["init_time"] == 3
+    np.testing.assert_array_equal(ds.ndvi.sel(init_time=INIT).values, redo.ndvi.values[0])
+    assert set(ds.attrs["geowm:cube_snapshots"]) == {"2021-06-01T00:00:00", "2021-07-01T00:00:00",
+                                                     "2021-08-01T00:00:00"}
+    code = ("import icechunk, xarray as xr; "
+            f"repo = icechunk.Repository.open(icechunk.local_filesystem_storage({str(store)!r})); "
+            "ds = xr.open_zarr(repo.readonly_session('main').store, consolidated=False); "
+            "print(dict(ds.sizes)['init_time'], ds.ndvi.dims, float(ds.ndvi.isel(init_time=0).mean()))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip().splitlines()[-1].startswith("3 ('init_time', 'lead_time', 'quantile', 'y', 'x')")
+
+
+def test_bad_input_leaves_the_store_alone(fc, synth_cube, tiny_run, tmp_path):
+    store = tmp_path / "fc"
+    write_forecasts(fc, store)
+    before = tree_digest(store)
+    cube = geowm.open_cube(synth_cube)
+    x0, y1 = float(cube.x[0]), float(cube.y[0])
+    other = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=1,
+                     bbox=(x0, y1 - 1000, x0 + 1000, y1))
+    with pytest.raises(ForecastStoreError, match="another grid"):
+        write_forecasts(other, store)
+    other_leads = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10), members=1)
+    with pytest.raises(ForecastStoreError, match="lead times"):
+        write_forecasts(other_leads, store)
+    with pytest.raises(ForecastError, match="before the cube starts"):
+        forecast(str(synth_cube), str(tiny_run), init="2019-01-01")
+    with pytest.raises(ForecastError, match="positive"):
+        forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(0, 10))
+    assert tree_digest(store) == before
+    for args, msg in ((["--init", "2019-01-01"], "before the cube starts"), (["--leads", "-5,10"], "positive"),
+                      (["--bbox", f"{x0},{y1 - 640},{x0 + 640},{y1}"], "another grid")):
+        res = runner.invoke(app, ["forecast", "--cube", str(synth_cube), "--model", str(tiny_run),
+                                  "--out", str(store), "--members", "1", *args])
+        assert res.exit_code == 2 and msg in res.output.replace("\n", " "), res.output
+    assert tree_digest(store) == before
+    fresh = tmp_path / "never"
+    res = runner.invoke(app, ["forecast", "--cube", str(synth_cube), "--model", str(tiny_run), "--out", str(fresh),
+                              "--init", "2019-01-01"])
+    assert res.exit_code == 2 and not fresh.exists()
+
+
+def test_cli_forecast_writes_the_store(synth_cube, tiny_run, tmp_path):
+    store = tmp_path / "fc"
+    res = runner.invoke(app, ["forecast", "--cube", str(synth_cube), "--model", str(tiny_run), "--out", str(store),
+                              "--init", INIT, "--leads", "10,20", "--members", "2"])
+    assert res.exit_code == 0, res.output
+    ds = open_forecasts(store)
+    assert ds.sizes["init_time"] == 1 and ds.sizes["lead_time"] == 2
+    assert str(ds.init_time.values[0])[:10] == INIT
