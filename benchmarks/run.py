@@ -24,7 +24,8 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step")  # run order; module benchmarks.bench_<name>
+# run order; module benchmarks.bench_<name>
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast")
 MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")

@@ -319,6 +319,41 @@ def anomalies(
               f"{paths['geojson']}, {paths['parquet']}, {out_dir / 'scores.zarr'}")
 
 
+@app.command()
+def evaluate(
+    cube: str = typer.Option(..., "--cube", help="Cube folder (or s3:// URL)."),
+    model: Path = typer.Option(..., "--model", help="Run directory of a trained model."),
+    events: Path = typer.Option(..., "--events", help="Ground-truth events GeoJSON (e.g. from geowm synth)."),
+    start: str = typer.Option(..., "--from", help="First date of the held-out period."),
+    leads: str = typer.Option("5,10,20,30", help="Lead times in days, comma-separated."),
+    init_every: float = typer.Option(30.0, help="Days between forecast inits in the held-out period."),
+    history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's history."),
+    out_json: Path | None = typer.Option(None, "--json", help="Write the report here (JSON)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
+    from geowm.cube.store import CubeError
+    from geowm.evaluate import evaluate as run_evaluate
+    from geowm.evaluate import table
+    from geowm.forecast import ForecastError
+    from geowm.inference import WorldModel
+    from geowm.train import RunError
+
+    try:
+        lead_days = [float(v) for v in leads.split(",") if v.strip()]
+        wm = WorldModel(model, device)
+        with _progress() as bar:
+            task = bar.add_task("evaluate", total=None)
+            report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
+                                  history_days=history_days,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (ForecastError, CubeError, RunError, ValueError) as exc:
+        _fail(exc)
+    if out_json:
+        out_json.write_text(json.dumps(report, indent=1, default=str))
+    out.print(table(report), highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -113,3 +113,26 @@ def test_readme_python_quickstart_runs(synth_cube, tiny_run, tmp_path):
     assert scope["fc"].ndvi.dims == ("init_time", "lead_time", "quantile", "y", "x")
     hits = scope["geowm"].similar(scope["query"], k=3, among=scope["lat"])
     assert len(hits) == 3 and (hits.score.diff().dropna() <= 1e-9).all() and {"time", "py", "px"} <= set(hits)
+
+
+def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny_run, tmp_path):
+    import json
+
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
+                              str(synth_region / "events.geojson"), "--from", "2021-08-01", "--leads", "10,20",
+                              "--init-every", "40", "--history-days", "60", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert set(rep["ndvi_forecast"]) == {"model", "persistence", "climatology", "harmonic"}
+    for method in rep["ndvi_forecast"].values():
+        assert method["10"]["n_pixels"] > 1000 and 0 < method["10"]["rmse"] < 1
+    n = {m: v["10"]["n_pixels"] for m, v in rep["ndvi_forecast"].items()}
+    assert len(set(n.values())) == 1  # like for like: the same pixels for every method
+    assert set(rep["anomaly_auroc"]) == {"model", "persistence", "climatology", "harmonic"}
+    assert rep["labels"]["positive"] > 0
+    assert all(0 <= v <= 1 for v in rep["anomaly_auroc"].values())
+    assert "precision" in rep["alerts"] and "NDVI forecast RMSE" in res.output
+    res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
+                              str(synth_region / "events.geojson"), "--from", "2030-01-01"])
+    assert res.exit_code == 2 and "must lie inside the cube" in res.output.replace("\n", " ")

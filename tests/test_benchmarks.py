@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast")
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
 MACHINE_KEYS = {"cpu", "cores", "ram_gib", "python", "platform", "versions", "git_commit"}
 
@@ -20,12 +20,12 @@ def smoke_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench_out")
     work = tmp_path_factory.mktemp("bench_work")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=150)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
-@pytest.mark.timeout(160)
+@pytest.mark.timeout(320)
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_result_json(smoke_results: Path, name: str) -> None:
     doc = json.loads((smoke_results / f"{name}.json").read_text())
@@ -44,7 +44,7 @@ def test_result_json(smoke_results: Path, name: str) -> None:
         assert t["metric"] in headline
 
 
-@pytest.mark.timeout(160)
+@pytest.mark.timeout(320)
 def test_readme(smoke_results: Path) -> None:
     readme = (smoke_results / "README.md").read_text()
     for name in BENCHMARKS:
@@ -55,7 +55,7 @@ def test_readme(smoke_results: Path) -> None:
     assert "Machine:" in readme
 
 
-@pytest.mark.timeout(160)
+@pytest.mark.timeout(320)
 def test_correctness_checks(smoke_results: Path) -> None:
     ingest = json.loads((smoke_results / "ingest.json").read_text())["results"]
     assert ingest["cubes_identical"] and ingest["bytes_match"]

@@ -1,0 +1,142 @@
+"""Held-out evaluation of the model against the baselines, like for like (``geowm evaluate``).
+
+* **NDVI forecasts**: inits at cube acquisitions from ``start`` on, every ``init_every_days``; each
+  method forecasts NDVI at ``init + lead``; scored on the clear pixels of the acquisition on that
+  day (leads whose valid day has no acquisition are skipped). Persistence uses everything up to the
+  init; climatology and harmonic regression are fitted on the history before ``start``.
+* **Anomaly scores**: per patch and clear acquisition after ``start``, the model's score
+  (:func:`geowm.anomaly.detect`) and each baseline's pixel score averaged over the patch's clear
+  pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`.
+* **Alerts**: the model's confirmed alerts against the events (precision, recall, F1, false alarms on
+  harvest/mowing, median detection delay).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from geowm.anomaly import detect
+from geowm.baselines import BASELINES, ndvi
+from geowm.forecast import _as_dataset, forecast, region
+from geowm.inference import WorldModel
+from geowm.metrics import alert_scores, auroc, load_events, patch_labels
+
+
+def _match(times: np.ndarray, t: np.datetime64, tol_days: float = 2.0) -> int | None:
+    d = np.abs((times - t).astype("timedelta64[s]").astype(np.float64)) / 86400.0
+    i = int(d.argmin())
+    return i if d[i] <= tol_days else None
+
+
+def _patch_mean(a: np.ndarray, p: int) -> np.ndarray:
+    T, H, W = a.shape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a[:, : H // p * p, : W // p * p].reshape(T, H // p, p, W // p, p), axis=(2, 4))
+
+
+def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
+             history_days: float = 365.0, bbox=None, members: int = 1, progress=None) -> dict:
+    """Scores of the model and of each baseline on the period after ``start``; see the module doc."""
+    wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    ds, name = _as_dataset(cube)
+    p = wm.cfg.patch
+    ds = region(ds, bbox, p)
+    start_t = np.datetime64(start, "s")
+    times = ds["time"].values.astype("datetime64[s]")
+    if start_t <= times[0] or start_t >= times[-1]:
+        raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
+    nd = ndvi(ds).load()
+    history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
+    fitted = {k: cls().fit(history) for k, cls in BASELINES.items() if k != "persistence"}
+
+    # ---- NDVI forecasts by lead
+    max_lead = np.timedelta64(int(max(leads) * 86400), "s")
+    inits, last = [], None
+    for t in times[(times >= start_t) & (times + max_lead <= times[-1])]:
+        if last is None or (t - last) >= np.timedelta64(int(init_every_days * 86400), "s"):
+            inits.append(t)
+            last = t
+    err: dict[str, dict[float, list]] = {m: {float(ld): [] for ld in leads} for m in ["model", *BASELINES]}
+    for n, init in enumerate(inits):
+        fc = forecast(ds, wm, init=init, leads=leads, members=members)
+        pers = BASELINES["persistence"]().fit(nd.sel(time=slice(None, init.astype("datetime64[ns]"))))
+        for j, ld in enumerate(leads):
+            k = _match(times, init + np.timedelta64(int(ld * 86400), "s"))
+            if k is None:
+                continue
+            obs = nd.isel(time=k).values
+            clear = np.isfinite(obs)
+            vt = [times[k]]
+            preds = {"model": fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values,
+                     "persistence": pers.forecast(init, vt).values[0]}
+            for key, b in fitted.items():
+                preds[key] = b.forecast(init, vt).values[0]
+            ok = clear & np.all([np.isfinite(v) for v in preds.values()], axis=0)
+            for m, v in preds.items():
+                err[m][float(ld)].append(v[ok] - obs[ok])
+        if progress:
+            progress(n + 1, len(inits) + 1)
+    forecast_scores = {}
+    for m, by_lead in err.items():
+        forecast_scores[m] = {}
+        for ld, parts in by_lead.items():
+            e = np.concatenate(parts) if parts else np.zeros(0)
+            forecast_scores[m][f"{ld:g}"] = {"rmse": float(np.sqrt((e ** 2).mean())) if len(e) else None,
+                                             "mae": float(np.abs(e).mean()) if len(e) else None,
+                                             "n_pixels": int(len(e))}
+
+    # ---- anomaly scores and alerts
+    scores, alerts = detect(ds, wm, start_t, history_days=history_days)
+    ev = load_events(events)
+    crs = ev.attrs.get("crs")
+    st = scores["time"].values
+    labels = patch_labels(ev, st, scores["py"].values, scores["px"].values, crs).values
+    obs = nd.sel(time=st)
+    auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
+    for key, cls in BASELINES.items():
+        b = cls().fit(history)
+        auc[key] = auroc(_patch_mean(b.score(obs).values, p).ravel(), labels.ravel())
+    if progress:
+        progress(len(inits) + 1, len(inits) + 1)
+    return {
+        "cube": name, "model_run": wm.run_id, "from": str(start_t), "inits": [str(t) for t in inits],
+        "ndvi_forecast": forecast_scores,
+        "anomaly_auroc": auc,
+        "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
+                   "excluded": int((labels == -1).sum())},
+        "alerts": _jsonable(alert_scores(alerts, ev)),
+        "n_alerts": int(len(alerts)),
+    }
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {str(k): _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (np.floating, float)):
+        return None if not np.isfinite(d) else float(d)
+    if isinstance(d, np.integer):
+        return int(d)
+    return d
+
+
+def table(report: dict) -> str:
+    """The report as a plain-text table (RMSE by lead, AUROC, alert scores)."""
+    fs = report["ndvi_forecast"]
+    leads = list(next(iter(fs.values())).keys())
+    lines = ["NDVI forecast RMSE by lead (days), clear pixels",
+             f"{'method':<12}" + "".join(f"{ld:>10}" for ld in leads)]
+    for m, by in fs.items():
+        cells = [f"{by[ld]['rmse']:>10.4f}" if by[ld]["rmse"] is not None else f"{'-':>10}" for ld in leads]
+        lines.append(f"{m:<12}" + "".join(cells))
+    lines.append("")
+    auc = report["anomaly_auroc"]
+    lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
+    a = report["alerts"]
+    lines.append(f"alerts: {report['n_alerts']}, precision {a.get('precision')}, recall {a.get('recall')}, "
+                 f"f1 {a.get('f1')}, median delay {a.get('median_detection_delay_days')} d, "
+                 f"false alarms on normal change {a.get('false_alarms_normal_change')}")
+    return "\n".join(lines)
+
