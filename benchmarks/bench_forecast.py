@@ -2,7 +2,7 @@
 
 Set-up (not timed): a synthetic region is generated and ingested, and a `tiny` model is trained for a
 few steps with its probes (throughput does not depend on how well it is trained). Timed, each in a
-fresh subprocess so its peak resident set is its own (``os.wait4``): ``geowm.forecast.forecast`` of
+fresh subprocess whose peak resident set (VmHWM) it reports itself: ``geowm.forecast.forecast`` of
 one init over the whole region (4 leads, 1 and 4 ensemble members), and ``geowm.anomaly.surprise``
 over the region's acquisitions (each scored patch-date is one encoder window + one prediction).
 km^2/s counts the region's area once per init (forecast) or once per scored acquisition (anomaly).
@@ -39,7 +39,8 @@ else:
     s = surprise(cube, run, start=arg)
     n = int(s.sizes["time"])
 t2 = time.perf_counter()
-print(json.dumps({"import_s": t1 - t0, "seconds": t2 - t1, "n": n}))
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(json.dumps({"import_s": t1 - t0, "seconds": t2 - t1, "n": n, "vmhwm_kib": hwm[0] if hwm else None}))
 """
 
 
@@ -51,7 +52,9 @@ def _child(args: list[str], log: Path) -> tuple[dict, int]:
     if os.waitstatus_to_exitcode(status) != 0:
         tail = (log / "child.err").read_text(errors="replace").strip().splitlines()[-3:]
         raise RuntimeError(f"subprocess failed: {' | '.join(tail)}")
-    return json.loads((log / "child.out").read_text().strip().splitlines()[-1]), int(usage.ru_maxrss) * 1024
+    r = json.loads((log / "child.out").read_text().strip().splitlines()[-1])
+    # the child's own peak (VmHWM of its address space): ru_maxrss would carry the parent's peak over exec
+    return r, int(r["vmhwm_kib"] or usage.ru_maxrss) * 1024
 
 
 def run(mode: str, workdir: Path) -> dict:
