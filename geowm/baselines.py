@@ -23,9 +23,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-# Red / NIR band names (Sentinel-2, Landsat 8/9, common names). Mirrors geowm.probes.RED_NIR, which is
-# not imported because geowm.probes pulls in torch and the model (seconds) for a table of names.
-RED_NIR = (("B04", "B08"), ("B4", "B5"), ("red", "nir"), ("RED", "NIR"))
+from geowm.bands import RED_NIR, ndvi_bands
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 DAYS_PER_YEAR = 365.25
 TimesLike = Sequence | np.ndarray | pd.DatetimeIndex | xr.DataArray
@@ -39,9 +38,10 @@ def ndvi(ds: xr.Dataset) -> xr.DataArray:
     Raises ValueError naming the bands present if no red/NIR pair is found.
     """
     bands = [str(b) for b in ds["band"].values]
-    pair = next(((r, n) for r, n in RED_NIR if r in bands and n in bands), None)
-    if pair is None:
+    idx = ndvi_bands(bands)
+    if idx is None:
         raise ValueError(f"NDVI needs a red and a near-infrared band (one of {RED_NIR}); cube has {bands}")
+    pair = (bands[idx[0]], bands[idx[1]])
     refl = ds["reflectance"]
     red, nir = refl.sel(band=pair[0], drop=True), refl.sel(band=pair[1], drop=True)
     denom = nir + red

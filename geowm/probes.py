@@ -22,18 +22,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from geowm.bands import ndvi_bands
 from geowm.data import CubeWindows
 from geowm.model import JEPA
-
-RED_NIR = (("B04", "B08"), ("B4", "B5"), ("red", "nir"), ("RED", "NIR"))
-
-
-def ndvi_bands(bands: list[str]) -> tuple[int, int] | None:
-    """Indexes of the red and near-infrared bands by name (Sentinel-2, Landsat 8/9, common names)."""
-    for red, nir in RED_NIR:
-        if red in bands and nir in bands:
-            return bands.index(red), bands.index(nir)
-    return None
 
 
 @torch.no_grad()
