@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from geowm.forecast import LOOKBACK_DAYS, TILE, _as_dataset, model_inputs, region
+from geowm.forecast import LOOKBACK_DAYS, TILE, _as_dataset, block_grid, model_inputs, region, tile_regions
 from geowm.inference import WorldModel
 
 LEAD_DAYS = 30.0  # each observation is compared with the forecast made this long before it
@@ -58,14 +58,13 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     Hp, Wp = H // p, W // p
     out = np.full((len(score_idx), Hp, Wp), np.nan, np.float32)
     clear = np.zeros((len(score_idx), Hp, Wp), np.float32)
-    tiles = [(y0, x0) for y0 in range(0, H, TILE) for x0 in range(0, W, TILE)]
-    for n, (y0, x0) in enumerate(tiles):
-        sub = ds[["reflectance", "valid"]].isel(time=need, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE)).load()
+    n_tiles = -(-H // TILE) * -(-W // TILE)
+    for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
         s, c = _surprise_tile(wm, sub, times[score_idx], lead_days, batch_size)
         out[:, y0 // p: y0 // p + s.shape[1], x0 // p: x0 // p + s.shape[2]] = s
         clear[:, y0 // p: y0 // p + s.shape[1], x0 // p: x0 // p + s.shape[2]] = c
         if progress:
-            progress(n + 1, len(tiles))
+            progress(n + 1, n_tiles)
     y, x = ds["y"].values, ds["x"].values
     res = xr.Dataset(
         {"surprise": (("time", "py", "px"), out), "clear_fraction": (("time", "py", "px"), clear)},
@@ -88,9 +87,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
     times = sub["time"].values.astype("datetime64[s]")
     refl = sub["reflectance"].sel(band=wm.bands).values.astype(np.float32)  # (T, C, H, W)
     valid = sub["valid"].values.astype(bool) & np.isfinite(refl).all(axis=1)
-    bh, bw = min(win.size, H) // p * p, min(win.size, W) // p * p
-    starts = lambda n, b: sorted({*range(0, n - b + 1, b), n - b})  # noqa: E731
-    blocks = [(by, bx) for by in starts(H, bh) for bx in starts(W, bw)]
+    bh, bw, blocks = block_grid(H, W, wm)
     frac = np.stack([valid[:, by: by + bh, bx: bx + bw].mean(axis=(1, 2)) for by, bx in blocks], 1)  # (T, nb)
     patch_clear = valid.reshape(len(times), H // p, p, W // p, p).mean(axis=(2, 4))
     out = np.full((len(score_times), H // p, W // p), np.nan, np.float32)

@@ -50,7 +50,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
     nd = ndvi(ds).load()
     history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
-    fitted = {k: cls().fit(history) for k, cls in BASELINES.items() if k != "persistence"}
+    fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
 
     # ---- NDVI forecasts by lead
     max_lead = np.timedelta64(int(max(leads) * 86400), "s")
@@ -73,7 +73,8 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
             preds = {"model": fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values,
                      "persistence": pers.forecast(init, vt).values[0]}
             for key, b in fitted.items():
-                preds[key] = b.forecast(init, vt).values[0]
+                if key != "persistence":
+                    preds[key] = b.forecast(init, vt).values[0]
             ok = clear & np.all([np.isfinite(v) for v in preds.values()], axis=0)
             for m, v in preds.items():
                 err[m][float(ld)].append(v[ok] - obs[ok])
@@ -96,8 +97,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     labels = patch_labels(ev, st, scores["py"].values, scores["px"].values, crs).values
     obs = nd.sel(time=st)
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
-    for key, cls in BASELINES.items():
-        b = cls().fit(history)
+    for key, b in fitted.items():
         auc[key] = auroc(_patch_mean(b.score(obs).values, p).ravel(), labels.ravel())
     if progress:
         progress(len(inits) + 1, len(inits) + 1)

@@ -75,31 +75,30 @@ def region(ds: xr.Dataset, bbox: Sequence[float] | None, patch: int) -> xr.Datas
     return ds.isel(y=slice(0, ny), x=slice(0, nx))
 
 
-def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64, n_context: int | None = None,
-           inclusive: bool = True) -> list[Block]:
-    """Cut the region into window-sized blocks and pick each block's context dates (on or before
-    ``before``, or strictly before it with ``inclusive=False``)."""
+def block_grid(H: int, W: int, wm: WorldModel) -> tuple[int, int, list[tuple[int, int]]]:
+    """Window-sized blocks covering an H x W px region: (block height, block width, top-left corners);
+    the last block of a row or column sits flush with the edge (it may overlap its neighbour)."""
     win, p = wm.window, wm.cfg.patch
-    n_context = n_context or win.frames - 1
-    H, W = ds.sizes["y"], ds.sizes["x"]
     bh, bw = min(win.size, H) // p * p, min(win.size, W) // p * p
+    starts = lambda n, b: sorted({*range(0, n - b + 1, b), n - b})  # noqa: E731
+    return bh, bw, [(y0, x0) for y0 in starts(H, bh) for x0 in starts(W, bw)]
+
+
+def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64) -> list[Block]:
+    """Cut the region into window-sized blocks and pick each block's context: its last ``frames - 1``
+    acquisitions on or before ``before`` (within the look-back) that are clear enough there."""
+    win = wm.window
+    bh, bw, corners = block_grid(ds.sizes["y"], ds.sizes["x"], wm)
     times = ds["time"].values.astype("datetime64[s]")
     end = np.datetime64(before, "s")
-    sel = (times <= end) if inclusive else (times < end)
-    sel &= times >= end - np.timedelta64(LOOKBACK_DAYS, "D")
-    t_cand = np.flatnonzero(sel)
-    starts = lambda n, b: sorted({*range(0, n - b + 1, b), n - b})  # noqa: E731  (last block flush with the edge)
+    t_cand = np.flatnonzero((times <= end) & (times >= end - np.timedelta64(LOOKBACK_DAYS, "D")))
+    if len(t_cand) == 0:
+        return [Block(y0, x0, bh, bw, np.zeros(0, np.int64)) for y0, x0 in corners]
+    valid = ds["valid"].isel(time=t_cand).values  # (T, H, W) bool
     out = []
-    if len(t_cand):
-        valid = ds["valid"].isel(time=t_cand).values  # (T, H, W) bool
-    for y0 in starts(H, bh):
-        for x0 in starts(W, bw):
-            if len(t_cand) == 0:
-                out.append(Block(y0, x0, bh, bw, np.zeros(0, np.int64)))
-                continue
-            frac = valid[:, y0: y0 + bh, x0: x0 + bw].mean(axis=(1, 2))
-            good = t_cand[frac >= win.min_frame_clear]
-            out.append(Block(y0, x0, bh, bw, good[-n_context:]))
+    for y0, x0 in corners:
+        frac = valid[:, y0: y0 + bh, x0: x0 + bw].mean(axis=(1, 2))
+        out.append(Block(y0, x0, bh, bw, t_cand[frac >= win.min_frame_clear][-(win.frames - 1):]))
     return out
 
 
@@ -213,11 +212,12 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     out_spread = np.full((K, Hp, Wp), np.nan, np.float32)
     out_nctx = np.zeros((Hp, Wp), np.int16)
     outs = (out_bands, out_ndvi, out_lat, out_spread, out_nctx)
-    tiles = list(tile_regions(ds, init_t))
-    for n, (ty, tx, sub) in enumerate(tiles):
+    back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(LOOKBACK_DAYS, "D")))
+    n_tiles = -(-H // TILE) * -(-W // TILE)
+    for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
         _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
         if progress:
-            progress(n + 1, len(tiles))
+            progress(n + 1, n_tiles)
     return _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
                     out_nctx, name, decode, members)
 
@@ -225,15 +225,12 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
 TILE = 256  # px: a region is processed one tile (all its dates in the look-back, in memory) at a time
 
 
-def tile_regions(ds: xr.Dataset, before: np.datetime64, tile: int = TILE):
-    """Yield (y0, x0, in-memory sub-dataset) per tile of the region, with the dates of the look-back."""
-    times = ds["time"].values.astype("datetime64[s]")
-    keep = np.flatnonzero((times <= np.datetime64(before, "s"))
-                          & (times >= np.datetime64(before, "s") - np.timedelta64(LOOKBACK_DAYS, "D")))
+def tile_regions(ds: xr.Dataset, t_index: np.ndarray, tile: int = TILE):
+    """Yield (y0, x0, in-memory sub-dataset) per tile of the region, at the cube dates ``t_index``."""
     H, W = ds.sizes["y"], ds.sizes["x"]
     for y0 in range(0, H, tile):
         for x0 in range(0, W, tile):
-            sub = ds[["reflectance", "valid"]].isel(time=keep, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile))
+            sub = ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile))
             yield y0, x0, sub.load()
 
 

@@ -104,7 +104,6 @@ def write_forecasts(fc: xr.Dataset, store: str | Path) -> str:
     fc.attrs = {k: v for k, v in fc.attrs.items() if k != "geowm:cube_snapshot"}
     with cube_lock(store):
         if not cube_exists(store):
-            Path(store).mkdir(parents=True, exist_ok=True) if "://" not in str(store) else None
             repo = icechunk.Repository.create(storage_for(store))
             session = repo.writable_session("main")
             fc.attrs["geowm:cube_snapshots"] = snaps

@@ -105,10 +105,7 @@ class WorldModel:
         if ny == 0 or nx == 0:
             raise ValueError(f"input of {ds.sizes['y']} x {ds.sizes['x']} px is smaller than one {p} px patch")
         ds = ds.isel(y=slice(0, ny), x=slice(0, nx)).sel(band=self.bands)
-        refl = ds["reflectance"].values.astype(np.float32)  # (T, C, H, W)
-        valid = ds["valid"].values.astype(bool) & np.isfinite(refl).all(axis=1)
-        norm = (refl - self.mean[:, None, None]) / self.std[:, None, None]
-        norm = np.where(valid[:, None], norm, 0.0).astype(np.float32)
+        norm, valid = self.normalise(ds["reflectance"].values.astype(np.float32), ds["valid"].values)  # (T, C, H, W)
         times = ds["time"].values.astype("datetime64[s]")
         days = ((times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None].to(self.device)  # noqa: E731
