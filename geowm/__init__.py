@@ -13,8 +13,8 @@ try:
 except PackageNotFoundError:  # running from a source tree without install
     __version__ = "0.0.0+unknown"
 
-from geowm.api import decode, forecast, open_alerts, open_cube, open_forecasts, similar  # noqa: E402
+from geowm.api import decode, forecast, open_alerts, open_cube, open_forecasts, open_scores, similar  # noqa: E402
 from geowm.inference import WorldModel, load_model  # noqa: E402
 
-__all__ = ["open_cube", "open_forecasts", "open_alerts", "load_model", "forecast", "similar", "decode",
+__all__ = ["open_cube", "open_forecasts", "open_alerts", "open_scores", "load_model", "forecast", "similar", "decode",
            "WorldModel", "__version__"]

@@ -228,3 +228,19 @@ def write_scores(scores: xr.Dataset, path) -> None:
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def open_scores(path) -> xr.Dataset:
+    """The anomaly score raster written by ``geowm anomalies`` (``scores.zarr`` or the alerts folder holding it).
+
+    Returns a Dataset on the patch grid: ``score`` (robust z, unitless), ``surprise`` (latent distance)
+    and ``clear_fraction`` (0..1), each ``(time, y, x)`` with ``y, x`` patch centres in the cube CRS.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir() and (path / "scores.zarr").is_dir():
+        path = path / "scores.zarr"
+    if not path.is_dir():
+        raise FileNotFoundError(f"no score raster at {path}")
+    return xr.open_zarr(path, consolidated=True)

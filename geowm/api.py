@@ -7,6 +7,7 @@
     fc = geowm.forecast(cube, wm, bbox=(x0, y0, x1, y1), init="2022-07-01", leads=[10, 20])
     fcs = geowm.open_forecasts("demo/forecasts")           # the forecast store, lazily
     alerts = geowm.open_alerts("demo/alerts")              # GeoDataFrame, EPSG:4326
+    scores = geowm.open_scores("demo/alerts")              # anomaly scores (time, y, x) on the patch grid
     hits = geowm.similar(lat.isel(time=-1, py=3, px=4), k=5, among=lat)
 """
 
@@ -17,12 +18,13 @@ import pandas as pd
 import xarray as xr
 
 from geowm.alerts import open_alerts
+from geowm.anomaly import open_scores
 from geowm.cube.store import open_cube
 from geowm.forecast import forecast
 from geowm.forecast_store import open_forecasts
 from geowm.inference import WorldModel, load_model
 
-__all__ = ["open_cube", "open_forecasts", "open_alerts", "load_model", "forecast", "similar", "decode"]
+__all__ = ["open_cube", "open_forecasts", "open_alerts", "open_scores", "load_model", "forecast", "similar", "decode"]
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
