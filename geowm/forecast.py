@@ -10,9 +10,10 @@ makes one direct prediction per valid time (no rollout). The ensemble: member 0 
 context, the others drop a random quarter of its dates, so p10/p50/p90 and the latent spread show how
 much the forecast depends on which scenes were seen.
 
-Decoding ("delta" mode, the default): the probes map latents to bands and NDVI; a pixel's forecast is
-its last clear observed value plus the decoded *change* between the last observed latent of its patch
-and the forecast latent, so the probe's per-place bias cancels. Pixels without a clear observation
+Decoding ("delta" mode, the default): a pixel's forecast is its last clear observed value plus the
+*change* from the last observed latent of its patch to the forecast latent, read by the run's change
+decoder (a probe fitted on the predictor's own outputs, :mod:`geowm.probes`; for runs without one, the
+difference of the two decoded latents), so the probe's per-place bias cancels. Pixels without a clear observation
 on their patch's last observed date take the decoded forecast as is ("absolute" mode everywhere).
 """
 
@@ -279,15 +280,24 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
         pix = _patches_to_pixels(np.moveaxis(pix.reshape(M, K, hp, wp, C, p, p), 4, 2), p)  # M K C h w
         nd = None if nd is None else _patches_to_pixels(nd.reshape(M, K, hp, wp, p, p), p)  # M K h w
         if decode == "delta":
-            pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn)
+            change = wm.decode_change(z, np.broadcast_to(anchors[i][0], z.shape))
+            if change is not None:
+                dpix = None if change[0] is None else \
+                    _patches_to_pixels(np.moveaxis(change[0].reshape(M, K, hp, wp, C, p, p), 4, 2), p)
+                dnd = None if change[1] is None else _patches_to_pixels(change[1].reshape(M, K, hp, wp, p, p), p)
+                change = (dpix, dnd)
+            pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn, change)
         ys, xs = slice(ty + b.y0, ty + b.y0 + b.h), slice(tx + b.x0, tx + b.x0 + b.w)
         out_bands[:, :, :, ys, xs] = np.moveaxis(np.quantile(pix, QUANTILES, axis=0), 0, 2).transpose(1, 0, 2, 3, 4)
         if nd is not None:
             out_ndvi[:, :, ys, xs] = np.moveaxis(np.quantile(nd, QUANTILES, axis=0), 0, 1)
 
 
-def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.ndarray | None, rn) -> tuple:
-    """Last clear observation + decoded change since the patch's last observed latent (see module doc)."""
+def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.ndarray | None, rn,
+           change: tuple | None = None) -> tuple:
+    """Last clear observation + change since the patch's last observed latent (see module doc): the run's change
+    decoder's output ``change`` (pixels M K C h w, NDVI M K h w) when it has one, else the difference of the
+    decoded latents."""
     refl, valid, _ = blk
     z_obs, slot, has = anchor
     p = wm.cfg.patch
@@ -296,15 +306,25 @@ def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.nd
     base_pix = _patches_to_pixels(np.moveaxis(base_pix.reshape(hp, wp, -1, p, p), 2, 0), p)  # C h w
     slot_px = np.repeat(np.repeat(slot, p, 0), p, 1)  # h w
     has_px = np.repeat(np.repeat(has, p, 0), p, 1)
-    t_px = np.maximum(slot_px, 0) * wm.cfg.t_frames
+    # the newest clear frame of the patch's last observed tubelet (a tubelet spans t_frames dates)
+    tf, T = wm.cfg.t_frames, refl.shape[0]
+    first = np.maximum(slot_px, 0) * tf
+    t_px = first.copy()
+    for off in range(1, tf):
+        f = np.minimum(first + off, T - 1)
+        clear = np.take_along_axis(valid, f[None], axis=0)[0] & np.isfinite(
+            np.take_along_axis(refl, f[None, None], axis=0)[0]).all(axis=0)
+        t_px = np.where(clear & (first + off < T), f, t_px)
     obs = np.take_along_axis(refl, t_px[None, None], axis=0)[0]  # C h w
     obs_ok = np.take_along_axis(valid, t_px[None], axis=0)[0] & has_px & np.isfinite(obs).all(axis=0)
-    pix = np.where(obs_ok, obs + (pix - base_pix), pix)
+    d_pix = change[0] if change is not None and change[0] is not None else pix - base_pix
+    pix = np.where(obs_ok, obs + d_pix, pix)
     if nd is not None and rn is not None:
         base_nd = _patches_to_pixels(base_nd.reshape(hp, wp, p, p), p)
+        d_nd = change[1] if change is not None and change[1] is not None else nd - base_nd
         red, nir = obs[rn[0]], obs[rn[1]]
         obs_nd = (nir - red) / np.maximum(nir + red, 1e-6)
-        nd = np.clip(np.where(obs_ok, obs_nd + (nd - base_nd), nd), -1, 1)
+        nd = np.clip(np.where(obs_ok, obs_nd + d_nd, nd), -1, 1)
     return pix, nd
 
 

@@ -7,7 +7,12 @@ after training on tokens of training windows and scored on tokens of held-out wi
   normalised pixel values of its patch (C x p x p) and to its per-pixel NDVI (p x p);
 * **land cover**: multinomial logistic regression from the latent to the patch's majority class,
   compared with the same classifier on the raw pixels of the same patch and date (the baseline a
-  representation must beat).
+  representation must beat);
+* **change decoder** (for forecasts): ridge regression from a patch's forecast latent and its last
+  observed latent to the change of its pixels and NDVI between the last clear context date and the
+  target date, fitted on the predictor's own outputs (context = the first dates of a training window,
+  target = its last date, so gaps span one to several revisits). A forecast is then the last clear
+  observation plus this change; scored against "no change" (persistence) on held-out windows.
 
 Saved in the run directory as ``probes.safetensors`` (weights) and ``probes.json`` (scores, band and
 class names).
@@ -69,6 +74,53 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
+@torch.no_grad()
+def change_features(model: JEPA, ds: CubeWindows, windows: list[int], device: torch.device, batch_size: int = 8,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Per target patch: ``feature`` (n, 2 dim) = [forecast latent, last observed context latent] and the change
+    from the patch's last observed context date to the target date of its normalised pixels (n, C p p) and
+    NDVI (n, p p, if red/NIR are known). Context: the first 2..T-1 tubelets of a window (drawn per batch);
+    target: its last tubelet. Only patches fully clear on both dates count."""
+    p, tf = model.cfg.patch, model.cfg.t_frames
+    mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
+    rn = ndvi_bands(ds.reader.bands)
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {"feature": [], "pixels": [], "ndvi": [], "gap_days": []}
+    for b0 in range(0, len(windows), batch_size):
+        items = [ds[i] for i in windows[b0: b0 + batch_size]]
+        batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("pixels", "valid", "days", "doy")}
+        B, T, C, H, W = batch["pixels"].shape
+        Tt, Hp, Wp = T // tf, H // p, W // p
+        n_ctx = int(rng.integers(2, Tt)) * tf
+        ctx = {k: v[:, :n_ctx] for k, v in batch.items()}
+        lat, ok, _ = model.encode(ctx["pixels"], ctx["valid"], ctx["days"], ctx["doy"])
+        tgt = (Tt - 1) * tf
+        pred = model.predict(ctx, batch["days"][:, tgt: tgt + 1], batch["doy"][:, tgt: tgt + 1])[:, 0].float()
+        slot = torch.where(ok, torch.arange(ok.shape[1], device=ok.device)[None, :, None, None], -1).amax(1)
+        has = slot >= 0
+        idx = slot.clamp(min=0)
+        last = torch.gather(lat.float(), 1, idx[:, None, :, :, None].expand(-1, 1, -1, -1, lat.shape[-1]))[:, 0]
+        pix = batch["pixels"].reshape(B, T, C, Hp, p, Wp, p).permute(0, 1, 3, 5, 2, 4, 6)  # B T Hp Wp C p p
+        pv = batch["valid"].reshape(B, T, Hp, p, Wp, p).permute(0, 1, 2, 4, 3, 5).float().mean(dim=(-1, -2))
+        frame = idx * tf  # the anchor: first frame of the last observed tubelet, per patch
+        anc_pix = torch.gather(pix, 1, frame[:, None, :, :, None, None, None].expand(-1, 1, -1, -1, C, p, p))[:, 0]
+        anc_ok = torch.gather(pv, 1, frame[:, None])[:, 0] > 0.99
+        keep = has & anc_ok & (pv[:, tgt] > 0.99)
+        anc_day = torch.gather(batch["days"], 1, frame.reshape(B, -1)).reshape(B, Hp, Wp)
+        gap = batch["days"][:, tgt, None, None] - anc_day
+        out["feature"].append(torch.cat([pred, last], -1)[keep].cpu().numpy())
+        a, b = anc_pix[keep].cpu().numpy(), pix[:, tgt][keep].cpu().numpy()  # n C p p (normalised)
+        out["pixels"].append((b - a).reshape(len(a), -1))
+        out["gap_days"].append(gap[keep].cpu().numpy())
+        if rn is not None:
+            def nd(x):
+                phys = x * std[None, :, None, None] + mean[None, :, None, None]
+                red, nir = phys[:, rn[0]], phys[:, rn[1]]
+                return ((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(x), -1)
+            out["ndvi"].append(nd(b) - nd(a))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
     """Closed-form ridge regression with intercept: returns (W (d, k), b (k,))."""
     xm, ym = x.mean(0), y.mean(0)
@@ -126,6 +178,22 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
         pred = te["latent"] @ w + b
         scores["decoder_ndvi_r2"] = r2(te["ndvi"], pred)
         scores["decoder_ndvi_rmse"] = float(np.sqrt(((te["ndvi"] - pred) ** 2).mean()))
+    pick4 = lambda ds: sorted(rng.choice(len(ds), min(4 * n_windows, len(ds)), replace=False).tolist())  # noqa: E731
+    trc = change_features(model, train_ds, pick4(train_ds), device, seed=seed)
+    tec = change_features(model, test_ds, pick4(test_ds), device, seed=seed + 1)
+    scores["n_change_train_tokens"], scores["n_change_test_tokens"] = len(trc["feature"]), len(tec["feature"])
+    if len(trc["feature"]) > 2 * trc["feature"].shape[1] and len(tec["feature"]):
+        for key in ("pixels", "ndvi"):
+            if key not in trc:
+                continue
+            w, b = ridge(trc["feature"], trc[key], alpha=0.1)
+            pred = tec["feature"] @ w + b
+            rmse, rmse0 = float(np.sqrt(((tec[key] - pred) ** 2).mean())), float(np.sqrt((tec[key] ** 2).mean()))
+            scores[f"change_{key}_rmse"], scores[f"change_{key}_rmse_no_change"] = rmse, rmse0  # no change: persistence
+            scores[f"change_{key}_used"] = rmse < rmse0  # kept only where it beats persistence on held-out windows
+            if rmse < rmse0:
+                tensors.update({f"change_{key}_w": torch.from_numpy(w), f"change_{key}_b": torch.from_numpy(b)})
+        scores["change_gap_days_median"] = float(np.median(tec["gap_days"]))
     if landcover is not None and "landcover" in tr:
         n_classes = int(max(tr["landcover"].max(), te["landcover"].max())) + 1
         for name, key in (("latent", "latent"), ("raw_pixels", "pixels")):

@@ -123,3 +123,30 @@ def test_cli_forecast_writes_the_store(synth_cube, tiny_run, tmp_path):
     ds = open_forecasts(store)
     assert ds.sizes["init_time"] == 1 and ds.sizes["lead_time"] == 2
     assert str(ds.init_time.values[0])[:10] == INIT
+
+
+def test_change_decoder_adds_its_change_to_the_last_clear_observation(synth_cube, tiny_run):
+    """Delta decoding with a change decoder: forecast = last clear observation + decoded change. With a decoder
+    that says "no change" the forecast is persistence; one that says +0.1 NDVI moves it by exactly 0.1."""
+    import torch
+
+    from geowm.baselines import Persistence, ndvi
+    from geowm.inference import WorldModel
+
+    wm = WorldModel(tiny_run, "cpu")
+    D, p, C = wm.cfg.dim, wm.cfg.patch, len(wm.bands)
+    base = {k: v for k, v in wm.probes.items() if not k.startswith("change_")}
+
+    def with_change(c: float):
+        wm.probes = {**base, "change_ndvi_w": torch.zeros(2 * D, p * p), "change_ndvi_b": torch.full((p * p,), c),
+                     "change_pixels_w": torch.zeros(2 * D, C * p * p), "change_pixels_b": torch.zeros(C * p * p)}
+        return forecast(str(synth_cube), wm, init=INIT, leads=(10,), members=1).ndvi.sel(quantile=0.5).values[0, 0]
+
+    still, up = with_change(0.0), with_change(0.1)
+    cube = geowm.open_cube(synth_cube)
+    pers = Persistence().fit(ndvi(cube).sel(time=slice(None, INIT)).load()).forecast(
+        INIT, [np.datetime64(INIT) + np.timedelta64(10, "D")]).values[0]
+    same = np.isclose(still, pers, atol=1e-4)
+    assert same.mean() > 0.5, same.mean()  # most pixels: anchored on their last clear observation
+    inner = same & (np.abs(still) < 0.85)
+    np.testing.assert_allclose(up[inner] - still[inner], 0.1, atol=1e-4)

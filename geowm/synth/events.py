@@ -122,7 +122,7 @@ def plan_events(land: Landscape, weather: Weather, acq_days: np.ndarray, first: 
     events: list[Event] = []
     span = last - first
 
-    def when(lo_frac: float = 0.2, hi_frac: float = 0.7, summer: bool = False) -> int:
+    def when(lo_frac: float = 0.15, hi_frac: float = 0.85, summer: bool = False) -> int:
         lo, hi = first + int(lo_frac * span), first + max(int(hi_frac * span), int(lo_frac * span) + 1)
         if summer:
             days = np.arange(lo, hi)
@@ -217,7 +217,7 @@ def _flood(rng: np.random.Generator, land: Landscape, weather: Weather, acq_days
     if local.sum() < 20:
         return None
     span = last - first
-    cands = [i for i, d in enumerate(acq_days) if first + 0.1 * span <= d <= last - 0.15 * span
+    cands = [i for i, d in enumerate(acq_days) if first + 0.1 * span <= d <= last - 0.1 * span
              and not any(a - 20 <= d <= b + 20 for a, b in weather.droughts) and i not in taken]
     if not cands:
         return None
