@@ -7,7 +7,7 @@ DEMO   ?= demo
 # torch: the CPU wheel on CPU machines (never an unpinned torch, which pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench bench-quick lint clean
+.PHONY: install demo test bench bench-quick lint clean serve prefect-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ demo: $(STAMP)
 	@echo "STAC catalog (catalog/catalog.json), trained tiny model with probes and held-out scores (runs/tiny/eval.json),"
 	@echo "forecast store (forecasts/), alerts (alerts/alerts.geojson, alerts.parquet) and score raster (alerts/scores.zarr)."
 	@echo "Python: import geowm; geowm.open_forecasts('$(DEMO)/forecasts'); geowm.open_alerts('$(DEMO)/alerts')"
-	@echo "Dashboard: not built yet (issue 6)."
+	@echo "Dashboard: $(VENV)/bin/geowm dashboard --workdir $(DEMO)   (then open http://127.0.0.1:8501)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -43,7 +43,25 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check geowm catalog tests benchmarks
+	$(VENV)/bin/ruff check geowm catalog flows tests benchmarks
+
+# The living demo (infra/README.md): a local Prefect server (SQLite in live/prefect), then `make serve`
+# in a second terminal: the simulator releases 5 more days of a synthetic record each minute and the
+# scheduled pipeline ingests, forecasts and raises alerts (`geowm dashboard --workdir live` shows them).
+LIVE ?= live
+prefect-server: $(STAMP)
+	mkdir -p $(LIVE)/prefect
+	PREFECT_HOME=$(CURDIR)/$(LIVE)/prefect $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+serve: $(STAMP)
+	test -f $(LIVE)/watched.clock.json || $(VENV)/bin/geowm simulate $(LIVE)/watched --archive $(LIVE)/archive \
+	  --size 256 --seed 7 --until 2021-06-30
+	test -d $(LIVE)/cube || $(VENV)/bin/geowm ingest $(LIVE)/watched --cube $(LIVE)/cube
+	test -f $(LIVE)/runs/tiny/eval.json || { rm -rf $(LIVE)/runs/tiny && $(VENV)/bin/geowm train --cube $(LIVE)/cube \
+	  --out $(LIVE)/runs/tiny --preset tiny --steps 400 --train-until 2021-06-30; }
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} $(VENV)/bin/geowm serve --source $(LIVE)/watched \
+	  --cube $(LIVE)/cube --model $(LIVE)/runs/tiny --forecasts $(LIVE)/forecasts --alerts $(LIVE)/alerts \
+	  --simulate-archive $(LIVE)/archive --simulate-days 5 --interval 60
 
 clean:
-	rm -rf $(DEMO) benchmarks/work .pytest_cache
+	rm -rf $(DEMO) $(LIVE) benchmarks/work .pytest_cache

@@ -354,6 +354,93 @@ def evaluate(
     out.print(table(report), highlight=False)
 
 
+@app.command()
+def serve(
+    source: str = typer.Option(..., "--source", help="Watched folder of GeoTIFFs, or STAC catalog/collection JSON."),
+    cube: str = typer.Option(..., "--cube", help="Cube the new scenes are ingested into."),
+    model: str = typer.Option(..., "--model", help="Run directory of a trained model."),
+    store: str = typer.Option(..., "--forecasts", help="Forecast store."),
+    alerts: str = typer.Option(..., "--alerts", help="Alerts folder (alerts.geojson/.parquet, scores.zarr)."),
+    state_dir: str | None = typer.Option(None, help="Ledger and task results (default: 'pipeline' beside the cube)."),
+    catalog: str | None = typer.Option(None, help="STAC catalog folder (default: 'catalog' beside the cube)."),
+    interval: float | None = typer.Option(None, help="Pipeline schedule: every N seconds (default 3600)."),
+    cron: str | None = typer.Option(None, help="Pipeline schedule: a cron expression instead, e.g. '0 6 * * *'."),
+    leads: str = typer.Option("5,10,20,30", help="Forecast lead times in days, comma-separated."),
+    members: int = typer.Option(4, help="Forecast ensemble members."),
+    history_days: float = typer.Option(365.0, help="Days before the new acquisitions scored as history."),
+    threshold: float = typer.Option(4.0, help="Score that starts an alert candidate."),
+    confirm_threshold: float = typer.Option(3.0, help="Score a second clear observation needs to confirm it."),
+    tile_px: int | None = typer.Option(None, help="Forecast tile size in px (default: the cube's tile size)."),
+    simulate_archive: str | None = typer.Option(None, help="Also serve the new-scenes simulator: replay this "
+                                                             "synthetic archive into --source on the same schedule."),
+    simulate_days: float = typer.Option(5.0, help="Simulated days released per simulator tick."),
+) -> None:
+    """Serve the Prefect deployments (scheduled pipeline; ingest, forecast, train on demand) against
+    PREFECT_API_URL (default http://127.0.0.1:4200/api: `prefect server start --host 127.0.0.1`)."""
+    from flows.serve import ApiUnreachable, ServeConfig
+    from flows.serve import serve as run_serve
+
+    if interval is None and cron is None:
+        interval = 3600.0
+    try:
+        lead_days = [float(v) for v in leads.split(",") if v.strip()]
+    except ValueError:
+        _fail(ValueError(f"--leads {leads!r}: expected comma-separated numbers of days"))
+    cfg = ServeConfig(source=source, cube=cube, model=model, store=store, alerts=alerts, state_dir=state_dir,
+                      catalog=catalog, interval_s=interval, cron=cron, simulate_archive=simulate_archive,
+                      simulate_days=simulate_days,
+                      pipeline=dict(leads=lead_days, members=members, history_days=history_days, threshold=threshold,
+                                    confirm_threshold=confirm_threshold,
+                                    **({"tile_px": tile_px} if tile_px else {})))
+    try:
+        run_serve(cfg)
+    except (ApiUnreachable, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def simulate(
+    watched: Path = typer.Argument(..., help="Watched folder the new scenes appear in."),
+    archive: Path = typer.Option(..., "--archive", help="Synthetic archive to replay (generated here if new)."),
+    until: str | None = typer.Option(None, help="Set the simulated today to this date (YYYY-MM-DD)."),
+    days: float | None = typer.Option(None, help="Or move the simulated today forward by N days."),
+    stac: bool = typer.Option(False, "--stac", help="Also keep a STAC collection (WATCHED/stac/collection.json)."),
+    size: int = typer.Option(256, help="New archive: region size in px."),
+    start: str = typer.Option("2021-01-01", help="New archive: first acquisition date."),
+    end: str = typer.Option("2021-12-31", help="New archive: last possible acquisition date."),
+    seed: int = typer.Option(0, help="New archive: random seed."),
+) -> None:
+    """New scenes arrive: replay a deterministic synthetic record into a watched folder, day by day."""
+    from flows.simulator import SimulatorError, advance, make_archive
+
+    try:
+        make_archive(archive, size=size, start=start, end=end, seed=seed)
+        report = advance(archive, watched, days=days, until=until, stac=stac)
+    except (SimulatorError, ValueError) as exc:
+        _fail(exc)
+    out.print_json(json.dumps(report))
+
+
+@app.command()
+def dashboard(
+    workdir: Path = typer.Option(Path("."), "--workdir", help="Folder with cube/, forecasts/, alerts/ (e.g. demo)."),
+    port: int = typer.Option(8501, help="Port to serve on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (default: this machine only)."),
+) -> None:
+    """Open the analysts' dashboard (Streamlit) on a workdir: map of alerts, series, table, system panel."""
+    import os
+
+    if not workdir.is_dir():
+        _fail(ValueError(f"--workdir {workdir}: no such folder"))
+    launch = Path(__file__).resolve().parent.parent / "dashboard" / "launch.py"  # installed beside geowm
+    if not launch.is_file():
+        _fail(ValueError(f"{launch}: the dashboard package is not installed beside geowm"))
+    err.print(f"dashboard for {workdir.resolve()} on http://{host}:{port}  (Ctrl+C stops it)")
+    cmd = [sys.executable, str(launch), "--workdir", str(workdir.resolve()), "--port", str(port), "--host", host]
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

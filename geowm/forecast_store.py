@@ -28,6 +28,9 @@ from geowm.cube.store import cube_exists, cube_lock, storage_for
 
 FORMAT = "geowm-forecast/1"
 PROVENANCE = ("geowm:run_id", "geowm:config_hash")
+# fixed units: inferred ones ("days since <first init>") cannot hold a later init at another time of day
+TIME_ENCODING = {name: {"units": "seconds since 1970-01-01T00:00:00", "calendar": "proleptic_gregorian",
+                        "dtype": "int64"} for name in ("init_time", "valid_time")}
 
 
 class ForecastStoreError(ValueError):
@@ -107,7 +110,7 @@ def write_forecasts(fc: xr.Dataset, store: str | Path) -> str:
             repo = icechunk.Repository.create(storage_for(store))
             session = repo.writable_session("main")
             fc.attrs["geowm:cube_snapshots"] = snaps
-            fc.to_zarr(session.store, mode="w", consolidated=False, encoding=_chunks(fc))
+            fc.to_zarr(session.store, mode="w", consolidated=False, encoding={**_chunks(fc), **TIME_ENCODING})
             return session.commit(f"forecast init {key}")
         old = open_forecasts(store)
         _check_compatible(str(store), old, fc)

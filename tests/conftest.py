@@ -84,3 +84,42 @@ def tiny_run(synth_cube, tmp_path_factory) -> Path:
     train(str(synth_cube), run, cfg)
     evaluate_run(run, n_windows=4)
     return run
+
+
+@pytest.fixture(scope="session")
+def dashboard_workdir(synth_cube, tiny_run, tmp_path_factory) -> Path:
+    """A dashboard workdir laid out as ``make demo`` writes it (``cube/``, ``forecasts/``, ``alerts/``), from the
+    session fixtures: forecasts of two inits, anomaly scores and confirmed alerts from 2021-10-01.
+
+    The alerts are what ``geowm.anomaly.detect`` confirms (no test data stands in for them).
+    """
+    import shutil
+
+    from geowm.alerts import write_alerts
+    from geowm.anomaly import detect, write_scores
+    from geowm.forecast import forecast
+    from geowm.forecast_store import write_forecasts
+
+    wd = tmp_path_factory.mktemp("dashboard") / "workdir"
+    shutil.copytree(synth_cube, wd / "cube")
+    for init in ("2021-08-01", "2021-09-01"):
+        write_forecasts(forecast(str(wd / "cube"), str(tiny_run), init=init, leads=(10, 20, 30), members=2),
+                        wd / "forecasts")
+    scores, alerts = detect(str(wd / "cube"), str(tiny_run), "2021-10-01", history_days=60)
+    assert len(alerts) >= 3, f"the session model confirmed only {len(alerts)} alert(s); the UI tests need 3"
+    write_scores(scores, wd / "alerts" / "scores.zarr")
+    write_alerts(alerts, wd / "alerts")
+    return wd
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect test server (temporary SQLite database) for the session's flow tests, with a temporary
+    PREFECT_HOME (nothing written to ~/.prefect); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_RESULTS_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with temporary_settings(updates={PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield PREFECT_API_URL.value()

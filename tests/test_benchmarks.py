@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "dashboard")
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
 MACHINE_KEYS = {"cpu", "cores", "ram_gib", "python", "platform", "versions", "git_commit"}
 
