@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import socket
+import sys
 import threading
 import time
 from datetime import date
@@ -56,6 +57,15 @@ def _system(at: AppTest) -> pd.Series:
 
 def _texts(elements) -> str:
     return "\n".join(str(e.value) for e in elements)
+
+
+@pytest.fixture(autouse=True)
+def keep_main_module():
+    """AppTest runs the page as ``sys.modules["__main__"]`` and leaves it there; a later test that starts
+    processes by spawn (DataLoader workers, Dask nannies) would then re-run the page in each child."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="module")
