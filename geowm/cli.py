@@ -330,6 +330,8 @@ def evaluate(
     history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's history."),
     out_json: Path | None = typer.Option(None, "--json", help="Write the report here (JSON)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    landcover: str | None = typer.Option(None, help="Land-cover raster: also check that nearest latents "
+                                                     "(geowm.similar) share the query's class."),
 ) -> None:
     """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
     from geowm.cube.store import CubeError
@@ -345,7 +347,7 @@ def evaluate(
         with _progress() as bar:
             task = bar.add_task("evaluate", total=None)
             report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
-                                  history_days=history_days,
+                                  history_days=history_days, landcover=landcover,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastError, CubeError, RunError, ValueError) as exc:
         _fail(exc)

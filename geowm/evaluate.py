@@ -9,6 +9,10 @@
   pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`.
 * **Alerts**: the model's confirmed alerts against the events (precision, recall, F1, false alarms on
   harvest/mowing, median detection delay).
+* **Latent neighbours** (with a land-cover raster): for random clear, single-class patches of the
+  held-out period, the share of their ``k`` nearest latents by cosine (what :func:`geowm.similar`
+  ranks), at *other* places and any date, that have the query's land-cover class; with the share two
+  random patches would have (chance) for comparison.
 """
 
 from __future__ import annotations
@@ -37,13 +41,71 @@ def _patch_mean(a: np.ndarray, p: int) -> np.ndarray:
         return np.nanmean(a[:, : H // p * p, : W // p * p].reshape(T, H // p, p, W // p, p), axis=(2, 4))
 
 
+def similar_landcover_share(ds, wm: WorldModel, classes: np.ndarray, start, n_dates: int = 4, n_queries: int = 300,
+                            k: int = 5, purity: float = 0.9, seed: int = 0) -> dict:
+    """Share of nearest latent neighbours (cosine, other places, any of ``n_dates`` clear dates from ``start``)
+    with the query patch's land-cover class.
+
+    ``classes`` is the land-cover raster on ``ds``'s pixel grid (y, x). Patches count when at least
+    ``purity`` of their pixels share one class and the encoder marks them clear. Returns ``share`` (mean over
+    ``n_queries`` queries of the same-class share among their ``k`` neighbours), ``chance`` (probability that
+    two random counted patches share a class), ``n_queries``, ``k``, ``dates``.
+    """
+    p, size, tf = wm.cfg.patch, wm.window.size, wm.cfg.t_frames
+    H, W = ds.sizes["y"] // size * size, ds.sizes["x"] // size * size
+    if H == 0 or W == 0:
+        return {"share": None, "chance": None, "n_queries": 0, "k": k, "dates": []}
+    times = ds["time"].values.astype("datetime64[s]")
+    clear = ds["valid"].isel(y=slice(0, H), x=slice(0, W)).mean(("y", "x")).values
+    cand = [i for i in np.flatnonzero(times >= np.datetime64(start, "s")) if i >= tf - 1]
+    picks: list[int] = []
+    for i in sorted(cand, key=lambda i: -clear[i]):  # the clearest dates, at least 20 days apart
+        if len(picks) < n_dates and all(abs((times[i] - times[j]).astype(np.int64)) > 20 * 86400 for j in picks):
+            picks.append(i)
+    picks.sort()
+    lat, place, cls = [], [], []
+    lc = classes[:H, :W].reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3).reshape(H // p, W // p, -1)
+    maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
+    pure = (lc == maj[..., None]).mean(-1) >= purity
+    for i in picks:
+        for y0 in range(0, H, size):
+            for x0 in range(0, W, size):
+                win = ds.isel(time=slice(i - tf + 1, i + 1), y=slice(y0, y0 + size), x=slice(x0, x0 + size))
+                z = wm.encode(win).values[-1]  # (size/p, size/p, latent)
+                ys, xs = np.mgrid[y0 // p: (y0 + size) // p, x0 // p: (x0 + size) // p]
+                ok = np.isfinite(z).all(-1) & pure[ys, xs]
+                lat.append(z[ok])
+                place.append((ys * (W // p) + xs)[ok])
+                cls.append(maj[ys, xs][ok])
+    z, place, cls = np.concatenate(lat), np.concatenate(place), np.concatenate(cls)
+    if len(z) < k + 2:
+        return {"share": None, "chance": None, "n_queries": 0, "k": k, "dates": [str(times[i]) for i in picks]}
+    z = z / np.linalg.norm(z, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    queries = rng.choice(len(z), min(n_queries, len(z)), replace=False)
+    shares = []
+    for q in queries:
+        sim = z @ z[q]
+        sim[place == place[q]] = -np.inf  # other places only: the same place on another date is trivially alike
+        top = np.argsort(-sim)[:k]
+        shares.append(float((cls[top] == cls[q]).mean()))
+    freq = np.bincount(cls) / len(cls)
+    return {"share": float(np.mean(shares)), "chance": float((freq ** 2).sum()), "n_queries": int(len(queries)),
+            "k": int(k), "n_patches": int(len(z)), "dates": [str(times[i]) for i in picks]}
+
+
 def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
-             history_days: float = 365.0, bbox=None, members: int = 1, progress=None) -> dict:
-    """Scores of the model and of each baseline on the period after ``start``; see the module doc."""
+             history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
+             progress=None) -> dict:
+    """Scores of the model and of each baseline on the period after ``start``; see the module doc.
+
+    ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
+    latent-neighbour check (``similar`` in the report).
+    """
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
-    ds, name = _as_dataset(cube)
+    full, name = _as_dataset(cube)
     p = wm.cfg.patch
-    ds = region(ds, bbox, p)
+    ds = region(full, bbox, p)
     start_t = np.datetime64(start, "s")
     times = ds["time"].values.astype("datetime64[s]")
     if start_t <= times[0] or start_t >= times[-1]:
@@ -99,6 +161,15 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
     for key, b in fitted.items():
         auc[key] = auroc(_patch_mean(b.score(obs).values, p).ravel(), labels.ravel())
+    similar = None
+    if landcover:
+        from geowm.cube.reader import read_to_grid
+        from geowm.cube.store import read_state
+
+        lc, _ = read_to_grid(landcover, read_state(name).grid)
+        iy = int(np.argmin(np.abs(full["y"].values - ds["y"].values[0])))
+        ix = int(np.argmin(np.abs(full["x"].values - ds["x"].values[0])))
+        similar = similar_landcover_share(ds, wm, lc[iy: iy + ds.sizes["y"], ix: ix + ds.sizes["x"]], start_t)
     if progress:
         progress(len(inits) + 1, len(inits) + 1)
     return {
@@ -109,6 +180,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
                    "excluded": int((labels == -1).sum())},
         "alerts": _jsonable(alert_scores(alerts, ev)),
         "n_alerts": int(len(alerts)),
+        "similar": similar,
     }
 
 
@@ -138,5 +210,9 @@ def table(report: dict) -> str:
     lines.append(f"alerts: {report['n_alerts']}, precision {a.get('precision')}, recall {a.get('recall')}, "
                  f"f1 {a.get('f1')}, median delay {a.get('median_detection_delay_days')} d, "
                  f"false alarms on normal change {a.get('false_alarms_normal_change')}")
+    sim = report.get("similar")
+    if sim and sim.get("share") is not None:
+        lines.append(f"similar: {sim['share']:.3f} of the {sim['k']} nearest latents (other places) share the "
+                     f"query's land cover (chance {sim['chance']:.3f}, {sim['n_queries']} queries)")
     return "\n".join(lines)
 

@@ -121,7 +121,8 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     out = tmp_path / "eval.json"
     res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
                               str(synth_region / "events.geojson"), "--from", "2021-08-01", "--leads", "10,20",
-                              "--init-every", "40", "--history-days", "60", "--json", str(out)])
+                              "--init-every", "40", "--history-days", "60", "--json", str(out),
+                              "--landcover", str(synth_region / "landcover.tif")])
     assert res.exit_code == 0, res.output
     rep = json.loads(out.read_text())
     assert set(rep["ndvi_forecast"]) == {"model", "persistence", "climatology", "harmonic"}
@@ -133,6 +134,10 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     assert rep["labels"]["positive"] > 0
     assert all(0 <= v <= 1 for v in rep["anomaly_auroc"].values())
     assert "precision" in rep["alerts"] and "NDVI forecast RMSE" in res.output
+    sim = rep["similar"]  # nearest latents at other places: same land cover more often than chance
+    assert sim["n_queries"] >= 50 and sim["k"] == 5 and 0 <= sim["chance"] < 1
+    assert sim["share"] > sim["chance"], sim
+    assert "share the query's land cover" in res.output.replace("\n", " ")
     res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
                               str(synth_region / "events.geojson"), "--from", "2030-01-01"])
     assert res.exit_code == 2 and "must lie inside the cube" in res.output.replace("\n", " ")
