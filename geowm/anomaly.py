@@ -4,8 +4,8 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
 
 1. **surprise** = cosine distance between the observed latent (target encoder on the window ending at
    ``t``: what was actually seen) and the model's forecast latent for ``t``, one direct prediction
-   from the clear acquisitions before ``t`` (the same prediction ``geowm forecast`` stores, made at
-   the latest init before the observation);
+   from the clear acquisitions on or before ``t - LEAD_DAYS`` (60 days; the prediction ``geowm
+   forecast`` stores for an init that long before ``t``);
 2. **score** = the surprise normalised robustly against the patch's own history in the same season:
    ``(surprise - median) / (1.4826 MAD)`` over the patch's clear surprises at dates before
    ``t - 30 days`` whose day of year is within 60 days of ``t``'s (all earlier dates, then the
@@ -27,7 +27,11 @@ import xarray as xr
 from geowm.forecast import LOOKBACK_DAYS, TILE, _as_dataset, block_grid, model_inputs, region, tile_regions
 from geowm.inference import WorldModel
 
-LEAD_DAYS = 30.0  # each observation is compared with the forecast made this long before it
+# each observation is compared with the forecast made this long before it. Measured on a held-out year with
+# events (512 px, seed 11, tiny model, 400 steps): patch AUROC 0.34 at 10 days, 0.60 at 30, 0.79 at 60,
+# 0.80 at 90: an event's new state stays surprising while the context predates it, so the lead must
+# outlast the weeks an event is being confirmed and reported; past 60 days the gain is small.
+LEAD_DAYS = 60.0
 SEASON_DAYS = 60  # history dates within this many days of year of t form the season reference
 EXCLUDE_RECENT_DAYS = 30  # the month before t is not reference (an ongoing event must not normalise itself)
 MIN_REFERENCE = 6  # fewer reference values: widen to all earlier dates, then to the whole region

@@ -137,7 +137,7 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     sim = rep["similar"]  # nearest latents at other places: same land cover more often than chance
     assert sim["n_queries"] >= 50 and sim["k"] == 5 and 0 <= sim["chance"] < 1
     assert sim["share"] > sim["chance"], sim
-    assert "share the query's land cover" in res.output.replace("\n", " ")
+    assert "share the query's land cover" in " ".join(res.output.split())
     res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
                               str(synth_region / "events.geojson"), "--from", "2030-01-01"])
     assert res.exit_code == 2 and "must lie inside the cube" in res.output.replace("\n", " ")
