@@ -43,7 +43,7 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks.run --quick
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check geowm catalog flows tests benchmarks
+	$(VENV)/bin/ruff check geowm catalog flows dashboard tests benchmarks
 
 # The living demo (infra/README.md): a local Prefect server (SQLite in live/prefect), then `make serve`
 # in a second terminal: the simulator releases 5 more days of a synthetic record each minute and the

@@ -178,7 +178,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         "anomaly_auroc": auc,
         "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
                    "excluded": int((labels == -1).sum())},
-        "alerts": _jsonable(alert_scores(alerts, ev)),
+        "alerts": _jsonable(alert_scores(alerts, ev, since=start_t)),
         "n_alerts": int(len(alerts)),
         "similar": similar,
     }

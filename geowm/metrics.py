@@ -177,7 +177,7 @@ def _matches(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days: fl
 
 
 def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days: float = 5,
-                 after_days: float = 60) -> dict:
+                 after_days: float = 60, since=None) -> dict:
     """Alert-level skill against ground truth.
 
     An alert is a true positive when it intersects an anomaly event and its ``first_detected`` lies in
@@ -188,6 +188,10 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
     matching first_detected - start, over detected events; NaN if none), ``recall_by_type`` and
     ``false_alarms_normal_change`` = {count: such alerts, events: normal events hit, rate: share of normal
     events hit}.
+
+    ``since`` (the start of the scored period): anomaly events that began before it cannot be detected on
+    time, so they are left out of recall, the delay and ``recall_by_type`` (``n_events_ongoing`` counts
+    them); an alert on such a still-active event is still a true positive, not a false alarm.
     """
     events = events.reset_index(drop=True)
     alerts = alerts.reset_index(drop=True)
@@ -198,22 +202,26 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
     tp_alerts[tp_pairs["a"].values] = True
     detected = np.zeros(len(ano), bool)
     detected[tp_pairs["e"].values] = True
-    n_alerts, n_events = len(alerts), len(ano)
+    scored = np.ones(len(ano), bool) if since is None else (
+        pd.to_datetime(ano["start"]).values >= np.datetime64(pd.Timestamp(since).tz_localize(None), "ns"))
+    n_alerts, n_events = len(alerts), int(scored.sum())
     precision = tp_alerts.sum() / n_alerts if n_alerts else float("nan")
-    recall = detected.sum() / n_events if n_events else float("nan")
+    recall = detected[scored].sum() / n_events if n_events else float("nan")
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else (
         0.0 if n_alerts and n_events else float("nan"))
     delays = []
     if len(tp_pairs):
         fd = pd.to_datetime(alerts["first_detected"]).values[tp_pairs["a"].values]
         per = pd.Series(fd, index=tp_pairs["e"].values).groupby(level=0).min()
-        delays = [(per[i] - pd.Timestamp(ano["start"].iloc[i])) / DAY for i in per.index]
-    by_type = {str(t): float(detected[(ano["type"] == t).values].mean()) for t in sorted(ano["type"].unique())}
+        delays = [(per[i] - pd.Timestamp(ano["start"].iloc[i])) / DAY for i in per.index if scored[i]]
+    by_type = {str(t): float(detected[scored & (ano["type"] == t).values].mean())
+               for t in sorted(ano["type"][scored].unique())}
     fa_pairs = _matches(alerts[~tp_alerts], normal, before_days, after_days)
     n_normal_hit = int(fa_pairs["e"].nunique())
     return {
         "n_alerts": int(n_alerts), "n_true_positive_alerts": int(tp_alerts.sum()),
-        "n_events": int(n_events), "n_detected": int(detected.sum()),
+        "n_events": int(n_events), "n_detected": int(detected[scored].sum()),
+        "n_events_ongoing": int((~scored).sum()),
         "precision": float(precision), "recall": float(recall), "f1": float(f1),
         "median_detection_delay_days": float(np.median(delays)) if delays else float("nan"),
         "recall_by_type": by_type,

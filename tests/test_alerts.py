@@ -201,6 +201,12 @@ def test_alert_scores_precision_recall_delay_and_false_alarms():
     assert r["false_alarms_normal_change"] == {"count": 1, "events": 1, "rate": 0.5}
     empty = alert_scores(alerts.iloc[:0], events_gdf())
     assert empty["recall"] == 0.0 and np.isnan(empty["precision"])
+    # scored from 2021-04-15: the clearcut (started 2021-03-01) is ongoing, not missed or detected late;
+    # its alerts stay true positives
+    r = alert_scores(alerts, events_gdf(), since="2021-04-15")
+    assert r["n_events"] == 1 and r["n_events_ongoing"] == 1 and r["recall"] == 0.0
+    assert r["precision"] == pytest.approx(2 / 5) and np.isnan(r["median_detection_delay_days"])
+    assert r["recall_by_type"] == {"flood": 0.0}
 
 
 def test_load_events_patch_labels_and_masks(tmp_path):
