@@ -191,7 +191,8 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
 
     ``since`` (the start of the scored period): anomaly events that began before it cannot be detected on
     time, so they are left out of recall, the delay and ``recall_by_type`` (``n_events_ongoing`` counts
-    them); an alert on such a still-active event is still a true positive, not a false alarm.
+    them); an alert on such a still-active event is still a true positive, not a false alarm. The false-alarm
+    rate then counts only the normal events that had not ended before ``since`` (``of``).
     """
     events = events.reset_index(drop=True)
     alerts = alerts.reset_index(drop=True)
@@ -218,6 +219,8 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
                for t in sorted(ano["type"][scored].unique())}
     fa_pairs = _matches(alerts[~tp_alerts], normal, before_days, after_days)
     n_normal_hit = int(fa_pairs["e"].nunique())
+    n_normal = len(normal) if since is None else int(  # normal events still going on when scoring began
+        (pd.to_datetime(normal["end"]).values >= np.datetime64(pd.Timestamp(since).tz_localize(None), "ns")).sum())
     return {
         "n_alerts": int(n_alerts), "n_true_positive_alerts": int(tp_alerts.sum()),
         "n_events": int(n_events), "n_detected": int(detected[scored].sum()),
@@ -227,5 +230,5 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
         "recall_by_type": by_type,
         "false_alarms_normal_change": {
             "count": int(fa_pairs["a"].nunique()), "events": n_normal_hit,
-            "rate": n_normal_hit / len(normal) if len(normal) else float("nan")},
+            "rate": n_normal_hit / n_normal if n_normal else float("nan"), "of": n_normal},
     }

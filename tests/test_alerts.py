@@ -198,7 +198,7 @@ def test_alert_scores_precision_recall_delay_and_false_alarms():
     assert r["f1"] == pytest.approx(2 * 0.4 * 0.5 / 0.9)
     assert r["median_detection_delay_days"] == pytest.approx(10.0)
     assert r["recall_by_type"] == {"clearcut": 1.0, "flood": 0.0}
-    assert r["false_alarms_normal_change"] == {"count": 1, "events": 1, "rate": 0.5}
+    assert r["false_alarms_normal_change"] == {"count": 1, "events": 1, "rate": 0.5, "of": 2}
     empty = alert_scores(alerts.iloc[:0], events_gdf())
     assert empty["recall"] == 0.0 and np.isnan(empty["precision"])
     # scored from 2021-04-15: the clearcut (started 2021-03-01) is ongoing, not missed or detected late;
@@ -207,6 +207,8 @@ def test_alert_scores_precision_recall_delay_and_false_alarms():
     assert r["n_events"] == 1 and r["n_events_ongoing"] == 1 and r["recall"] == 0.0
     assert r["precision"] == pytest.approx(2 / 5) and np.isnan(r["median_detection_delay_days"])
     assert r["recall_by_type"] == {"flood": 0.0}
+    late = alert_scores(alerts, events_gdf(), since="2021-06-02")  # both mowings ended: no rate to give
+    assert late["false_alarms_normal_change"]["of"] == 0 and np.isnan(late["false_alarms_normal_change"]["rate"])
 
 
 def test_load_events_patch_labels_and_masks(tmp_path):
