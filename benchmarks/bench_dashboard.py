@@ -16,22 +16,19 @@ sidebar until the alert count and map are updated; choosing another alert until 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._util import remove
+from dashboard.launch import CHROMIUM, CHROMIUM_ARGS, free_port
 
 PARAMS = {
     "full": {"size": 2048, "start": "2021-06-01", "end": "2021-08-31", "alerts": 1000},
     "quick": {"size": 1024, "start": "2021-06-01", "end": "2021-07-31", "alerts": 1000},
     "smoke": {"size": 128, "start": "2021-06-01", "end": "2021-06-30", "alerts": 50},
 }
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 TARGET_FIRST_RENDER_S = 3.0
 PATCH = 8  # px, score-raster patch size
 
@@ -86,12 +83,6 @@ def synthetic_scores(cube, seed: int = 0):
     return ds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _settled(page, expect, timeout_ms: int = 120_000) -> None:
     """The script ran to its end (the system panel's Prefect line is its last element) and is idle."""
     page.get_by_text("Prefect API", exact=False).first.wait_for(timeout=timeout_ms)
@@ -122,7 +113,7 @@ def measure(workdir: Path, alerts, log: Path, only_first: bool = False) -> dict:
 
     from dashboard.launch import start, stop
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     t0 = time.perf_counter()
     proc = start(workdir, port, log, env=env)
@@ -130,7 +121,7 @@ def measure(workdir: Path, alerts, log: Path, only_first: bool = False) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             try:
                 out["page_data_cold_s"], out["first_render_cold_s"], page = _first_render(browser, url, expect)
                 page.close()
@@ -211,7 +202,7 @@ def run(mode: str, workdir: Path) -> dict:
         from dashboard.launch import start, stop
 
         t0 = time.perf_counter()
-        stop(start(app, _free_port(), workdir / "server.log"))
+        stop(start(app, free_port(), workdir / "server.log"))
         headline = {"server_start_s": time.perf_counter() - t0}
         notes.append(f"browser times NOT measured: no Playwright or no {CHROMIUM}")
     remove(workdir)

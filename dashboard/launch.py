@@ -22,6 +22,19 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 APP = HERE / "app.py"
+# Debian's Chromium and the flags it runs headless with here (tests and benchmarks; never a downloaded browser)
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def streamlit_argv(workdir: Path, port: int = 8501, host: str = "127.0.0.1") -> list[str]:

@@ -9,30 +9,20 @@ screenshot to ``tests/artifacts/dashboard.png``.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from dashboard.launch import start, stop
+from dashboard.launch import CHROMIUM, CHROMIUM_ARGS, free_port, start, stop
 
 # CI (.ci/run) sets GEOWM_REQUIRE_BROWSER=1: there a missing browser fails the run instead of skipping
 REQUIRED = os.environ.get("GEOWM_REQUIRE_BROWSER") == "1"
 sync_api = pytest.importorskip("playwright.sync_api") if not REQUIRED else __import__("playwright.sync_api").sync_api
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists() and not REQUIRED,
                                 reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +57,7 @@ def test_dashboard_in_chromium(server, dashboard_workdir):
     top = alerts["id"].iloc[0]
     others = alerts.iloc[1:].sort_values("area_ha", ascending=False)["id"].tolist()
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1900})
             outside: list[str] = []
