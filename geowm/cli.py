@@ -46,6 +46,14 @@ def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
     return vals
 
 
+def _lead_days(leads: str) -> list[float]:
+    """``--leads`` as days (comma-separated numbers); a clear error and exit 2 otherwise."""
+    try:
+        return [float(v) for v in leads.split(",") if v.strip()]
+    except ValueError:
+        _fail(ValueError(f"--leads {leads!r}: expected comma-separated numbers of days"))
+
+
 @app.command()
 def synth(
     out_dir: Path = typer.Argument(..., help="Folder to write the synthetic region into (must be new or empty)."),
@@ -243,10 +251,7 @@ def forecast(
     from geowm.inference import WorldModel
     from geowm.train import RunError
 
-    try:
-        lead_days = [float(v) for v in leads.split(",") if v.strip()]
-    except ValueError:
-        _fail(ValueError(f"--leads {leads!r}: expected comma-separated numbers of days"))
+    lead_days = _lead_days(leads)
     try:
         vts = None
         if valid_times:
@@ -341,8 +346,8 @@ def evaluate(
     from geowm.inference import WorldModel
     from geowm.train import RunError
 
+    lead_days = _lead_days(leads)
     try:
-        lead_days = [float(v) for v in leads.split(",") if v.strip()]
         wm = WorldModel(model, device)
         with _progress() as bar:
             task = bar.add_task("evaluate", total=None)
@@ -384,10 +389,7 @@ def serve(
 
     if interval is None and cron is None:
         interval = 3600.0
-    try:
-        lead_days = [float(v) for v in leads.split(",") if v.strip()]
-    except ValueError:
-        _fail(ValueError(f"--leads {leads!r}: expected comma-separated numbers of days"))
+    lead_days = _lead_days(leads)
     cfg = ServeConfig(source=source, cube=cube, model=model, store=store, alerts=alerts, state_dir=state_dir,
                       catalog=catalog, interval_s=interval, cron=cron, simulate_archive=simulate_archive,
                       simulate_days=simulate_days,
