@@ -24,7 +24,16 @@ import numpy as np
 import torch
 import xarray as xr
 
-from geowm.forecast import LOOKBACK_DAYS, TILE, _as_dataset, block_grid, model_inputs, region, tile_regions
+from geowm.forecast import (
+    TILE,
+    _as_dataset,
+    block_grid,
+    context_index,
+    lookback_days,
+    model_inputs,
+    region,
+    tile_regions,
+)
 from geowm.inference import WorldModel
 
 # each observation is compared with the forecast made this long before it. Measured on a held-out year with
@@ -57,7 +66,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     score_idx = np.flatnonzero((times >= lo) & (times <= hi))
     if len(score_idx) == 0:
         raise ValueError(f"{name}: no acquisition between {lo} and {hi} (cube {times[0]} .. {times[-1]})")
-    need = np.flatnonzero((times >= lo - np.timedelta64(LOOKBACK_DAYS, "D")) & (times <= hi))
+    need = np.flatnonzero((times >= lo - np.timedelta64(int(lookback_days(wm) * 86400), "s")) & (times <= hi))
     H, W = ds.sizes["y"], ds.sizes["x"]
     Hp, Wp = H // p, W // p
     out = np.full((len(score_idx), Hp, Wp), np.nan, np.float32)
@@ -85,7 +94,6 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
 def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int):
     """Surprise (Ts, hp, wp) and patch clear fraction for one in-memory tile."""
     p, win = wm.cfg.patch, wm.window
-    n_ctx = win.frames - 1
     H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
     sub = sub.isel(y=slice(0, H), x=slice(0, W))
     times = sub["time"].values.astype("datetime64[s]")
@@ -104,8 +112,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
         clear[k] = patch_clear[ti]
         for b in range(len(blocks)):
             init = t - np.timedelta64(int(lead_days * 86400), "s")
-            past = np.flatnonzero((frac[:ti, b] >= win.min_frame_clear) & (times[:ti] <= init)
-                                  & (times[:ti] >= init - np.timedelta64(LOOKBACK_DAYS, "D")))[-n_ctx:]
+            past = context_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], init, t, wm)
             if len(past) >= 2 and frac[ti, b] > 0:
                 jobs.setdefault(len(past), []).append((k, b, np.append(past, ti)))
     for _, group in sorted(jobs.items()):

@@ -31,12 +31,38 @@ class WindowConfig:
     stride_frames: int = 2  # a new window every this many clear acquisitions of a cell
     min_frame_clear: float = 0.3  # an acquisition is part of a cell's series if this share of the cell is valid
     max_span_days: float = 150.0  # windows spanning longer are dropped (long cloudy gaps)
+    seasonal_frames: int = 0  # + up to this many clear acquisitions a year before the window's end (see seasonal_index)
 
     def __post_init__(self) -> None:
         if self.frames < 2 or self.size < 8 or self.stride_frames < 1:
             raise ValueError(f"bad window config {asdict(self)}: frames >= 2, size >= 8, stride_frames >= 1")
         if not 0.0 < self.min_frame_clear <= 1.0:
             raise ValueError(f"min_frame_clear must be in (0, 1], got {self.min_frame_clear}")
+        if self.seasonal_frames < 0:
+            raise ValueError(f"seasonal_frames must be >= 0, got {self.seasonal_frames}")
+
+
+SEASONAL_LEAD_SLOTS = 3  # training: the seasonal span covers the window's last this many dates (the forecast targets)
+
+
+def seasonal_index(series: np.ndarray, day: np.ndarray, first_day: float, last_day: float, n: int, lag: float,
+                   tol: float, multiple: int = 1) -> np.ndarray:
+    """The seasonal memory of a window: up to ``n`` of the clear acquisitions ``series`` (sorted cube indexes,
+    dated ``day[series]`` in days) that lie one ``lag`` before the forecast span [first_day, last_day],
+    widened by ``tol`` on both sides, spread evenly over it. The count is cut to a multiple of ``multiple``
+    (whole tubelets) and the result padded at the front with -1 (no acquisition) to length ``n``."""
+    if n <= 0:
+        return np.zeros(0, np.int64)
+    series = np.asarray(series, np.int64)
+    d = day[series]
+    cand = series[(d >= first_day - lag - tol) & (d <= last_day - lag + tol)]
+    if len(cand) > n:
+        cand = cand[np.round(np.linspace(0, len(cand) - 1, n)).astype(int)]
+    cand = cand[len(cand) - len(cand) // multiple * multiple:]
+    return np.concatenate([np.full(n - len(cand), -1, np.int64), cand])
+
+
+GAP_READ = 16  # dates: CubeReader.read reads separately across gaps wider than this
 
 
 class CubeReader:
@@ -71,9 +97,14 @@ class CubeReader:
     def read(self, t_index: Sequence[int], y: slice, x: slice) -> tuple[np.ndarray, np.ndarray]:
         """Physical values (T, C, h, w) float32 (fill -> NaN) and valid (T, h, w) bool at the given dates."""
         t_index = np.asarray(t_index)
-        lo, hi = int(t_index.min()), int(t_index.max()) + 1
-        raw = self.refl[lo:hi, :, y, x][t_index - lo]
-        ok = self.valid[lo:hi, y, x][t_index - lo]
+        # one contiguous read per run of nearby dates (a window's seasonal memory lies a year before the rest)
+        runs = np.split(np.arange(len(t_index)), np.flatnonzero(np.abs(np.diff(t_index)) > GAP_READ) + 1)
+        raw, ok = [], []
+        for r in runs:
+            lo, hi = int(t_index[r].min()), int(t_index[r].max()) + 1
+            raw.append(self.refl[lo:hi, :, y, x][t_index[r] - lo])
+            ok.append(self.valid[lo:hi, y, x][t_index[r] - lo])
+        raw, ok = np.concatenate(raw), np.concatenate(ok)
         vals = raw.astype(np.float32) * np.float32(self.scale) + np.float32(self.offset)
         if self.fill is not None:
             fill = raw == self.fill if not np.isnan(self.fill) else np.isnan(raw)
@@ -136,9 +167,10 @@ class CubeWindows(torch.utils.data.Dataset):
 
     def __init__(self, cube: str | CubeReader, cfg: WindowConfig, stats: dict[str, list[float]],
                  time_range: tuple[np.datetime64 | None, np.datetime64 | None] = (None, None),
-                 snapshot: str | None = None):
+                 snapshot: str | None = None, seasonal: tuple[float, float, int] = (365.0, 30.0, 1)):
         self.reader = cube if isinstance(cube, CubeReader) else CubeReader(str(cube), snapshot)
         self.cfg = cfg
+        self.seasonal = seasonal  # (lag days, tolerance days, frames per tubelet) of the seasonal memory
         self.mean = np.asarray(stats["mean"], np.float32)[:, None, None]
         self.std = np.asarray(stats["std"], np.float32)[:, None, None]
         self.windows = self._index(time_range)
@@ -164,10 +196,18 @@ class CubeWindows(torch.utils.data.Dataset):
         _, ny, nx = table.shape
         for iy in range(ny):
             for ix in range(nx):
-                series = np.flatnonzero((table[:, iy, ix] >= cfg.min_frame_clear) & in_range)
+                clear = table[:, iy, ix] >= cfg.min_frame_clear
+                series = np.flatnonzero(clear & in_range)
+                # the seasonal memory may reach before the time range (the past is context, never a target)
+                before = np.flatnonzero(clear & (times <= (times[-1] if hi is None else np.datetime64(hi, "s"))))
                 for k in range(0, len(series) - cfg.frames + 1, cfg.stride_frames):
                     t = series[k: k + cfg.frames]
                     if day[t[-1]] - day[t[0]] <= cfg.max_span_days:
+                        if cfg.seasonal_frames:
+                            lag, tol, mult = self.seasonal
+                            first = day[t[-min(SEASONAL_LEAD_SLOTS, len(t) - 1)]]
+                            t = np.concatenate([seasonal_index(before[before < t[0]], day, first, day[t[-1]],
+                                                               cfg.seasonal_frames, lag, tol, mult), t])
                         out.append((iy * cfg.size, ix * cfg.size, t))
         return out
 
@@ -177,10 +217,13 @@ class CubeWindows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         y0, x0, t = self.windows[i]
         s = self.cfg.size
-        vals, ok = self.reader.read(t, slice(y0, y0 + s), slice(x0, x0 + s))
+        real = t >= 0  # -1: an empty seasonal slot (no acquisition), all invalid, dated as the first real one
+        vals = np.zeros((len(t), self.reader.shape[1], s, s), np.float32)
+        ok = np.zeros((len(t), s, s), bool)
+        vals[real], ok[real] = self.reader.read(t[real], slice(y0, y0 + s), slice(x0, x0 + s))
         pixels = (vals - self.mean) / self.std
         pixels = np.where(ok[:, None], pixels, 0.0).astype(np.float32)
-        times = self.reader.times[t]
+        times = self.reader.times[np.where(real, t, t[real][0])]
         days = (times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0
         return {
             "pixels": torch.from_numpy(pixels),

@@ -94,27 +94,14 @@ def similar_landcover_share(ds, wm: WorldModel, classes: np.ndarray, start, n_da
             "k": int(k), "n_patches": int(len(z)), "dates": [str(times[i]) for i in picks]}
 
 
-def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
-             history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
-             progress=None) -> dict:
-    """Scores of the model and of each baseline on the period after ``start``; see the module doc.
+def ndvi_scores(ds, wm: WorldModel, nd, fitted: dict, start_t: np.datetime64, leads=(5, 10, 20, 30),
+                init_every_days: float = 30, members: int = 1, progress=None) -> tuple[list, dict]:
+    """NDVI forecast RMSE/MAE by lead of the model and each fitted baseline (see the module doc).
 
-    ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
-    latent-neighbour check (``similar`` in the report).
+    ``nd`` is the region's NDVI (time, y, x), ``fitted`` the baselines fitted on the history (persistence is
+    refitted per init). Returns the inits and ``{method: {lead: {rmse, mae, n_pixels}}}``.
     """
-    wm = model if isinstance(model, WorldModel) else WorldModel(model)
-    full, name = _as_dataset(cube)
-    p = wm.cfg.patch
-    ds = region(full, bbox, p)
-    start_t = np.datetime64(start, "s")
     times = ds["time"].values.astype("datetime64[s]")
-    if start_t <= times[0] or start_t >= times[-1]:
-        raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
-    nd = ndvi(ds).load()
-    history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
-    fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
-
-    # ---- NDVI forecasts by lead
     max_lead = np.timedelta64(int(max(leads) * 86400), "s")
     inits, last = [], None
     for t in times[(times >= start_t) & (times + max_lead <= times[-1])]:
@@ -142,14 +129,39 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
                 err[m][float(ld)].append(v[ok] - obs[ok])
         if progress:
             progress(n + 1, len(inits) + 1)
-    forecast_scores = {}
+    scores = {}
     for m, by_lead in err.items():
-        forecast_scores[m] = {}
+        scores[m] = {}
         for ld, parts in by_lead.items():
             e = np.concatenate(parts) if parts else np.zeros(0)
-            forecast_scores[m][f"{ld:g}"] = {"rmse": float(np.sqrt((e ** 2).mean())) if len(e) else None,
-                                             "mae": float(np.abs(e).mean()) if len(e) else None,
-                                             "n_pixels": int(len(e))}
+            scores[m][f"{ld:g}"] = {"rmse": float(np.sqrt((e ** 2).mean())) if len(e) else None,
+                                    "mae": float(np.abs(e).mean()) if len(e) else None,
+                                    "n_pixels": int(len(e))}
+    return inits, scores
+
+
+def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
+             history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
+             progress=None) -> dict:
+    """Scores of the model and of each baseline on the period after ``start``; see the module doc.
+
+    ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
+    latent-neighbour check (``similar`` in the report).
+    """
+    wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    full, name = _as_dataset(cube)
+    p = wm.cfg.patch
+    ds = region(full, bbox, p)
+    start_t = np.datetime64(start, "s")
+    times = ds["time"].values.astype("datetime64[s]")
+    if start_t <= times[0] or start_t >= times[-1]:
+        raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
+    nd = ndvi(ds).load()
+    history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
+    fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
+
+    # ---- NDVI forecasts by lead
+    inits, forecast_scores = ndvi_scores(ds, wm, nd, fitted, start_t, leads, init_every_days, members, progress)
 
     # ---- anomaly scores and alerts
     scores, alerts = detect(ds, wm, start_t, history_days=history_days)

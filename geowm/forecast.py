@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import xarray as xr
 
-from geowm.data import day_of_year
+from geowm.data import day_of_year, seasonal_index
 from geowm.inference import WorldModel
 
 QUANTILES = (0.1, 0.5, 0.9)
-LOOKBACK_DAYS = 365  # how far before the init a block's context may reach
+LOOKBACK_DAYS = 365  # how far before the init a block's recent context may reach (its seasonal memory: a year more)
 
 
 class ForecastError(ValueError):
@@ -85,21 +85,47 @@ def block_grid(H: int, W: int, wm: WorldModel) -> tuple[int, int, list[tuple[int
     return bh, bw, [(y0, x0) for y0 in starts(H, bh) for x0 in starts(W, bw)]
 
 
-def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64) -> list[Block]:
-    """Cut the region into window-sized blocks and pick each block's context: its last ``frames - 1``
-    acquisitions on or before ``before`` (within the look-back) that are clear enough there."""
+def lookback_days(wm: WorldModel) -> float:
+    """How far before an init a context may reach: the recent look-back, or the seasonal memory's year."""
+    if not wm.window.seasonal_frames:
+        return LOOKBACK_DAYS
+    lag, tol, _ = wm.cfg.seasonal
+    return max(LOOKBACK_DAYS, lag + tol + 1)
+
+
+def context_index(clear: np.ndarray, times: np.ndarray, init: np.datetime64, until: np.datetime64,
+                  wm: WorldModel) -> np.ndarray:
+    """Cube indexes of a block's context for forecasting from ``init`` up to ``until``: its last ``frames - 1``
+    clear acquisitions (``clear`` (T,) bool, at ``times``) on or before ``init`` within the look-back (the
+    training window rule), preceded by the window's seasonal memory (:func:`geowm.data.seasonal_index`)."""
+    win = wm.window
+    init, until = np.datetime64(init, "s"), np.datetime64(until, "s")
+    ok = np.flatnonzero(clear & (times <= init))
+    recent = ok[times[ok] >= init - np.timedelta64(LOOKBACK_DAYS, "D")][-(win.frames - 1):]
+    if not win.seasonal_frames or len(recent) == 0:
+        return recent
+    day = (times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0
+    at = lambda t: float((t - times[0]).astype("timedelta64[s]").astype(np.float64)) / 86400.0  # noqa: E731
+    seas = seasonal_index(ok[ok < recent[0]], day, at(init), at(until), win.seasonal_frames, *wm.cfg.seasonal)
+    return np.concatenate([seas[seas >= 0], recent])
+
+
+def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64, until: np.datetime64 | None = None) -> list[Block]:
+    """Cut the region into window-sized blocks and pick each block's context (:func:`context_index`) for
+    forecasts from ``before`` up to ``until`` (default ``before``)."""
     win = wm.window
     bh, bw, corners = block_grid(ds.sizes["y"], ds.sizes["x"], wm)
     times = ds["time"].values.astype("datetime64[s]")
     end = np.datetime64(before, "s")
-    t_cand = np.flatnonzero((times <= end) & (times >= end - np.timedelta64(LOOKBACK_DAYS, "D")))
+    until = end if until is None else np.datetime64(until, "s")
+    t_cand = np.flatnonzero((times <= end) & (times >= end - np.timedelta64(int(lookback_days(wm) * 86400), "s")))
     if len(t_cand) == 0:
         return [Block(y0, x0, bh, bw, np.zeros(0, np.int64)) for y0, x0 in corners]
     valid = ds["valid"].isel(time=t_cand).values  # (T, H, W) bool
     out = []
     for y0, x0 in corners:
-        frac = valid[:, y0: y0 + bh, x0: x0 + bw].mean(axis=(1, 2))
-        out.append(Block(y0, x0, bh, bw, t_cand[frac >= win.min_frame_clear][-(win.frames - 1):]))
+        clear = valid[:, y0: y0 + bh, x0: x0 + bw].mean(axis=(1, 2)) >= win.min_frame_clear
+        out.append(Block(y0, x0, bh, bw, t_cand[context_index(clear, times[t_cand], end, until, wm)]))
     return out
 
 
@@ -213,7 +239,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     out_spread = np.full((K, Hp, Wp), np.nan, np.float32)
     out_nctx = np.zeros((Hp, Wp), np.int16)
     outs = (out_bands, out_ndvi, out_lat, out_spread, out_nctx)
-    back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(LOOKBACK_DAYS, "D")))
+    back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(int(lookback_days(wm) * 86400), "s")))
     n_tiles = -(-H // TILE) * -(-W // TILE)
     for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
         _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
@@ -238,7 +264,7 @@ def tile_regions(ds: xr.Dataset, t_index: np.ndarray, tile: int = TILE):
 def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx) -> None:
     out_bands, out_ndvi, out_lat, out_spread, out_nctx = outs
     p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
-    todo = [b for b in blocks(sub, wm, init_t) if len(b.t_index) >= 2]
+    todo = [b for b in blocks(sub, wm, init_t, vt.max()) if len(b.t_index) >= 2]
     jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # context length -> (block, member, dates)
     for i, b in enumerate(todo):
         rng = np.random.default_rng([seed, ty + b.y0, tx + b.x0])

@@ -91,7 +91,8 @@ def change_features(model: JEPA, ds: CubeWindows, windows: list[int], device: to
         batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("pixels", "valid", "days", "doy")}
         B, T, C, H, W = batch["pixels"].shape
         Tt, Hp, Wp = T // tf, H // p, W // p
-        n_ctx = int(rng.integers(2, Tt)) * tf
+        s0 = -(-ds.cfg.seasonal_frames // tf)  # the seasonal memory's slots come first: always context
+        n_ctx = int(rng.integers(min(s0 + 2, Tt - 1), Tt)) * tf
         ctx = {k: v[:, :n_ctx] for k, v in batch.items()}
         lat, ok, _ = model.encode(ctx["pixels"], ctx["valid"], ctx["days"], ctx["doy"])
         tgt = (Tt - 1) * tf

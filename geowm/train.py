@@ -55,7 +55,7 @@ class TrainConfig:
     log_every: int = 10
     health_every: int = 50
     checkpoint_every: int = 200
-    window: WindowConfig = field(default_factory=WindowConfig)
+    window: WindowConfig = field(default_factory=lambda: WindowConfig(seasonal_frames=4))
     model: dict = field(default_factory=dict)  # ModelConfig overrides on top of the preset
 
     @classmethod
@@ -226,7 +226,7 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
         start, total = int(meta["step"]), int(meta["total_steps"])
     data = conf["data"]
     train_ds = CubeWindows(cube, cfg.window, data["stats"], (None, np.datetime64(data["train_until"])),
-                           snapshot=data["snapshot"])
+                           snapshot=data["snapshot"], seasonal=model.cfg.seasonal)
     if total is None:  # a time budget: measure a few steps on a throwaway copy, then fix the schedule
         total = _estimate_steps(model, opt, train_ds, cfg, device)
         if world > 1:  # every rank must run the same schedule: rank 0's estimate wins
@@ -331,10 +331,11 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
     model.eval()
     data, window = conf["data"], WindowConfig(**conf["train"]["window"])
     until = np.datetime64(data["train_until"])
-    train_ds = CubeWindows(data["cube"], window, data["stats"], (None, until), snapshot=data["snapshot"])
+    train_ds = CubeWindows(data["cube"], window, data["stats"], (None, until), snapshot=data["snapshot"],
+                           seasonal=model.cfg.seasonal)
     try:
         test_ds = CubeWindows(data["cube"], window, data["stats"], (until + np.timedelta64(1, "s"), None),
-                              snapshot=data["snapshot"])
+                              snapshot=data["snapshot"], seasonal=model.cfg.seasonal)
     except ValueError:
         test_ds = train_ds
     lc, classes = None, None

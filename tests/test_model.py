@@ -356,3 +356,41 @@ def test_anchor_skip_starts_as_copy_last_and_only_uses_the_past():
         cos = torch.nn.functional.cosine_similarity(pred.reshape(2, S, -1), copy, dim=-1)
         assert cos.min() > 0.9
     assert isinstance(grid, TokenGrid)
+
+
+def test_seasonal_memory_finds_the_year_ago_latent_and_starts_as_last_plus_last_years_change():
+    """``seasonal_anchor``: each target also sees the latent at its patch one lag before its date (nearest within
+    the tolerance) and before its anchor's date; the predictor starts as last + (year-ago target - year-ago anchor)."""
+    from geowm.model.vit import last_seen, last_seen_days, year_ago
+
+    model = make_model(seasonal_anchor=True, seasonal_lag_days=100.0, seasonal_tol_days=10.0)
+    batch = make_batch(B=2, T=4)
+    batch["days"] = torch.tensor([[0.0, 30.0, 100.0, 120.0], [0.0, 60.0, 100.0, 125.0]])
+    with torch.no_grad():
+        grid, token_valid, positions = model.tokens(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        ctx = model.encoder(batch["pixels"], batch["valid"], positions, token_valid)
+        S = grid.h * grid.w
+        dense = torch.zeros(2, grid.n, model.cfg.dim).scatter(1, ctx.index[..., None].expand_as(ctx.x), ctx.x)
+        patch = torch.arange(S)[None].expand(2, -1)
+        # target day 135: a year ago = day 35 -> slot 1 of sample 0 (day 30, within 10 d); none for sample 1 (day 60)
+        at, ok = year_ago(ctx, grid, torch.full((2, S), 135.0), patch, 100.0, 10.0)
+        assert ok[0].all() and not ok[1].any()
+        torch.testing.assert_close(at[0], dense[0, S: 2 * S])
+        days_after = last_seen_days(ctx, grid)[:, grid.t * S:]
+        assert (days_after == batch["days"][:, -1:]).all()  # the anchor is the last slot, dated as it
+        # day 130 at sample 0: year-ago of the target (day 30, slot 1) and of the anchor (day 120 -> 20: slot 0 at 0 is
+        # 20 d away, outside the tolerance) -> no change term; day 110: year-ago target 10 -> slot 0 (0, within 10 d)
+        pred = model.predict(batch, torch.tensor([[130.0], [130.0]]), batch["doy"][:, -1:])
+        anchor, _ = last_seen(ctx, grid)
+        ln = lambda z: torch.nn.functional.layer_norm(z, (model.cfg.dim,))  # noqa: E731
+        copy = ln(anchor[:, grid.t * S:])
+        cos = torch.nn.functional.cosine_similarity(pred.reshape(2, S, -1), copy, dim=-1)
+        assert cos.min() > 0.9  # no seasonal change term without both year-ago latents
+        batch["days"][0] = torch.tensor([0.0, 20.0, 100.0, 120.0])  # now the anchor's year-ago (day 20) exists
+        grid, token_valid, positions = model.tokens(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        ctx = model.encoder(batch["pixels"], batch["valid"], positions, token_valid)
+        dense = torch.zeros(2, grid.n, model.cfg.dim).scatter(1, ctx.index[..., None].expand_as(ctx.x), ctx.x)
+        pred = model.predict(batch, torch.tensor([[100.0], [130.0]]), batch["doy"][:, -1:])[0, 0].reshape(S, -1)
+        expect = ln(ln(dense[0, 3 * S:]) + ln(dense[0, :S]) - ln(dense[0, S: 2 * S]))  # last + (day 0 - day 20)
+        assert torch.nn.functional.cosine_similarity(pred, expect, dim=-1).min() > 0.9
+    assert not hasattr(make_model(seasonal_anchor=False).predictor, "season_out")

@@ -161,3 +161,49 @@ def test_load_model_encode_predict_decode(synth_cube, tmp_path):
     assert dec.reflectance.dims == ("time", "band", "y", "x") and dec.reflectance.shape == (2, 4, 64, 64)
     np.testing.assert_allclose(dec.x.values, window.x.values, atol=1e-6)
     assert "ndvi" in dec and float(np.abs(dec.ndvi).max()) <= 1
+
+
+def test_seasonal_index_picks_clear_dates_a_lag_before_the_span():
+    from geowm.data import seasonal_index
+
+    day = np.arange(0, 400, 5).astype(float)  # a 5-day revisit
+    series = np.flatnonzero(day % 10 == 0)  # every other date clear
+    idx = seasonal_index(series[day[series] < 300], day, 330.0, 350.0, 4, 300.0, 20.0)
+    got = day[idx[idx >= 0]]
+    assert len(got) == 4 and got.min() >= 10 and got.max() <= 70 and (np.diff(got) > 0).all()
+    assert set(idx[idx >= 0]) <= set(series)
+    few = seasonal_index(series[day[series] < 300], day, 330.0, 330.0, 4, 300.0, 5.0)  # 25..35: 30 only
+    assert list(few[:3]) == [-1, -1, -1] and day[few[3]] == 30
+    assert (seasonal_index(series, day, 330.0, 350.0, 4, 300.0, 20.0, multiple=2) >= 0).sum() % 2 == 0
+    assert len(seasonal_index(series, day, 5.0, 9.0, 4, 300.0, 20.0)) == 4  # nothing a lag back: all padding
+    assert len(seasonal_index(series, day, 330.0, 350.0, 0, 300.0, 20.0)) == 0
+
+
+def test_windows_carry_a_seasonal_memory_from_before_the_time_range(synth_cube):
+    """With ``seasonal_frames`` each window starts with clear dates one lag before its last dates (padding where
+    there are none), and held-out windows may draw that memory from before their time range (the past)."""
+    reader = CubeReader(str(synth_cube))
+    stats = band_stats(reader, range(len(reader.times)))
+    cut = reader.times[len(reader.times) // 2]
+    cfg = WindowConfig(frames=4, size=64, seasonal_frames=2)
+    ds = CubeWindows(reader, cfg, stats, (cut, None), seasonal=(120.0, 30.0, 1))
+    day = reader.times.astype("datetime64[s]").astype(np.int64) / 86400.0
+    with_memory = 0
+    for i in range(0, len(ds), 3):
+        it = ds[i]
+        t = it["t_index"].numpy()
+        assert it["pixels"].shape == (6, 4, 64, 64)
+        seas, recent = t[:2], t[2:]
+        assert (reader.times[recent] >= cut).all()
+        pad = seas < 0
+        assert not it["valid"][:2][pad].any() and (it["pixels"][:2][pad] == 0).all()
+        assert (np.diff(it["days"].numpy()) >= 0).all()
+        real = seas[~pad]
+        if len(real):
+            with_memory += 1
+            assert (real < recent[0]).all()
+            lo, hi = day[recent[-3]] - 120 - 30, day[recent[-1]] - 120 + 30
+            assert ((day[real] >= lo - 1) & (day[real] <= hi + 1)).all()  # whole days
+            assert (it["valid"][:2][~pad].float().mean(dim=(1, 2)) >= cfg.min_frame_clear).all()
+    assert with_memory > 0
+    assert any(reader.times[w[2][w[2] >= 0][0]] < cut for w in ds.windows)  # memory from before the range

@@ -40,6 +40,11 @@ class ModelConfig:
     drivers_dim: int = 0  # D of the optional weather drivers; 0 = the model takes no driver tokens
     pred_anchor: bool = True  # mask tokens also carry the last context latent seen at their (row, col)
     pred_out_norm: bool = True  # layer-norm the predictions (no affine): they live where the targets live
+    # seasonal memory: mask tokens also carry the context latent seen at their patch one lag before their date
+    # and the change over that lag's year at the patch (needs a window with ``seasonal_frames``, geowm.data)
+    seasonal_anchor: bool = False
+    seasonal_lag_days: float = 365.0  # days
+    seasonal_tol_days: float = 30.0  # the year-ago latent is the context token nearest to date - lag, within this
     # rotary positions: periods of the lowest and highest frequencies (geometric in between)
     rope_day_periods: tuple[float, float] = (4.0, 2000.0)  # days
     rope_patch_periods: tuple[float, float] = (3.0, 200.0)  # patches
@@ -96,8 +101,15 @@ class ModelConfig:
             problems.append(f"ema_schedule must be one of {EMA_SCHEDULES}, got {self.ema_schedule!r}")
         if not 0.0 <= self.ema_start <= self.ema_end <= 1.0:
             problems.append(f"need 0 <= ema_start <= ema_end <= 1, got {self.ema_start}, {self.ema_end}")
+        if self.seasonal_lag_days <= 0 or self.seasonal_tol_days <= 0:
+            problems.append("seasonal_lag_days and seasonal_tol_days must be > 0")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def seasonal(self) -> tuple[float, float, int]:
+        """(lag days, tolerance days, frames per tubelet): how windows pick their seasonal memory (geowm.data)."""
+        return self.seasonal_lag_days, self.seasonal_tol_days, self.t_frames
 
     @property
     def head_dim(self) -> int:
@@ -127,11 +139,12 @@ class ModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU, tests, demo: trains in minutes on 8 frames x 4 bands x 64 x 64 windows (8 x 8 patches per frame).
-    "tiny": dict(patch=8, t_frames=1, dim=128, depth=4, heads=4, pred_dim=64, pred_depth=2, pred_heads=2),
+    "tiny": dict(patch=8, t_frames=1, dim=128, depth=4, heads=4, pred_dim=64, pred_depth=2, pred_heads=2,
+                 seasonal_anchor=True),
     # GPU: ViT-S/16 encoder with 2 x 16 x 16 tubelets.
     "small": dict(patch=16, t_frames=2, dim=384, depth=12, heads=6, pred_dim=192, pred_depth=6, pred_heads=4,
-                  forecast_slots=(1, 2)),
+                  forecast_slots=(1, 2), seasonal_anchor=True),
     # GPU, bf16: ViT-B/16 encoder with 2 x 16 x 16 tubelets.
     "base": dict(patch=16, t_frames=2, dim=768, depth=12, heads=12, pred_dim=384, pred_depth=12, pred_heads=6,
-                 forecast_slots=(1, 2)),
+                 forecast_slots=(1, 2), seasonal_anchor=True),
 }

@@ -34,9 +34,11 @@ from geowm.model.vit import (
     TokenGrid,
     gather_tokens,
     last_seen,
+    last_seen_days,
     select_tokens,
     tubelet_positions,
     tubelet_valid_fraction,
+    year_ago,
 )
 
 
@@ -149,9 +151,11 @@ class JEPA(nn.Module):
 
         ctx = self.encoder(pixels, valid, positions, context)
         anchor, anchor_ok = last_seen(ctx, grid)  # slot t, patch s -> flat index t * S + s, as grid order
-        pred = self.predictor(ctx, gather_tokens(positions, t_index), t_valid,
-                              batch.get("drivers"), batch.get("drivers_days"),
-                              gather_tokens(anchor, t_index), gather_tokens(anchor_ok, t_index))
+        t_pos = gather_tokens(positions, t_index)
+        season = self._season(ctx, grid, t_pos[..., 0], t_index % (grid.h * grid.w),
+                              gather_tokens(last_seen_days(ctx, grid), t_index))
+        pred = self.predictor(ctx, t_pos, t_valid, batch.get("drivers"), batch.get("drivers_days"),
+                              gather_tokens(anchor, t_index), gather_tokens(anchor_ok, t_index), season)
         pred_loss = latent_loss(pred, t_latents, t_valid, cfg.loss, cfg.smooth_l1_beta)
 
         if cfg.sigreg_weight > 0:
@@ -161,6 +165,16 @@ class JEPA(nn.Module):
             sigreg = torch.zeros((), device=pred_loss.device)
         return dict(loss=pred_loss + cfg.sigreg_weight * sigreg, pred_loss=pred_loss.detach(),
                     sigreg=sigreg.detach(), n_context=int(context.sum()), n_target=int(target.sum()))
+
+    def _season(self, ctx, grid: TokenGrid, days: Tensor, patch: Tensor, anchor_days: Tensor):
+        """The predictor's seasonal memory for queries at ``days`` / ``patch`` whose last seen latent is dated
+        ``anchor_days`` (all (B, Q)): year-ago latents at both dates (:func:`year_ago`); None when off."""
+        cfg = self.cfg
+        if not cfg.seasonal_anchor:
+            return None
+        at_t, ok_t = year_ago(ctx, grid, days, patch, cfg.seasonal_lag_days, cfg.seasonal_tol_days)
+        at_a, ok_a = year_ago(ctx, grid, anchor_days, patch, cfg.seasonal_lag_days, cfg.seasonal_tol_days)
+        return at_t, ok_t, at_a, ok_a
 
     @torch.no_grad()
     def update_target(self, step: int, total_steps: int) -> float:
@@ -224,8 +238,11 @@ class JEPA(nn.Module):
         anchor, anchor_ok = last_seen(ctx, grid)
         S = grid.h * grid.w  # every target takes the latest context at its patch ("after the window" slot)
         after, after_ok = anchor[:, grid.t * S:], anchor_ok[:, grid.t * S:]
+        patch = torch.arange(S, device=pos.device).repeat(K)[None].expand(B, -1)
+        season = self._season(ctx, grid, pos[..., 0], patch,
+                              last_seen_days(ctx, grid)[:, grid.t * S:].repeat(1, K))
         pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"),
-                              after.repeat(1, K, 1), after_ok.repeat(1, K))
+                              after.repeat(1, K, 1), after_ok.repeat(1, K), season)
         return pred.reshape(*shape, self.cfg.dim)
 
     # ---- monitoring ---------------------------------------------------------------------------------------

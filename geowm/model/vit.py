@@ -248,6 +248,26 @@ class Encoder(nn.Module):
         return TokenSet(self.transformer(x, pos, ok), index, ok, pos)
 
 
+def year_ago(context: TokenSet, grid: TokenGrid, days: Tensor, patch: Tensor, lag: float,
+             tol: float) -> tuple[Tensor, Tensor]:
+    """For each query at ``days`` (B, Q) and patch ``patch`` (B, Q) long (``row * Wp + col``): the context latent at
+    that patch whose date is nearest to ``days - lag``. Returns ``x`` (B, Q, D) and ``ok`` (B, Q) bool, False where
+    no context token of the patch lies within ``tol`` days of it (``x`` is then some other token: mask it)."""
+    S = grid.h * grid.w
+    ctx_patch = context.index % S  # (B, L)
+    gap = (context.pos[:, None, :, 0] - (days[:, :, None] - lag)).abs()  # (B, Q, L)
+    same = (ctx_patch[:, None, :] == patch[:, :, None]) & context.valid[:, None, :]
+    gap = torch.where(same, gap, torch.full((), float("inf"), device=gap.device))
+    best, j = gap.min(dim=-1)
+    return gather_tokens(context.x, j), best <= tol
+
+
+def last_seen_days(context: TokenSet, grid: TokenGrid) -> Tensor:
+    """The date (days) of the latent :func:`last_seen` returns, same layout without D: (B, (Tt + 1) Hp Wp)."""
+    days = TokenSet(context.pos[..., :1].to(context.x.dtype), context.index, context.valid, context.pos)
+    return last_seen(days, grid)[0][..., 0]
+
+
 class Predictor(nn.Module):
     """Narrow ViT: context latents + mask tokens at target positions (+ driver tokens) -> target latents.
 
@@ -269,6 +289,9 @@ class Predictor(nn.Module):
         if cfg.pred_anchor:
             self.anchor_embed = nn.Linear(cfg.dim, cfg.pred_dim)
             self.anchor_out = nn.Linear(cfg.dim, cfg.dim)  # skip path: predict the change from the anchor
+        if cfg.seasonal_anchor:
+            self.season_embed = nn.Linear(cfg.dim, cfg.pred_dim)
+            self.season_out = nn.Linear(cfg.dim, cfg.dim)  # skip path: last year's change over the same span
         self.transformer = Transformer(cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.mlp_ratio, cfg)
         self.proj = nn.Linear(cfg.pred_dim, cfg.dim)
         init_weights(self)
@@ -277,13 +300,17 @@ class Predictor(nn.Module):
             nn.init.zeros_(self.anchor_out.bias)
             nn.init.zeros_(self.proj.weight)
             nn.init.zeros_(self.proj.bias)
+        if cfg.seasonal_anchor:  # start as "the last latent seen here + last year's change from then to the target"
+            nn.init.eye_(self.season_out.weight)
+            nn.init.zeros_(self.season_out.bias)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         if cfg.drivers_dim > 0:
             nn.init.trunc_normal_(self.driver_flag, std=0.02)
 
     def forward(self, context: TokenSet, target_pos: Tensor, target_valid: Tensor,
                 drivers: Tensor | None = None, drivers_days: Tensor | None = None,
-                anchor: Tensor | None = None, anchor_ok: Tensor | None = None) -> Tensor:
+                anchor: Tensor | None = None, anchor_ok: Tensor | None = None,
+                season: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
         """Predict the target encoder's (layer-normed) latents at ``target_pos``.
 
         Args:
@@ -295,6 +322,9 @@ class Predictor(nn.Module):
             drivers_days: (B, Td) dates of ``drivers`` (days), required with them.
             anchor, anchor_ok: (B, Lt, dim) the last context latent seen at each target's patch
                 (``last_seen``) and whether there is one; used when ``cfg.pred_anchor``.
+            season: used when ``cfg.seasonal_anchor``: ``(at_target, ok_target, at_anchor, ok_anchor)``, the
+                context latents (B, Lt, dim) seen at each target's patch one ``seasonal_lag_days`` before the
+                target's date and before the anchor's date (:func:`year_ago`), and whether they exist.
 
         Returns:
             (B, Lt, dim) predictions.
@@ -319,6 +349,13 @@ class Predictor(nn.Module):
             zero = torch.zeros((), dtype=a_norm.dtype, device=a_norm.device)
             masks = masks + torch.where(anchor_ok[..., None], self.anchor_embed(a_norm), zero)
             skip = torch.where(anchor_ok[..., None], self.anchor_out(a_norm), zero)
+        if self.cfg.seasonal_anchor and season is not None:
+            at_t, ok_t, at_a, ok_a = season
+            st, sa = F.layer_norm(at_t, (at_t.shape[-1],)), F.layer_norm(at_a, (at_a.shape[-1],))
+            zero = torch.zeros((), dtype=st.dtype, device=st.device)
+            masks = masks + torch.where(ok_t[..., None], self.season_embed(st), zero)
+            change = torch.where((ok_t & ok_a)[..., None], self.season_out(st - sa), zero)
+            skip = change if skip is None else skip + change
         xs.append(masks)
         pos.append(target_pos[..., :3])
         ok.append(target_valid)
