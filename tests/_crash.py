@@ -59,6 +59,17 @@ def run_child(kind: str, kill_n: int | None, count_file: str | None, kwargs: dic
         from geowm.cube import IngestOptions, ingest
 
         ingest(kwargs["source"], kwargs["cube"], IngestOptions(**kwargs["opts"]))
+    elif kind == "ingests":  # several batches one after the other; each outcome written to kwargs["report"]
+        from geowm.cube import CubeError, IngestOptions, ingest
+
+        lines = []
+        for source in kwargs["sources"]:
+            try:
+                ingest(source, kwargs["cube"], IngestOptions(**kwargs["opts"]))
+                lines.append("ok")
+            except CubeError as exc:
+                lines.append(f"CubeError: {exc}")
+        Path(kwargs["report"]).write_text("\n".join(lines))
     elif kind == "forecast":
         from geowm.forecast_store import write_forecasts
 

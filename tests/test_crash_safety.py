@@ -11,7 +11,6 @@ quotes them).
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import shutil
 import signal
 from datetime import date
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import _crash
 import numpy as np
-import pytest
 from test_ingest import days, make_scene
 
 from geowm.cube import CubeError, IngestOptions, cube_checksum, ingest, open_cube
@@ -28,23 +26,6 @@ from geowm.forecast_store import ForecastStoreError, open_forecasts, write_forec
 
 OPTS = dict(tile_size=32, time_chunk=2, scheduler="synchronous")
 NEVER = 10**12
-
-
-@pytest.fixture(scope="module")
-def ctx():
-    """A fork server that imported geowm once; each trial is a fresh fork of it."""
-    import os
-    from multiprocessing import forkserver
-
-    c = mp.get_context("forkserver")
-    c.set_forkserver_preload(["_crash", "geowm.train"])
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
-    try:  # Python 3.11's fork server imports the preload before it applies the parent's sys.path
-        forkserver.ensure_running()
-    finally:
-        os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
-    return c
 
 
 def trial(ctx, kind: str, kwargs: dict, kill_n: int | None = None, count_file: Path | None = None) -> bool:
