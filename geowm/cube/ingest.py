@@ -312,6 +312,7 @@ class _Executor:
 
         if scheduler in ("local", "threads"):
             n = max(1, os.cpu_count() or 1)
+            # no dashboard; the scheduler's HTTP server (health routes) on a free loopback port, not :8787
             if scheduler == "local":  # worker processes, bound to loopback
                 import dask
 
@@ -320,12 +321,15 @@ class _Executor:
                 # (many short-lived decode buffers); keep glibc's default
                 with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                     self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                                dashboard_address=None, silence_logs=40)
+                                                dashboard_address="127.0.0.1:0", silence_logs=40,
+                                                scheduler_kwargs={"dashboard": False})
                 os.environ.clear()
                 os.environ.update(saved_env)
             else:  # one in-process worker with a thread per core
                 self.cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
-                                            dashboard_address=None, silence_logs=40)
+                                            dashboard_address="127.0.0.1:0", silence_logs=40,
+                                            worker_dashboard_address="127.0.0.1:0",  # else its HTTP server: 0.0.0.0
+                                            scheduler_kwargs={"dashboard": False})
             self.client = Client(self.cluster)
         else:
             self.client = Client(scheduler)
