@@ -161,3 +161,33 @@ def test_load_model_encode_predict_decode(synth_cube, tmp_path):
     assert dec.reflectance.dims == ("time", "band", "y", "x") and dec.reflectance.shape == (2, 4, 64, 64)
     np.testing.assert_allclose(dec.x.values, window.x.values, atol=1e-6)
     assert "ndvi" in dec and float(np.abs(dec.ndvi).max()) <= 1
+
+
+def test_cli_refuses_corrupted_checkpoint_files_and_another_config(synth_cube, tmp_path):
+    """Through the CLI: exit 2, a message naming the file or option and the problem, the run untouched."""
+    run = tmp_path / "run"
+    train(str(synth_cube), run, TrainConfig(steps=2, **FAST))
+    cfg = {**FAST, "window": FAST["window"].__dict__, "steps": 4}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    base = ["train", "--cube", str(synth_cube), "--out", str(run), "--resume", "--no-evaluate",
+            "--config", str(tmp_path / "cfg.json")]
+
+    def refused(args, *expected):
+        before = tree_digest(run)
+        res = runner.invoke(app, args)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2, text
+        for e in expected:
+            assert e in text, f"{e!r} not in {text!r}"
+        assert tree_digest(run) == before
+
+    refused([*base, "--batch-size", "3"], str(run), "checkpoint from a different config (batch_size differ)")
+    good = (run / "optimizer.pt").read_bytes()
+    (run / "optimizer.pt").write_bytes(good[: len(good) // 2])  # cut off
+    refused(base, "optimizer.pt", "corrupted")
+    (run / "optimizer.pt").write_bytes(good)
+    (run / "checkpoint.json").write_text('{"step": 2, "model_sha')
+    refused(base, "checkpoint.json: corrupted checkpoint")
+    refused(["forecast", "--cube", str(synth_cube), "--model", str(run), "--out", str(tmp_path / "fc")],
+            "checkpoint.json: corrupted checkpoint")
+    assert not (tmp_path / "fc").exists()
