@@ -7,7 +7,7 @@ DEMO   ?= demo
 # torch: the CPU wheel on CPU machines (never an unpinned torch, which pulls a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test bench bench-quick lint clean serve prefect-server
+.PHONY: install demo test bench bench-quick lint audit clean serve prefect-server
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-quick: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check geowm catalog flows dashboard tests benchmarks
+
+# Known vulnerabilities of the installed dependencies (pip-audit, PyPI's data); says so when it cannot reach
+# the service (and does not fail then); AUDIT_FLAGS=--strict fails on a finding.
+audit: $(STAMP)
+	$(PY) -m benchmarks.audit --out benchmarks/results/pip-audit.txt $(AUDIT_FLAGS)
 
 # The living demo (infra/README.md): a local Prefect server (SQLite in live/prefect), then `make serve`
 # in a second terminal: the simulator releases 5 more days of a synthetic record each minute and the

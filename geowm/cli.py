@@ -94,6 +94,9 @@ def ingest(
     catalog: Path | None = typer.Option(None, help="STAC catalog folder to keep current (default: a folder "
                                                    "named 'catalog' beside the cube)."),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not update the STAC catalog."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite dates already in the cube with the scenes "
+                                                          "given (default: refuse a date or scene that differs)."),
+    max_pixels: int = typer.Option(2**31, help="Refuse a source file (or a new cube grid) above this many pixels."),
 ) -> None:
     """Ingest new scenes into a Zarr (Icechunk) cube: one atomic commit per run; re-runs change nothing."""
     from geowm.cube.ingest import IngestError, IngestOptions
@@ -106,7 +109,7 @@ def ingest(
         crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
         time_chunk=time_chunk, bands=bands.split(",") if bands else None, mask_band=mask_band,
         mask_clear=[int(v) for v in mask_clear.split(",")] if mask_clear else None, resampling=resampling,
-        scheduler=scheduler,
+        scheduler=scheduler, replace=replace, max_pixels=max_pixels,
     )
     with _progress() as bar:
         task = bar.add_task("ingest", total=None)
@@ -120,6 +123,8 @@ def ingest(
         err.print(f"ingested {len(report.added_times)} date(s) into {cube} in {report.seconds:.1f} s "
                   f"({mb:.0f} MB of source pixels, {mb / max(report.seconds, 1e-9):.0f} MB/s), "
                   f"snapshot {report.snapshot}")
+        if report.replaced_times:
+            err.print(f"replaced {len(report.replaced_times)} date(s): {', '.join(report.replaced_times)}")
     else:
         err.print(f"nothing new: {len(report.skipped_scenes)} scene(s) already in {cube}")
     if not no_catalog:

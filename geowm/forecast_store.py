@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from geowm.cube.store import cube_exists, cube_lock, storage_for
+from geowm.cube.store import cube_exists, cube_lock, has_commits, storage_for
 
 FORMAT = "geowm-forecast/1"
 PROVENANCE = ("geowm:run_id", "geowm:config_hash")
@@ -81,6 +81,8 @@ def open_forecasts(store: str | Path, snapshot: str | None = None) -> xr.Dataset
     if not cube_exists(store):
         raise ForecastStoreError(f"{store}: no forecast store here")
     repo = icechunk.Repository.open(storage_for(store))
+    if not has_commits(repo):
+        raise ForecastStoreError(f"{store}: empty forecast store (its first write did not complete)")
     session = repo.readonly_session(snapshot_id=snapshot) if snapshot else repo.readonly_session("main")
     ds = xr.open_zarr(session.store, consolidated=False)
     if ds.attrs.get("geowm:format") != FORMAT:
@@ -106,8 +108,8 @@ def write_forecasts(fc: xr.Dataset, store: str | Path) -> str:
     fc = fc.copy()
     fc.attrs = {k: v for k, v in fc.attrs.items() if k != "geowm:cube_snapshot"}
     with cube_lock(store):
-        if not cube_exists(store):
-            repo = icechunk.Repository.create(storage_for(store))
+        if not cube_exists(store) or not has_commits(icechunk.Repository.open(storage_for(store))):
+            repo = icechunk.Repository.open_or_create(storage_for(store))  # new, or left empty by a killed write
             session = repo.writable_session("main")
             fc.attrs["geowm:cube_snapshots"] = snaps
             fc.to_zarr(session.store, mode="w", consolidated=False, encoding={**_chunks(fc), **TIME_ENCODING})

@@ -30,6 +30,7 @@ RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "clo
 _BAND_SUFFIX = re.compile(
     r"(?:^|_)((?:SR_|ST_)?B\d{1,2}A?|SCL|QA(?:_[A-Z]+)?|BQA|FMASK|MASK|CLOUD(?:_?MASK)?)$", re.IGNORECASE
 )
+_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
 _DT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
 
@@ -114,6 +115,29 @@ def band_from_filename(name: str) -> tuple[str, str | None]:
     if not m or m.start(1) == 0:
         return stem, None
     return stem[: m.start(1)].rstrip("_"), m.group(1)
+
+
+def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None) -> dict[str, list] | None:
+    """``{path: [size, mtime_ns, sha256]}`` of local files (None if any is a URL). A file whose size and
+    mtime equal its entry in ``known`` keeps that entry's SHA-256 unread (the rsync quick check)."""
+    import hashlib
+    import os
+
+    out = {}
+    for p in paths:
+        if "://" in p:
+            return None
+        st = os.stat(p)
+        old = (known or {}).get(p)
+        if old and old[:2] == [st.st_size, st.st_mtime_ns]:
+            out[p] = old
+            continue
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+        out[p] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return out
 
 
 def natural_key(name: str) -> tuple:
@@ -208,6 +232,9 @@ def _asset_band_names(asset) -> list[str] | None:
 def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
     import rasterio
 
+    if not _SAFE_ID.fullmatch(item.id or "") or set(item.id) == {"."}:
+        raise SourceError(f"{doc}: STAC item id {item.id!r} is not a safe name (letters, digits, '.', '_', '-' "
+                          "only; it becomes a file name in the geowm catalog)")
     dt = item.datetime or item.common_metadata.start_datetime
     if dt is None:
         raise SourceError(f"{doc}: STAC item {item.id!r} has neither datetime nor start_datetime")

@@ -3,7 +3,9 @@
 A run directory holds ``config.json`` (model + training config, bands, normalisation statistics,
 tile grid, cube snapshot, code version), ``model.safetensors`` (encoder, EMA target encoder,
 predictor), ``optimizer.pt`` (optimizer state and step; loaded with ``weights_only=True``),
-``checkpoint.json`` (step and the SHA-256 of the weights) and ``metrics.jsonl``.
+``checkpoint.json`` (step and the SHA-256 of the weights) and ``metrics.jsonl``. A checkpoint is written
+beside the current one (``*.next``) and moved in place once complete, so a run killed at any point resumes
+from its last complete checkpoint.
 
 Data order and masks depend only on (seed, step, rank), so ``--resume`` continues exactly: on CPU
 the losses after a resume equal those of an uninterrupted run. DDP: run under ``torchrun`` (gloo
@@ -112,24 +114,57 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "checkpoint.json")  # moved in place in this order
+NEXT = ".next"  # suffix of the checkpoint being written
+
+
 def save_checkpoint(run: Path, model: JEPA, opt: torch.optim.Optimizer, step: int, total: int) -> None:
-    """Weights (safetensors), optimizer state, then checkpoint.json last: a checkpoint is complete or absent."""
+    """Weights (safetensors) and optimizer state as ``*.next``, then ``checkpoint.json.next`` (their SHA-256):
+    once that exists the new checkpoint is complete and its files are moved in place (:func:`recover_checkpoint`
+    finishes the moves if the process dies between them)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(run / "model.safetensors", lambda p: save_file(state, str(p)))
-    _atomic_write(run / "optimizer.pt", lambda p: torch.save({"optimizer": opt.state_dict(), "step": step,
-                                                               "total_steps": total}, p))
-    meta = {"step": step, "total_steps": total, "model_sha256": _sha256(run / "model.safetensors"),
-            "optimizer_sha256": _sha256(run / "optimizer.pt")}
-    _atomic_write(run / "checkpoint.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    weights, optim = run / f"model.safetensors{NEXT}", run / f"optimizer.pt{NEXT}"
+    save_file(state, str(weights))
+    torch.save({"optimizer": opt.state_dict(), "step": step, "total_steps": total}, optim)
+    meta = {"step": step, "total_steps": total, "model_sha256": _sha256(weights), "optimizer_sha256": _sha256(optim)}
+    _atomic_write(run / f"checkpoint.json{NEXT}", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    recover_checkpoint(run)
+
+
+def recover_checkpoint(run: Path) -> None:
+    """Finish or drop a checkpoint write that was interrupted (only the run's writer calls this).
+
+    A complete ``checkpoint.json.next`` means its files are complete: they are moved in place. Otherwise
+    the partial ``*.next``/``*.tmp`` files are removed and the previous checkpoint stands.
+    """
+    commit = run / f"checkpoint.json{NEXT}"
+    if commit.exists():
+        for name in CHECKPOINT_FILES:
+            nxt = run / f"{name}{NEXT}"
+            if nxt.exists():
+                os.replace(nxt, run / name)
+    for leftover in [*run.glob(f"*{NEXT}"), *run.glob("*.tmp")]:
+        leftover.unlink()
+
+
+def _read_meta(run: Path) -> dict:
+    meta_path, weights = run / "checkpoint.json", run / "model.safetensors"
+    if not meta_path.exists() or not weights.exists():
+        raise RunError(f"{run}: no complete checkpoint (checkpoint.json and model.safetensors)")
+    try:
+        return json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{meta_path}: corrupted checkpoint ({exc})") from None
 
 
 def load_weights(run: Path, model: JEPA) -> dict:
     """Load ``model.safetensors`` into ``model`` after checking it against ``checkpoint.json``."""
-    meta_path, weights = run / "checkpoint.json", run / "model.safetensors"
-    if not meta_path.exists() or not weights.exists():
-        raise RunError(f"{run}: no complete checkpoint (checkpoint.json and model.safetensors)")
-    meta = json.loads(meta_path.read_text())
+    weights = run / "model.safetensors"
+    meta = _read_meta(run)
     if _sha256(weights) != meta.get("model_sha256"):
+        if (run / f"checkpoint.json{NEXT}").exists():
+            raise RunError(f"{run}: a checkpoint is being written (or its writer was killed); retry, or resume "
+                           "the training to complete it")
         raise RunError(f"{weights}: corrupted checkpoint (SHA-256 differs from checkpoint.json)")
     try:
         state = load_file(str(weights))
@@ -163,7 +198,10 @@ def prepare(cube: str, run: Path, cfg: TrainConfig, resume: bool) -> dict:
     if resume:
         if not cfg_path.exists():
             raise RunError(f"{run}: --resume but no config.json here")
-        saved = json.loads(cfg_path.read_text())
+        try:
+            saved = json.loads(cfg_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{cfg_path}: unreadable run config ({exc})") from None
         mine = asdict(cfg)
         differs = [k for k in ("preset", "batch_size", "lr", "seed", "window", "model", "train_until")
                    if saved["train"].get(k) != json.loads(json.dumps(mine[k]))]
@@ -219,11 +257,18 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start, total = 0, cfg.steps
-    if resume:
+    if resume and rank == 0:
+        recover_checkpoint(run)
+    if resume and world > 1:
+        dist.barrier()
+    if resume and (run / "checkpoint.json").exists():  # else killed before its first checkpoint: start over
         meta = load_weights(run, model)
-        ostate = torch.load(run / "optimizer.pt", map_location=device, weights_only=True)
-        opt.load_state_dict(ostate["optimizer"])
+        opt.load_state_dict(_load_optimizer(run, meta, device))
         start, total = int(meta["step"]), int(meta["total_steps"])
+    elif resume:
+        total = conf.get("total_steps", total)
+    if resume and rank == 0:
+        _truncate_metrics(run / "metrics.jsonl", start)
     data = conf["data"]
     train_ds = CubeWindows(cube, cfg.window, data["stats"], (None, np.datetime64(data["train_until"])),
                            snapshot=data["snapshot"], seasonal=model.cfg.seasonal)
@@ -236,7 +281,7 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         conf["total_steps"] = total
-        (run / "config.json").write_text(json.dumps(conf, indent=1))
+        _atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(conf, indent=1)))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -291,6 +336,32 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
     if world > 1:
         dist.barrier()
     return run
+
+
+def _load_optimizer(run: Path, meta: dict, device: torch.device) -> dict:
+    """The optimizer state of the checkpoint (``weights_only=True``: tensors and plain containers only)."""
+    path = run / "optimizer.pt"
+    if not path.exists() or _sha256(path) != meta.get("optimizer_sha256"):
+        raise RunError(f"{path}: corrupted or missing checkpoint file (SHA-256 differs from checkpoint.json)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)["optimizer"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise RunError(f"{path}: corrupted checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the complete rows up to ``step`` (rows after the checkpoint are logged again on resume)."""
+    if not path.exists():
+        return
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut off by a kill
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(line + "\n")
+    _atomic_write(path, lambda p: p.write_text("".join(rows)))
 
 
 def _estimate_steps(model: JEPA, opt, ds: CubeWindows, cfg: TrainConfig, device: torch.device) -> int:

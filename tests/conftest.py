@@ -123,3 +123,22 @@ def prefect_api(tmp_path_factory):
     with temporary_settings(updates={PREFECT_HOME: home, PREFECT_RESULTS_LOCAL_STORAGE_PATH: home / "storage"}):
         with prefect_test_harness(server_startup_timeout=120):
             yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def ctx():
+    """A multiprocessing fork server that imported geowm once (``tests/_crash.py``); each ``ctx.Process`` is a
+    fresh fork of it, started in a fraction of a second instead of seconds of imports."""
+    import multiprocessing as mp
+    import os
+    from multiprocessing import forkserver
+
+    c = mp.get_context("forkserver")
+    c.set_forkserver_preload(["_crash", "geowm.train"])
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), saved]))
+    try:  # Python 3.11's fork server imports the preload before it applies the parent's sys.path
+        forkserver.ensure_running()
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.__setitem__("PYTHONPATH", saved)
+    return c

@@ -32,9 +32,9 @@ def existing(tmp_path) -> Path:
     return tmp_path
 
 
-def run_bad(ws: Path, source: Path, *expected: str) -> str:
+def run_bad(ws: Path, source: Path, *expected: str, args: tuple[str, ...] = ()) -> str:
     before = (tree_digest(ws / "cube"), tree_digest(ws / "catalog"))
-    res = runner.invoke(app, ["ingest", str(source), "--cube", str(ws / "cube"), "--scheduler", "synchronous"])
+    res = runner.invoke(app, ["ingest", str(source), "--cube", str(ws / "cube"), "--scheduler", "synchronous", *args])
     text = " ".join((res.stderr or res.output).split())
     assert res.exit_code == 2, text
     assert "error:" in text
@@ -154,3 +154,168 @@ def test_corrupt_block_data_fails_during_read_and_cleans_up(existing):
 
 def test_missing_source_path(existing):
     run_bad(existing, existing / "nowhere", "nowhere", "no such file or folder")
+
+
+# ------------------------------------------------------------------------------------------ issue 8 additions
+
+
+@pytest.mark.parametrize("kind", ["float_nan", "uint16_nodata"])
+def test_all_nan_scene(tmp_path, kind):
+    """A scene without a single pixel of data (all NaN, or all nodata) is refused, not ingested as a blank date."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    dtype = np.float32 if kind == "float_nan" else np.uint16
+    rng = np.random.default_rng(0)
+    for d in days(2):
+        write_tif(good / f"S2T_{d:%Y%m%d}T103021.tif", rng.uniform(1, 5000, (4, 32, 32)).astype(dtype),
+                  nodata=0 if dtype is np.uint16 else None, descriptions=BANDS)
+    res = runner.invoke(app, ["ingest", str(good), "--cube", str(tmp_path / "cube"), "--tile-size", "16",
+                              "--scheduler", "synchronous"])
+    assert res.exit_code == 0, res.output
+    empty = np.full((4, 32, 32), np.nan if dtype is np.float32 else 0, dtype)
+    write_tif(bad / "S2T_20210601T103021.tif", empty, nodata=0 if dtype is np.uint16 else None, descriptions=BANDS)
+    run_bad(tmp_path, bad, "S2T_20210601T103021.tif", "has no data inside the cube", "NaN or nodata")
+
+
+def test_scene_with_one_all_nan_band(existing):
+    bad = existing / "bad"
+    data = np.random.default_rng(1).integers(1, 9000, (4, 64, 64)).astype(np.uint16)
+    data[3] = 0  # B08 all nodata
+    write_tif(bad / "S2T_20210601T103021.tif", data, nodata=0, descriptions=BANDS)
+    run_bad(existing, bad, "S2T_20210601T103021.tif", "has no data inside the cube")
+
+
+def _redeliver_changed(ws: Path) -> Path:
+    """The second date's scene delivered again under the same name, with other pixels."""
+    again = ws / "again"
+    d = days(2)[1]
+    make_scene(again, d, 1234)
+    return again
+
+
+def test_same_scene_with_other_content_is_refused(existing):
+    again = _redeliver_changed(existing)
+    run_bad(existing, again, "S2T_", "already in the cube with other content", "SHA-256", "--replace")
+
+
+def test_same_scene_same_content_is_skipped(existing):
+    """The same files copied elsewhere (other paths and mtimes) are recognised by content: nothing changes."""
+    import shutil
+
+    copy = existing / "copy"
+    shutil.copytree(existing / "good", copy)
+    before = tree_digest(existing / "cube")
+    res = runner.invoke(app, ["ingest", str(copy), "--cube", str(existing / "cube"), "--scheduler", "synchronous",
+                              "--no-catalog"])
+    assert res.exit_code == 0 and "nothing new" in res.output, res.output
+    assert tree_digest(existing / "cube") == before
+
+
+def test_replace_overwrites_the_date(existing):
+    from test_ingest import raw
+
+    again = _redeliver_changed(existing)
+    res = runner.invoke(app, ["ingest", str(again), "--cube", str(existing / "cube"), "--scheduler", "synchronous",
+                              "--replace"])
+    assert res.exit_code == 0, res.output
+    assert "replaced 1 date(s)" in " ".join(res.output.split())
+    ds = raw(existing / "cube")
+    assert ds.sizes["time"] == 2
+    # equals a cube ingested from the first original date plus the re-delivered one
+    ref_src = existing / "ref_src"
+    make_scene(ref_src, days(2)[0], 0)
+    make_scene(ref_src, days(2)[1], 1234)
+    res = runner.invoke(app, ["ingest", str(ref_src), "--cube", str(existing / "ref"), "--tile-size", "32",
+                              "--scheduler", "synchronous", "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    ref = raw(existing / "ref")
+    np.testing.assert_array_equal(ds.reflectance.values, ref.reflectance.values)
+    np.testing.assert_array_equal(ds.valid.values, ref.valid.values)
+    from geowm.cube.store import read_state
+
+    assert [r["id"] for r in read_state(existing / "cube").sources] == [r["id"] for r in read_state(ref_src.parent /
+                                                                                                   "ref").sources]
+    # a re-run of the replacing batch changes nothing
+    before = tree_digest(existing / "cube")
+    res = runner.invoke(app, ["ingest", str(again), "--cube", str(existing / "cube"), "--scheduler", "synchronous",
+                              "--replace", "--no-catalog"])
+    assert res.exit_code == 0 and tree_digest(existing / "cube") == before
+
+
+def test_replace_date_from_other_scene(existing):
+    from test_ingest import raw
+
+    other = existing / "other"
+    written = make_scene(other, days(2)[1], 77)
+    for p in other.iterdir():
+        p.rename(other / p.name.replace("S2T_", "S2X_"))
+    res = runner.invoke(app, ["ingest", str(other), "--cube", str(existing / "cube"), "--scheduler", "synchronous",
+                              "--replace", "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    ds = raw(existing / "cube")
+    assert ds.sizes["time"] == 2
+    np.testing.assert_array_equal(ds.reflectance.isel(time=1).values, written["data"])
+    from geowm.cube.store import read_state
+
+    assert [r["id"] for r in read_state(existing / "cube").sources] == ["S2T_20210301T103021", "S2X_20210306T103021"]
+
+
+def test_out_of_order_dates_are_inserted_in_order(existing):
+    """An older date than the cube's newest is not an error: it is inserted and the time axis stays sorted."""
+    from test_ingest import raw
+
+    older = existing / "older"
+    make_scene(older, date(2021, 2, 1), 5)
+    res = runner.invoke(app, ["ingest", str(older), "--cube", str(existing / "cube"), "--scheduler", "synchronous",
+                              "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    times = raw(existing / "cube").time.values
+    assert [str(t)[:10] for t in times] == ["2021-02-01", "2021-03-01", "2021-03-06"]
+
+
+def test_files_of_one_scene_with_different_dates(existing):
+    bad = existing / "bad"
+    write_tif(bad / "X_20210601_B02.tif", np.ones((16, 16), np.uint16))
+    write_tif(bad / "X_20210601_B03.tif", np.ones((16, 16), np.uint16),
+              tags={"TIFFTAG_DATETIME": "2021:05:02 10:00:00"})
+    run_bad(existing, bad, "X_20210601", "files of one scene carry different dates", "X_20210601_B03.tif=2021-05-02")
+
+
+def test_absurd_dimensions_are_refused_from_the_header(existing):
+    """A header claiming 200 000 x 200 000 px (a sparse file of a few MB) is refused before any pixel is read."""
+    import rasterio
+
+    bad = existing / "bad"
+    bad.mkdir()
+    path = bad / "S2T_20210601T103021.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=200_000, height=200_000, count=4, dtype="uint16",
+                       crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5400000), tiled=True,
+                       blockxsize=1024, blockysize=1024, sparse_ok=True, interleave="pixel") as dst:
+        for i, b in enumerate(BANDS, start=1):
+            dst.set_band_description(i, b)
+    assert path.stat().st_size < 5e6
+    run_bad(existing, bad, "S2T_20210601T103021.tif", "200000 x 200000 px exceeds the limit of 2147483648 px")
+
+
+def test_max_pixels_is_configurable_and_bounds_a_new_grid(existing, tmp_path):
+    bad = existing / "bad"
+    make_scene(bad, date(2021, 6, 1), 9)
+    run_bad(existing, bad, "64 x 64 px exceeds the limit of 1000 px", "--max-pixels", args=("--max-pixels", "1000"))
+    new = tmp_path / "newcube"
+    res = runner.invoke(app, ["ingest", str(bad), "--cube", str(new), "--resolution", "0.01", "--no-catalog",
+                              "--scheduler", "synchronous"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2 and "new cube grid would be 64000 x 64000 px, above the limit" in text, text
+    assert not new.exists()
+
+
+@pytest.mark.parametrize("item_id", ["../../../outside", "a/b", "..", "x" * 300])
+def test_stac_item_id_that_would_become_a_path_outside_the_catalog(existing, item_id):
+    import pystac
+
+    bad = existing / "bad"
+    f = write_tif(bad / "data.tif", np.ones((4, 16, 16), np.uint16), descriptions=BANDS)
+    item = pystac.Item(item_id, {"type": "Point", "coordinates": [15.0, 48.7]}, [15.0, 48.7, 15.0, 48.7],
+                       datetime(2021, 6, 1), properties={})
+    item.add_asset("data", pystac.Asset(str(f), media_type=pystac.MediaType.COG, roles=["data"]))
+    (bad / "item.json").write_text(json.dumps(item.to_dict()))
+    run_bad(existing, bad / "item.json", "item.json", "is not a safe name")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,3 +124,80 @@ def test_synthetic_stac_catalog_is_discovered(synth_region):
     assert len(scenes) == len(tifs) > 40
     assert all(sorted(s.bands) == ["B02", "B03", "B04", "B08"] and s.mask.name == "SCL" for s in scenes)
     assert [s.datetime for s in scenes] == sorted(s.datetime for s in scenes)
+
+
+# ------------------------------------------------------------------------------------------ properties (issue 8)
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+stems = st.from_regex(r"[a-z0-9]{1,10}(-[a-z0-9]{1,6}){0,2}", fullmatch=True)
+band_names = st.one_of(st.from_regex(r"B(0?[1-9]|1[0-2])A?", fullmatch=True),
+                       st.from_regex(r"SR_B[1-7]", fullmatch=True),
+                       st.sampled_from(["SCL", "QA_PIXEL", "BQA", "Fmask"]))
+safe_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", fullmatch=True)
+
+
+@given(stems, band_names, st.sampled_from([".tif", ".TIF", ".tiff"]))
+def test_band_suffix_roundtrip(stem, band, ext):
+    assert band_from_filename(f"{stem}_{band}{ext}") == (stem, band)
+    assert band_from_filename(f"{stem}{ext}") == (stem, None)  # no band token: a multi-band file of its own
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(moments, st.lists(st.from_regex(r"[A-Z][A-Z0-9]{0,5}", fullmatch=True), min_size=1, max_size=4,
+                         unique=True).filter(lambda names: not {"SCL"} & set(names)),
+       st.sampled_from(["ACQUISITION_DATETIME", "TIFFTAG_DATETIME"]))
+def test_geotiff_tags_give_date_and_band_names(tmp_path, dt, names, key):
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    text = dt.strftime("%Y:%m:%d %H:%M:%S") if key == "TIFFTAG_DATETIME" else dt.isoformat()
+    write_tif(folder / "scene.tif", np.ones((len(names), 4, 4), np.uint16), descriptions=names, tags={key: text})
+    (s,) = discover(folder)
+    assert s.datetime == dt  # the tag, not the (dateless) file name
+    assert {n: r.index for n, r in s.bands.items()} == {n: i for i, n in enumerate(names, start=1)}
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(safe_ids, moments, st.lists(st.from_regex(r"[A-Za-z][A-Za-z0-9_]{0,7}", fullmatch=True), min_size=1,
+                                   max_size=5, unique_by=str.upper).filter(lambda n: "SCL" not in map(str.upper, n)),
+       st.booleans())
+def test_stac_item_id_date_and_bands(tmp_path, item_id, dt, names, as_interval):
+    import json
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    (folder / "data.tif").write_bytes(b"")  # band names come from eo:bands: the file is not opened
+    props = ({"datetime": None, "start_datetime": dt.isoformat(), "end_datetime": dt.isoformat()} if as_interval
+             else {"datetime": dt.isoformat()})
+    item = {"type": "Feature", "stac_version": "1.0.0", "id": item_id, "properties": props,
+            "geometry": {"type": "Point", "coordinates": [15.0, 48.0]}, "bbox": [15.0, 48.0, 15.0, 48.0], "links": [],
+            "assets": {"refl": {"href": "./data.tif", "type": "image/tiff; application=geotiff",
+                                "eo:bands": [{"name": n} for n in names]}},
+            "stac_extensions": []}
+    if item_id in (".", ".."):
+        return
+    (folder / "item.json").write_text(json.dumps(item))
+    (s,) = discover(folder / "item.json")
+    assert s.id == item_id and s.datetime == dt
+    assert {n: r.index for n, r in s.bands.items()} == {n: i for i, n in enumerate(names, start=1)}
+    assert all(r.path == str(folder / "data.tif") for r in s.bands.values())
+
+
+@given(st.text(max_size=12), st.sampled_from(["/", "\\", "/../", "..\\", "\x00"]), st.text(max_size=12))
+def test_stac_item_ids_with_path_separators_never_pass(a, sep, b):
+    from geowm.sources import _SAFE_ID
+
+    assert not _SAFE_ID.fullmatch(a + sep + b)
+
+
+@given(st.integers(16, 200), st.integers(1, 600), st.integers(1, 600), st.integers(1, 8), st.integers(1, 4))
+def test_ingest_regions_cover_every_pixel_once_in_whole_tiles(tile, h, w, chunks, workers):
+    from geowm.cube.ingest import _regions
+
+    g = CubeGrid("EPSG:32633", Affine(10, 0, 0, 0, -10, 0), w, h, tile)
+    count = np.zeros((h, w), np.int32)
+    for r in _regions(g, chunks, block_bytes_per_row=2 * 4 * w, workers=workers, max_bytes=1 << 16):
+        assert r.y.start % tile == 0 and (r.y.stop % tile == 0 or r.y.stop == h)  # whole tile rows
+        count[r.y, r.x] += 1
+    assert (count == 1).all()

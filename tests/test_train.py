@@ -207,3 +207,33 @@ def test_windows_carry_a_seasonal_memory_from_before_the_time_range(synth_cube):
             assert (it["valid"][:2][~pad].float().mean(dim=(1, 2)) >= cfg.min_frame_clear).all()
     assert with_memory > 0
     assert any(reader.times[w[2][w[2] >= 0][0]] < cut for w in ds.windows)  # memory from before the range
+
+
+def test_cli_refuses_corrupted_checkpoint_files_and_another_config(synth_cube, tmp_path):
+    """Through the CLI: exit 2, a message naming the file or option and the problem, the run untouched."""
+    run = tmp_path / "run"
+    train(str(synth_cube), run, TrainConfig(steps=2, **FAST))
+    cfg = {**FAST, "window": FAST["window"].__dict__, "steps": 4}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    base = ["train", "--cube", str(synth_cube), "--out", str(run), "--resume", "--no-evaluate",
+            "--config", str(tmp_path / "cfg.json")]
+
+    def refused(args, *expected):
+        before = tree_digest(run)
+        res = runner.invoke(app, args)
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2, text
+        for e in expected:
+            assert e in text, f"{e!r} not in {text!r}"
+        assert tree_digest(run) == before
+
+    refused([*base, "--batch-size", "3"], str(run), "checkpoint from a different config (batch_size differ)")
+    good = (run / "optimizer.pt").read_bytes()
+    (run / "optimizer.pt").write_bytes(good[: len(good) // 2])  # cut off
+    refused(base, "optimizer.pt", "corrupted")
+    (run / "optimizer.pt").write_bytes(good)
+    (run / "checkpoint.json").write_text('{"step": 2, "model_sha')
+    refused(base, "checkpoint.json: corrupted checkpoint")
+    refused(["forecast", "--cube", str(synth_cube), "--model", str(run), "--out", str(tmp_path / "fc")],
+            "checkpoint.json: corrupted checkpoint")
+    assert not (tmp_path / "fc").exists()

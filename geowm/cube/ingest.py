@@ -3,12 +3,14 @@ dask and commit the batch as one Icechunk transaction.
 
 Order of work (nothing is written until every source has passed the header checks):
 
-1. discover scenes (:mod:`geowm.sources`), drop scenes already in the cube (re-runs change nothing);
+1. discover scenes (:mod:`geowm.sources`), drop scenes already in the cube (re-runs change nothing); a
+   scene or date already in the cube with other content is refused unless ``replace`` is set;
 2. inspect each file's header: readable, has a CRS, not truncated, overlaps the cube, bands and dtype fit;
 3. plan: the merged, sorted time axis; the first time chunk that changes (appends touch only the end,
    an older date rewrites the tail from its chunk on);
 4. dask workers build (time chunk x tile) blocks: new dates from the sources, old dates from the
-   base snapshot; the coordinator writes each block into one writable session and commits once.
+   base snapshot; the coordinator writes each block into one writable session and commits once. A new
+   scene without a single pixel of data inside the cube (all NaN/nodata) fails the batch before the commit.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ from geowm.cube.store import (
     CubeState,
     cube_exists,
     cube_lock,
+    has_commits,
     read_state,
     storage_for,
 )
-from geowm.sources import Scene, discover, natural_key
+from geowm.sources import Scene, discover, file_fingerprints, natural_key
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
+# what an Icechunk repository holds on local disk (a first ingest killed early leaves some of it, no cube yet)
+ICECHUNK_ENTRIES = {"snapshots", "refs", "manifests", "chunks", "transactions", "config.yaml", "repo", "overwritten"}
 
 
 class IngestError(ValueError):
@@ -63,13 +68,15 @@ class IngestOptions:
     mask_clear: Sequence[int] | None = None
     resampling: str = "bilinear"
     scheduler: str = "local"  # "local" (LocalCluster of processes), "threads", "synchronous", or an address
-    max_pixels: int = MAX_PIXELS_DEFAULT
+    max_pixels: int = MAX_PIXELS_DEFAULT  # per source file and for a new cube's grid
+    replace: bool = False  # scenes of a date already in the cube replace that date instead of being refused
 
 
 @dataclass
 class IngestReport:
     cube: str
     added_times: list[str] = field(default_factory=list)
+    replaced_times: list[str] = field(default_factory=list)
     skipped_scenes: list[str] = field(default_factory=list)
     snapshot: str | None = None
     source_bytes: int = 0
@@ -249,7 +256,8 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
     """Build and write one block: time indexes ``t0 .. t0+len(entries)`` x ``region`` (whole tiles).
 
     ``entries`` holds ("old", index in the base snapshot) or ("new", scenes of that date). The block is
-    written into ``fork`` (an Icechunk ForkSession), which is returned for the coordinator to merge.
+    written into ``fork`` (an Icechunk ForkSession), returned for the coordinator to merge together with
+    the ids of the new scenes that have data in this region.
     """
     import icechunk
 
@@ -267,13 +275,15 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
         v = g["valid"][lo:hi, region.y, region.x]
         for k, j in old:
             data[k], valid[k] = r[j - lo], v[j - lo]
+    seen = set()
     for k, (kind, scenes) in enumerate(entries):
         if kind == "new":
-            data[k], valid[k] = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling])
+            data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling])
+            seen.update(s.id for s, yes in zip(scenes, has_data, strict=True) if yes)
     out = zarr.open_group(fork.store, mode="r+")
     out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
     out["valid"][t0: t0 + n, region.y, region.x] = valid
-    return fork
+    return fork, seen
 
 
 def _regions(grid: CubeGrid, n_time_chunks: int, block_bytes_per_row: int, workers: int,
@@ -302,6 +312,7 @@ class _Executor:
 
         if scheduler in ("local", "threads"):
             n = max(1, os.cpu_count() or 1)
+            # no dashboard; the scheduler's HTTP server (health routes) on a free loopback port, not :8787
             if scheduler == "local":  # worker processes, bound to loopback
                 import dask
 
@@ -310,12 +321,15 @@ class _Executor:
                 # (many short-lived decode buffers); keep glibc's default
                 with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                     self.cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                                dashboard_address=None, silence_logs=40)
+                                                dashboard_address="127.0.0.1:0", silence_logs=40,
+                                                scheduler_kwargs={"dashboard": False})
                 os.environ.clear()
                 os.environ.update(saved_env)
             else:  # one in-process worker with a thread per core
                 self.cluster = LocalCluster(n_workers=1, threads_per_worker=n, processes=False,
-                                            dashboard_address=None, silence_logs=40)
+                                            dashboard_address="127.0.0.1:0", silence_logs=40,
+                                            worker_dashboard_address="127.0.0.1:0",  # else its HTTP server: 0.0.0.0
+                                            scheduler_kwargs={"dashboard": False})
             self.client = Client(self.cluster)
         else:
             self.client = Client(scheduler)
@@ -445,7 +459,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
 
     Returns an :class:`IngestReport`. Raises :class:`IngestError`/:class:`geowm.sources.SourceError`
     for bad input (the cube is then unchanged) and :class:`geowm.cube.store.CubeError` for an
-    unusable cube.
+    unusable cube or one another process is writing.
     """
     opts = opts or IngestOptions()
     cube = str(cube)
@@ -455,19 +469,17 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
     if opts.resampling not in Resampling.__members__:
         raise IngestError(f"--resampling {opts.resampling!r}: one of {', '.join(Resampling.__members__)}")
     scenes = discover(source, opts.mask_band, opts.mask_clear)
-    created = not cube_exists(cube)
-    if created and Path(cube).exists() and "://" not in cube and any(Path(cube).iterdir()):
-        raise CubeError(f"{cube}: exists and is not a geowm cube; refusing to write into it")
     report = IngestReport(cube=cube)
-    with cube_lock(cube):
+    local = "://" not in cube
+    existed = Path(cube).exists() if local else True
+    with cube_lock(cube):  # everything below sees the cube as the previous writer left it
+        if local and not cube_exists(cube) and any(p.name not in ICECHUNK_ENTRIES for p in Path(cube).iterdir()):
+            raise CubeError(f"{cube}: exists and is not a geowm cube; refusing to write into it")
+        created = not cube_exists(cube) or not has_commits(icechunk_repo(cube))
         state = None if created else read_state(cube)
-        known = {(s["id"], s["datetime"]) for s in (state.sources if state else [])}
-        new = [s for s in scenes if (s.id, s.datetime.isoformat()) not in known]
-        report.skipped_scenes = [s.id for s in scenes if s not in new]
+        new = _new_scenes(scenes, state, opts.replace, report)
         if not new:
             report.seconds = _time.perf_counter() - t_start
-            if created:
-                Path(cube).rmdir() if Path(cube).exists() and not any(Path(cube).iterdir()) else None
             return report
         bands = _resolve_bands(new, state, opts.bands)
         cube_crs = state.grid.crs if state else opts.crs
@@ -478,6 +490,9 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
                     infos[ref.path] = inspect_file(ref.path, cube_crs, opts.max_pixels)
         grid = state.grid if state else _new_grid(list(infos.values()), opts)
         if state is None:  # bounds were in each file's own CRS: express them in the new cube's
+            if grid.width * grid.height > opts.max_pixels:
+                raise IngestError(f"{cube}: the new cube grid would be {grid.width} x {grid.height} px, above the "
+                                  f"limit of {opts.max_pixels} px (check --resolution/--bounds, or raise --max-pixels)")
             infos = {p: replace(i, bounds_in_cube_crs=tuple(transform_bounds(i.crs, grid.crs, *_native_bounds(i),
                                                                              densify_pts=21)))
                      for p, i in infos.items()}
@@ -492,35 +507,78 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         enc, scale, offset = _encoding(data_infos, state)
         groups = _group_by_date(new)
         old_times = state.times if state is not None else np.array([], "datetime64[s]")
-        old_days = {t.astype("datetime64[D]") for t in old_times}
-        for t, group in groups.items():
-            if t.astype("datetime64[D]") in old_days:
-                raise IngestError(
-                    f"{group[0].origin or group[0].id}: date {t.astype('datetime64[D]')} is already in the cube "
-                    f"from other scenes ({', '.join(s.id for s in group)} not ingested); "
-                    "ingest all footprints of a date together"
-                )
-        merged = np.array(sorted([*old_times, *groups.keys()]), "datetime64[s]")
+        old_day = {t.astype("datetime64[D]"): t for t in old_times}
+        replaced = {old_day[t.astype("datetime64[D]")] for t in groups if t.astype("datetime64[D]") in old_day}
+        if replaced and not opts.replace:
+            t = min(t for t in groups if t.astype("datetime64[D]") in old_day)
+            group = groups[t]
+            raise IngestError(
+                f"{group[0].origin or group[0].id}: date {t.astype('datetime64[D]')} is already in the cube "
+                f"from other scenes ({', '.join(s.id for s in group)} not ingested); "
+                "ingest all footprints of a date together, or pass --replace to overwrite that date"
+            )
+        kept = [t for t in old_times if t not in replaced]
+        merged = np.array(sorted([*kept, *groups.keys()]), "datetime64[s]")
         first_new = int(np.searchsorted(merged, min(groups)))
         ct = state.time_chunk if state else opts.time_chunk
         start = (first_new // ct) * ct
-        old_index = {t: i for i, t in enumerate(old_times)}
+        old_index = {t: i for i, t in enumerate(old_times) if t not in replaced}
         entries = [("old", old_index[t]) if t in old_index else ("new", groups[t]) for t in merged]
         report.source_bytes = sum(i.pixel_bytes for i in infos.values())
+        replaced_days = {t.astype("datetime64[D]") for t in replaced}
+        sources = [r for r in (state.sources if state else [])
+                   if np.datetime64(r["datetime"][:10], "D") not in replaced_days]
 
         before = _local_files(cube)
         try:
             report.snapshot = _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start,
-                                     entries, new, opts, progress, report)
+                                     entries, new, sources, opts, progress, report)
         except BaseException:
-            _remove_new_files(cube, before, created)
+            _remove_new_files(cube, before, created and not existed)
             raise
         report.added_times = [str(t) for t in groups]
+        report.replaced_times = [str(t) for t in sorted(replaced)]
     report.seconds = _time.perf_counter() - t_start
     return report
 
 
-def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start, entries, new, opts,
+def icechunk_repo(cube: str):
+    import icechunk
+
+    return icechunk.Repository.open(storage_for(cube))
+
+
+def _new_scenes(scenes: Sequence[Scene], state: CubeState | None, replace: bool, report: IngestReport) -> list[Scene]:
+    """Scenes not in the cube yet, plus (with ``replace``) those whose files changed since they were ingested.
+
+    A scene is known by (id, datetime); its files' SHA-256 (recorded at ingest) tells whether it changed.
+    Raises :class:`IngestError` for a changed scene without ``replace``.
+    """
+    known = {(r["id"], r["datetime"]): r for r in (state.sources if state else [])}
+    new = []
+    for s in scenes:
+        rec = known.get((s.id, s.datetime.isoformat()))
+        if rec is None:
+            new.append(s)
+            continue
+        old = rec.get("content")  # {path: [size, mtime_ns, sha256]}; None: URLs, or a cube from before it
+        now = file_fingerprints(s.files, old) if old else None
+        old_sums = sorted(v[2] for v in (old or {}).values())
+        changed = [] if now is None or sorted(v[2] for v in now.values()) == old_sums else \
+            [p for p in sorted(now) if now[p][2] not in old_sums] or sorted(now)
+        if not changed:
+            report.skipped_scenes.append(s.id)
+        elif replace:
+            new.append(s)
+        else:
+            raise IngestError(
+                f"{changed[0]}: scene {s.id!r} of {s.datetime.date()} is already in the cube with other content "
+                "(the file's SHA-256 differs from the one ingested); pass --replace to overwrite that date"
+            )
+    return new
+
+
+def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start, entries, new, sources, opts,
            progress, report) -> str:
     """Write the batch on a temporary branch, then move ``main`` to it in one step (compare-and-swap).
 
@@ -549,8 +607,8 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
         g["valid"].resize((len(merged), grid.height, grid.width))
         g["time"].resize((len(merged),))
         g["time"][:] = merged.astype("int64")
-    sources = list(state.sources) if state else []
-    sources += [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files} for s in new]
+    sources = list(sources) + [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
+                                "content": file_fingerprints(s.files)} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
     session.commit("prepare ingest (metadata)")
     session = repo.writable_session(tmp)
@@ -563,12 +621,19 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
         calls = [(session.fork(), cube, state.snapshot if state else None, grid, bands, enc, region, t0,
                   entries[t0: t0 + ct], opts.resampling) for t0 in chunk_starts for region in regions]
         window = 2 * executor.workers
-        for done, fork in enumerate(executor.map_unordered(_build_block, calls, window), start=1):
+        seen: set[str] = set()
+        for done, (fork, has_data) in enumerate(executor.map_unordered(_build_block, calls, window), start=1):
             session.merge(fork)
+            seen |= has_data
             if progress:
                 progress(done, len(calls))
     finally:
         executor.close()
+    empty = [s for s in new if s.id not in seen]
+    if empty:
+        s = empty[0]
+        raise IngestError(f"{', '.join(s.files)}: scene {s.id!r} ({s.datetime.date()}) has no data inside the cube: "
+                          "every pixel is NaN or nodata in at least one band; nothing was ingested")
     report.tiles_written = len(chunk_starts) * grid.n_tiles[0] * grid.n_tiles[1]
     old = set(state.times) if state is not None else set()
     days = ", ".join(str(t.astype("datetime64[D]")) for t in merged if t not in old)

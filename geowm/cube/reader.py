@@ -136,22 +136,25 @@ def _clear_lookup(clear: frozenset[int], mask: np.ndarray) -> np.ndarray:
 
 
 def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
-                resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray]:
-    """Mosaic the scenes of one date (already in mosaic order) into ``data`` (band, y, x) and ``valid`` (y, x)."""
+                resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+    """Mosaic the scenes of one date (already in mosaic order) into ``data`` (band, y, x) and ``valid`` (y, x);
+    ``has_data`` tells, per scene, whether it covers any pixel of the tile (all its bands not fill/NaN)."""
     if len(scenes) == 1:
-        data, valid, _ = read_scene(scenes[0], bands, grid, tile, enc, resampling)
-        return data, valid
+        data, valid, covered = read_scene(scenes[0], bands, grid, tile, enc, resampling)
+        return data, valid, [bool(covered.any())]
     h, w = tile.shape
     data = np.full((len(bands), h, w), enc.fill, enc.dtype)
     valid = np.zeros((h, w), bool)
     covered = np.zeros((h, w), bool)
+    has_data = []
     for scene in scenes:
         d, v, c = read_scene(scene, bands, grid, tile, enc, resampling)
         take = (v & ~valid) | (c & ~covered)  # valid beats invalid; otherwise first come
         data[:, take] = d[:, take]
         valid |= v
         covered |= c
-    return data, valid
+        has_data.append(bool(c.any()))
+    return data, valid, has_data
 
 
 def read_to_grid(path: str, grid: CubeGrid, band: int = 1) -> tuple[np.ndarray, dict[int, str]]:

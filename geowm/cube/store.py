@@ -61,10 +61,21 @@ def cube_exists(path: str | Path) -> bool:
     return icechunk.Repository.exists(storage_for(path))
 
 
+def has_commits(repo: icechunk.Repository) -> bool:
+    """Whether ``main`` moved past the repository's initial empty commit (a writer killed right after
+    creating the repository leaves one without; it is then treated as new)."""
+    history = repo.ancestry(branch=BRANCH)
+    next(history)
+    return next(history, None) is not None
+
+
 def open_repo(path: str | Path) -> icechunk.Repository:
     if not cube_exists(path):
         raise CubeError(f"{path}: no geowm cube here (not an Icechunk repository)")
-    return icechunk.Repository.open(storage_for(path))
+    repo = icechunk.Repository.open(storage_for(path))
+    if not has_commits(repo):
+        raise CubeError(f"{path}: empty cube (its first ingest did not complete); run the ingest again")
+    return repo
 
 
 def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
@@ -114,6 +125,8 @@ def read_state(path: str | Path) -> CubeState:
                     int(attrs["geowm:tile_size"]))
     ra = dict(refl.attrs)
     fill = ra.get("_FillValue", refl.fill_value)
+    if isinstance(fill, str):  # xarray stores a float NaN _FillValue base64-encoded: the array's own is the same
+        fill = refl.fill_value
     return CubeState(
         grid=grid,
         bands=[str(b) for b in g["band"][:]],
@@ -138,6 +151,7 @@ def cube_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
         yield
         return
     p = Path(path)
+    made = not p.exists()
     p.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_RDONLY)
     try:
@@ -145,8 +159,12 @@ def cube_lock(path: str | Path, wait: bool = False) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise CubeError(f"{path}: another process is writing this cube; re-run when it has finished") from None
+        if not p.is_dir() or os.stat(p).st_ino != os.fstat(fd).st_ino:  # removed by the writer before us
+            raise CubeError(f"{path}: another process was writing this cube; re-run when it has finished")
         yield
     finally:
+        if made and p.is_dir() and not any(p.iterdir()):  # the folder this lock made, left empty: not kept
+            p.rmdir()
         os.close(fd)
 
 
