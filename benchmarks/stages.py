@@ -2,7 +2,8 @@
 
 :func:`run_stage` runs one stage of the data path (``ingest``, ``loader``, ``train``, ``forecast`` or
 ``anomaly``) in a new process forked from a forkserver that has imported torch and geowm (so the
-imports are paid once, and each stage starts from the same clean state) and returns what
+imports are paid once, and each stage starts from the same clean state; ingest, which needs no
+torch, in a spawned process) and returns what
 :func:`measure` reports there. The stage's imports happen first; then the process's resident set
 is read (``baseline_rss``), its peak resident set is reset (``/proc/self/clear_refs`` = 5, so the
 import transient does not count) and, on CUDA, the allocator's peak statistics are reset; the stage
@@ -118,18 +119,20 @@ def _anomaly(a: dict):
 
 STAGE_FUNCS = {"ingest": _ingest, "loader": _loader, "train": _train, "forecast": _forecast, "anomaly": _anomaly}
 PRELOAD = ["torch", "geowm.cube", "geowm.data", "geowm.train", "geowm.forecast", "geowm.anomaly", "benchmarks.stages"]
+NO_TORCH = {"ingest"}  # stages whose real processes do not import torch: a fresh (spawned) process, not the forkserver
 
 
 def measure(stage: str, args: dict) -> dict:
     """Run ``stage`` in this process and measure it (see the module docstring)."""
     t_start = time.perf_counter()
     work, after = STAGE_FUNCS[stage](args)
-    import torch
+    import sys
 
-    saved_threads = torch.get_num_threads()
-    if args.get("threads"):  # CPU intra-op threads for this stage (default: torch's default)
+    torch = sys.modules.get("torch")  # ingest does not import it
+    saved_threads = torch.get_num_threads() if torch else None
+    if torch and args.get("threads"):  # CPU intra-op threads for this stage (default: torch's default)
         torch.set_num_threads(int(args["threads"]))
-    cuda = torch.cuda.is_available()
+    cuda = bool(torch) and torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -144,9 +147,10 @@ def measure(stage: str, args: dict) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         cpu_s = time.process_time() - t_cpu
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if torch else None
     finally:
-        torch.set_num_threads(saved_threads)
+        if torch:
+            torch.set_num_threads(saved_threads)
     peak = _status_kib("VmHWM:")
     out = {"stage": stage, "seconds": seconds, "cpu_s": cpu_s, "import_s": import_s,
            "baseline_rss_bytes": None if baseline is None else baseline * 1024,
@@ -175,13 +179,16 @@ def _child(stage: str, args: dict, conn) -> None:
 _CTX = None
 
 
-def _context():
+def _context(stage: str):
     """A forkserver that has imported torch and geowm once: each stage then runs in a fresh process forked
-    from it (clean peak RSS, baseline = the imports) without paying ~5 s of imports per stage."""
+    from it (clean peak RSS, baseline = the imports) without paying ~5 s of imports per stage. Stages that
+    do not need torch (ingest) run in a spawned process instead, so their memory is what theirs would be."""
     global _CTX
-    if _CTX is None:
-        import multiprocessing as mp
+    import multiprocessing as mp
 
+    if stage in NO_TORCH:
+        return mp.get_context("spawn")
+    if _CTX is None:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(PRELOAD)
     return _CTX
@@ -196,7 +203,7 @@ def run_stage(stage: str, args: dict, in_process: bool = False, timeout: float =
     if in_process:
         res = measure(stage, args)
     else:
-        ctx = _context()
+        ctx = _context(stage)
         recv, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, args=(stage, args, send), name=f"stage-{stage}")
         proc.start()
