@@ -43,8 +43,8 @@ from benchmarks.stages import STAGES, run_stage
 PARAMS = {
     "full": {"sizes": (256, 512, 1024), "start": "2021-01-01", "end": "2021-06-30", "score_from": "2021-06-01",
              "frames": 8, "win": 64, "train_steps": 6, "train_batch": 8, "members": 4, "repeats": 2},
-    "quick": {"sizes": (128, 256, 512), "start": "2021-03-01", "end": "2021-06-30", "score_from": "2021-06-10",
-              "frames": 8, "win": 64, "train_steps": 3, "train_batch": 4, "members": 1, "repeats": 1},
+    "quick": {"sizes": (128, 256, 512), "start": "2021-03-01", "end": "2021-06-30", "score_from": "2021-06-20",
+              "frames": 8, "win": 64, "train_steps": 2, "train_batch": 4, "members": 1, "repeats": 1},
     "smoke": {"sizes": (64, 128), "start": "2021-03-01", "end": "2021-05-15", "score_from": "2021-05-01",
               "frames": 4, "win": 32, "train_steps": 2, "train_batch": 2, "members": 1, "repeats": 1},
 }
