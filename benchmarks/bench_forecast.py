@@ -69,7 +69,8 @@ def run(mode: str, workdir: Path) -> dict:
     desc = (f"Synthetic region {p['size']} x {p['size']} px ({km2:.2f} km^2), {p['start']}..{p['end']}, `tiny` model "
             f"on {device}: one forecast init (4 leads; 1 or 4 members) and anomaly surprise for every acquisition "
             f"from {p['score_from']}, {how}.")
-    notes = [f"{k}: {v['seconds']:.1f} s for {v['n']} init(s)/acquisition(s); peak RSS "
+    notes = [f"{k}: {v['seconds']:.1f} s ({v['cpu_s']:.1f} CPU s, {v['torch_threads']} torch threads) for {v['n']} "
+             f"init(s)/acquisition(s); peak RSS "
              f"{v['peak_rss_bytes'] / 2**20:.0f} MiB of which {v['baseline_rss_bytes'] / 2**20:.0f} MiB held before "
              f"the stage (imports); 1-min load average {v['load_avg_1m_at_start']} at start"
              for k, v in details.items()]
