@@ -9,7 +9,9 @@ init over the whole region (4 leads, 1 and 4 ensemble members), and ``geowm.anom
 the region's acquisitions from ``score_from`` (each scored patch-date is one encoder window + one
 prediction). km^2/s counts the region's area once per init (forecast) or once per scored acquisition
 (anomaly). Peak memory: the process's peak resident set while the stage ran (and, on CUDA, the peak
-allocated GPU memory). How these costs grow with the region: ``bench_scaling``.
+allocated GPU memory). Full mode uses torch's default intra-op threads (what ``geowm forecast`` gets);
+quick and smoke modes 1 thread (on shared, busy cores more threads mostly wait for each other).
+How these costs grow with the region: ``bench_scaling``.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from benchmarks.stages import run_stage
 
 PARAMS = {
     "full": {"size": 512, "start": "2021-01-01", "end": "2021-12-31", "score_from": "2021-07-01"},
-    "quick": {"size": 256, "start": "2021-01-01", "end": "2021-06-30", "score_from": "2021-06-01"},
+    "quick": {"size": 256, "start": "2021-01-01", "end": "2021-06-30", "score_from": "2021-06-15"},
     "smoke": {"size": 128, "start": "2021-01-01", "end": "2021-04-30", "score_from": "2021-04-01"},
 }
 SEED = 11
+THREADS = {"full": None, "quick": 1, "smoke": 1}  # torch intra-op threads (None: torch's default, as the CLI)
 
 
 def run(mode: str, workdir: Path) -> dict:
@@ -49,13 +52,15 @@ def run(mode: str, workdir: Path) -> dict:
     results, details = {}, {}
     try:
         for members in (1, 4):
-            r = run_stage("forecast", {"cube": str(cube), "run": str(run_dir), "members": members}, in_process=here)
+            r = run_stage("forecast", {"cube": str(cube), "run": str(run_dir), "members": members,
+                                       "threads": THREADS[mode]}, in_process=here)
             results[f"forecast_m{members}_km2_per_s"] = round(km2 / r["seconds"], 3)
             results[f"forecast_m{members}_peak_rss_MiB"] = round(r["peak_rss_bytes"] / 2**20, 1)
             if r["cuda_max_allocated_bytes"] is not None:
                 results[f"forecast_m{members}_cuda_max_allocated_MiB"] = round(r["cuda_max_allocated_bytes"] / 2**20, 1)
             details[f"forecast_m{members}"] = {**r, "n": 1}
-        r = run_stage("anomaly", {"cube": str(cube), "run": str(run_dir), "start": p["score_from"]}, in_process=here)
+        r = run_stage("anomaly", {"cube": str(cube), "run": str(run_dir), "start": p["score_from"],
+                                  "threads": THREADS[mode]}, in_process=here)
         results["anomaly_km2_per_s"] = round(km2 * r["scored_dates"] / r["seconds"], 3)
         results["anomaly_peak_rss_MiB"] = round(r["peak_rss_bytes"] / 2**20, 1)
         if r["cuda_max_allocated_bytes"] is not None:
