@@ -1,7 +1,7 @@
 """Forecast and anomaly-scoring throughput (km^2 per second) and peak memory, on CPU (CUDA when present).
 
-Set-up (not timed): a synthetic region is generated (kept under the work folder and reused while its
-parameters match) and ingested, and a `tiny` model is trained for a few steps with its probes
+Set-up (timed apart, ``setup_s``): a synthetic region is generated (kept under the work folder and reused
+while its parameters match) and ingested, and a `tiny` model is trained for a few steps with its probes
 (throughput does not depend on how well it is trained). Timed, each in a fresh process
 (:func:`benchmarks.stages.run_stage`: forked from a forkserver that has imported torch and geowm; peak
 RSS reset after the imports; smoke mode runs them in this process): ``geowm.forecast.forecast`` of one
@@ -32,6 +32,10 @@ THREADS = {"full": None, "quick": 1, "smoke": 1}  # torch intra-op threads (None
 
 
 def run(mode: str, workdir: Path) -> dict:
+    import time
+
+    import torch
+
     from benchmarks.bench_ingest import source_region
     from geowm.cube import IngestOptions, ingest
     from geowm.data import WindowConfig
@@ -39,14 +43,29 @@ def run(mode: str, workdir: Path) -> dict:
 
     p = PARAMS[mode]
     workdir.mkdir(parents=True, exist_ok=True)
+    setup_s = {}
+    t0 = time.perf_counter()
     region, _ = source_region(workdir, p["size"], p["start"], p["end"], SEED)
+    setup_s["region"] = time.perf_counter() - t0
     cube, run_dir = workdir / "cube", workdir / "run"
     remove(cube)
     remove(run_dir)
-    ingest(region / "stac" / "catalog.json", cube, IngestOptions(scheduler="threads"))
-    window = WindowConfig() if mode != "smoke" else WindowConfig(frames=4, size=32)
-    train(str(cube), run_dir, TrainConfig(preset="tiny", steps=3, batch_size=2, workers=0, window=window))
-    evaluate_run(run_dir, n_windows=4)
+    saved_threads = torch.get_num_threads()
+    if THREADS[mode]:
+        torch.set_num_threads(THREADS[mode])
+    try:
+        t0 = time.perf_counter()
+        ingest(region / "stac" / "catalog.json", cube, IngestOptions(scheduler="synchronous"))
+        setup_s["ingest"] = time.perf_counter() - t0
+        window = WindowConfig() if mode != "smoke" else WindowConfig(frames=4, size=32)
+        t0 = time.perf_counter()
+        train(str(cube), run_dir, TrainConfig(preset="tiny", steps=3, batch_size=2, workers=0, window=window))
+        setup_s["train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluate_run(run_dir, n_windows=4)
+        setup_s["probes"] = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(saved_threads)
     km2 = (p["size"] * 10 / 1000) ** 2
     here = mode == "smoke"
     results, details = {}, {}
@@ -80,7 +99,8 @@ def run(mode: str, workdir: Path) -> dict:
              f"the stage (imports); 1-min load average {v['load_avg_1m_at_start']} at start"
              for k, v in details.items()]
     return {"results": {"headline": results, "description": desc, "notes": notes, "region_km2": km2,
-                        "size_px": p["size"], "params": p, "device": device, "details": details}, "targets": {}}
+                        "size_px": p["size"], "params": p, "device": device, "details": details,
+                        "setup_s": {k: round(v, 2) for k, v in setup_s.items()}}, "targets": {}}
 
 
 if __name__ == "__main__":
