@@ -29,3 +29,8 @@ def mb(n_bytes: float) -> float:
 def target(metric: str, value: float, minimum: float) -> dict:
     """A ``>= minimum`` target on a headline metric, as stored in a result's ``targets``."""
     return {"metric": metric, "target": f">= {minimum:g}", "value": value, "met": bool(value >= minimum)}
+
+
+def target_max(metric: str, value: float, maximum: float) -> dict:
+    """A ``<= maximum`` target on a headline metric, as stored in a result's ``targets``."""
+    return {"metric": metric, "target": f"<= {maximum:g}", "value": value, "met": bool(value <= maximum)}

@@ -9,7 +9,8 @@ reflectance and SCL GeoTIFFs), after one untimed pass that puts the files in the
 * ``ingest`` on a ``distributed.LocalCluster`` of k single-threaded worker processes, k = 1, 2, started
   here and passed by address (start-up, including importing geowm in the workers, is timed apart);
   diagnostic repeat of both without the ``MALLOC_TRIM_THRESHOLD_=65536`` that distributed's nanny puts
-  in the workers' environment by default (it makes every large numpy allocation a fresh mmap).
+  in the workers' environment by default (it makes every large numpy allocation a fresh mmap); not in
+  quick mode (time).
 
 Throughput = decoded source bytes (``IngestReport.source_bytes``, the sum of the files' pixel
 array sizes) / wall seconds of the call. Each ingest writes a fresh cube; the cubes' checksums
@@ -31,9 +32,10 @@ from benchmarks._util import dir_bytes, mb, remove, target
 
 PARAMS = {  # mode -> synthetic region
     "full": {"size": 1024, "start": "2021-01-01", "end": "2021-12-31", "seed": 11},
-    "quick": {"size": 512, "start": "2021-01-01", "end": "2021-06-30", "seed": 11},
+    "quick": {"size": 384, "start": "2021-01-01", "end": "2021-04-30", "seed": 11},
     "smoke": {"size": 128, "start": "2021-01-01", "end": "2021-02-28", "seed": 11},
 }
+DIAGNOSTICS = {"full": True, "quick": False, "smoke": True}  # the runs without MALLOC_TRIM_THRESHOLD_
 WORKERS = (1, 2)
 RAW_REPEATS = 2
 TARGET_ONE_CORE_VS_RAW = 0.7
@@ -154,7 +156,8 @@ def run(mode: str, workdir: Path) -> dict:
     runs = {"synchronous": _ingest_once(catalog, workdir / "cubes" / "synchronous", "synchronous")}
     for k in WORKERS:
         runs[f"dask_k{k}"] = _ingest_on_cluster(catalog, workdir / "cubes" / f"dask_k{k}", k)
-    for k in WORKERS:  # diagnostic: the same without distributed's default MALLOC_TRIM_THRESHOLD_=65536
+    diag = DIAGNOSTICS[mode]
+    for k in WORKERS if diag else ():  # diagnostic: the same without distributed's MALLOC_TRIM_THRESHOLD_=65536
         runs[f"dask_k{k}_no_malloc_trim"] = _ingest_on_cluster(catalog, workdir / "cubes" / f"dask_k{k}_nt", k,
                                                                keep_malloc_trim=False)
     remove(workdir / "cubes")
@@ -188,8 +191,9 @@ def run(mode: str, workdir: Path) -> dict:
                          "all_seconds": [round(s, 3) for s, _ in reads]},
             "ingest": runs,
             "dask_k1_vs_synchronous": round(k1["MBps"] / sync["MBps"], 3),
-            "dask_scaling_k2_vs_k1_no_malloc_trim": round(runs["dask_k2_no_malloc_trim"]["MBps"]
-                                                          / runs["dask_k1_no_malloc_trim"]["MBps"], 3),
+            "dask_scaling_k2_vs_k1_no_malloc_trim": (round(runs["dask_k2_no_malloc_trim"]["MBps"]
+                                                           / runs["dask_k1_no_malloc_trim"]["MBps"], 3)
+                                                     if diag else None),
             "bytes_match": source_bytes == {decoded},
             "cubes_identical": len(checksums) == 1,
             "cores": os.cpu_count(),
@@ -197,8 +201,8 @@ def run(mode: str, workdir: Path) -> dict:
                       "(not in the ingest timings)",
                       "cubes written by all schedulers identical: " + ("yes" if len(checksums) == 1 else "NO"),
                       "diagnostic, workers without distributed's default MALLOC_TRIM_THRESHOLD_=65536: "
-                      f"k=1 {runs['dask_k1_no_malloc_trim']['MBps']} MB/s, "
-                      f"k=2 {runs['dask_k2_no_malloc_trim']['MBps']} MB/s"],
+                      + (f"k=1 {runs['dask_k1_no_malloc_trim']['MBps']} MB/s, "
+                         f"k=2 {runs['dask_k2_no_malloc_trim']['MBps']} MB/s" if diag else "not run in quick mode")],
         },
         "targets": {"one_core_vs_raw_read": target("ingest_1core_vs_raw", round(ratio, 3),
                                                    TARGET_ONE_CORE_VS_RAW)},

@@ -3,8 +3,10 @@
 Each benchmark is a module ``benchmarks/bench_<name>.py`` (or the one named in ``MODULES``) with
 ``run(mode, workdir) -> dict`` returning
 ``{"results": {"headline": {metric: number}, ...details}, "targets": {key: {"target", "value", "met"}}}``
+and optionally ``"artifacts": [paths]`` (plots written under its work folder)
 (mode is ``full``, ``quick`` or ``smoke``). This runner calls them one after the other, writes
-``OUT/<name>.json`` for each and regenerates ``OUT/README.md`` from every JSON present in ``OUT``.
+``OUT/<name>.json`` for each, copies its artifacts into ``OUT`` (their file names listed in the JSON)
+and regenerates ``OUT/README.md`` from every JSON present in ``OUT``.
 A failing benchmark is recorded (``status: "failed: <error>"``) and the others still run.
 """
 
@@ -15,6 +17,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # run order; module benchmarks.bench_<name>
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "dashboard")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard")
 MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")
@@ -91,25 +94,34 @@ def machine_line(m: dict) -> str:
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k))
     return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM "
-            f"(1-min load average {m.get('load_avg_1m_at_start', 'n/a')} at start); Python {m.get('python')} on "
+            f"(1-min load average {m.get('load_avg_1m_at_start', 'n/a')} at start, "
+            f"{m.get('load_avg_1m_at_end', 'n/a')} at end); Python {m.get('python')} on "
             f"{m.get('platform')}; {libs}; commit {m.get('git_commit') or 'n/a'}")
 
 
 # ------------------------------------------------------------------------------------------- running
 
 
-def run_one(name: str, mode: str, workdir: Path, machine: dict) -> dict:
-    """Run one benchmark; never raises (a failure becomes ``status: "failed: ..."``)."""
+def run_one(name: str, mode: str, workdir: Path, machine: dict, out_dir: Path | None = None) -> dict:
+    """Run one benchmark; never raises (a failure becomes ``status: "failed: ..."``).
+
+    Its artifacts (files it lists under ``"artifacts"``) are copied into ``out_dir`` when given."""
     started = datetime.now(UTC).isoformat(timespec="seconds")
     machine = {**machine, "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}  # other work on the machine?
     t0 = time.perf_counter()
     results: dict = {}
     targets: dict = {}
+    artifacts: list[str] = []
     saved_env = dict(os.environ)  # e.g. dask nannies write MALLOC_TRIM_THRESHOLD_ into os.environ
     try:
         module = importlib.import_module(MODULES.get(name, f"benchmarks.bench_{name}"))
         out = module.run(mode, workdir / name)
         results, targets = out["results"], out.get("targets", {})
+        for path in out.get("artifacts", []):
+            path = Path(path)
+            if out_dir is not None:
+                shutil.copyfile(path, out_dir / path.name)
+            artifacts.append(path.name)
         status = "ok"
     except Exception as exc:  # noqa: BLE001 - one failing benchmark must not stop the others
         traceback.print_exc()
@@ -118,9 +130,10 @@ def run_one(name: str, mode: str, workdir: Path, machine: dict) -> dict:
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
+    machine["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return {"name": name, "mode": mode, "machine": machine, "started": started,
             "seconds": round(time.perf_counter() - t0, 2), "results": results, "targets": targets,
-            "status": status}
+            "artifacts": artifacts, "status": status}
 
 
 def _fmt(v) -> str:
@@ -166,6 +179,9 @@ def render_readme(out_dir: Path) -> str:
                 lines.append(f"| {key} | {_fmt(t.get('value'))} | {t.get('target')} | {_fmt(t.get('met'))} |")
         if results.get("notes"):
             lines += ["", *[f"- {n}" for n in results["notes"]]]
+        for art in doc.get("artifacts") or []:
+            if art.lower().endswith(".png"):
+                lines += ["", f"![{name}: {art}]({art})"]
         lines += ["", f"Machine: {machine_line(doc.get('machine') or {})}", ""]
     return "\n".join(lines)
 
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         print(f"[bench] {name} ({mode}) ...", flush=True)
-        doc = run_one(name, mode, args.work.resolve(), machine)
+        doc = run_one(name, mode, args.work.resolve(), machine, args.out)
         (args.out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"[bench] {name}: {doc['status']} in {doc['seconds']} s "
               f"{json.dumps(doc['results'].get('headline', {}))}", flush=True)

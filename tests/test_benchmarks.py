@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "dashboard")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard")
+PLOTS = {"scaling": ["scaling.png"]}  # benchmark -> the PNG files it must write next to its JSON
+SIGNED = ("_exponent",)  # headline metrics that may be zero or negative (fitted exponents)
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
 MACHINE_KEYS = {"cpu", "cores", "ram_gib", "python", "platform", "versions", "git_commit"}
 
@@ -20,12 +23,12 @@ def smoke_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench_out")
     work = tmp_path_factory.mktemp("bench_work")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=560)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
-@pytest.mark.timeout(320)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_result_json(smoke_results: Path, name: str) -> None:
     doc = json.loads((smoke_results / f"{name}.json").read_text())
@@ -38,13 +41,14 @@ def test_result_json(smoke_results: Path, name: str) -> None:
     assert headline
     for metric, value in headline.items():
         assert isinstance(value, int | float) and not isinstance(value, bool), (metric, value)
-        assert value > 0, (metric, value)
+        assert math.isfinite(value), (metric, value)
+        assert value > 0 or metric.endswith(SIGNED), (metric, value)
     for t in doc["targets"].values():
         assert {"metric", "target", "value", "met"} <= set(t)
         assert t["metric"] in headline
 
 
-@pytest.mark.timeout(320)
+@pytest.mark.timeout(600)
 def test_readme(smoke_results: Path) -> None:
     readme = (smoke_results / "README.md").read_text()
     for name in BENCHMARKS:
@@ -55,7 +59,7 @@ def test_readme(smoke_results: Path) -> None:
     assert "Machine:" in readme
 
 
-@pytest.mark.timeout(320)
+@pytest.mark.timeout(600)
 def test_correctness_checks(smoke_results: Path) -> None:
     ingest = json.loads((smoke_results / "ingest.json").read_text())["results"]
     assert ingest["cubes_identical"] and ingest["bytes_match"]
@@ -63,3 +67,45 @@ def test_correctness_checks(smoke_results: Path) -> None:
     assert insert["icechunk"]["correct"] and insert["plain_zarr_wal"]["correct"]
     loader = json.loads((smoke_results / "loader.json").read_text())["results"]
     assert loader["same_data_a_b"]  # CubeWindows items equal the normalised raw Zarr read
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", sorted(PLOTS))
+def test_plots(smoke_results: Path, name: str) -> None:
+    from PIL import Image
+
+    doc = json.loads((smoke_results / f"{name}.json").read_text())
+    readme = (smoke_results / "README.md").read_text()
+    for png in PLOTS[name]:
+        assert png in doc["artifacts"]
+        path = smoke_results / png
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as im:
+            im.verify()  # chunk structure and CRCs
+        with Image.open(path) as im:
+            im.load()  # decodes the pixels
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 200
+        assert f"]({png})" in readme
+
+
+@pytest.mark.timeout(600)
+def test_scaling_results(smoke_results: Path) -> None:
+    res = json.loads((smoke_results / "scaling.json").read_text())["results"]
+    sizes = res["params"]["sizes"]
+    assert len(sizes) >= 2 and sizes == sorted(sizes)
+    for stage in ("ingest", "loader", "train", "forecast", "anomaly"):
+        r = res["stages"][stage]
+        assert len(r["seconds"]) == len(sizes) and all(t > 0 for t in r["seconds"])
+        assert len(r["peak_rss_MiB"]) == len(sizes) and all(m > 0 for m in r["peak_rss_MiB"])
+        assert math.isfinite(r["time_exponent"]) and math.isfinite(r["memory_exponent"])
+    assert res["throughput"]["loader_windows"][-1] > res["throughput"]["loader_windows"][0]
+
+
+def test_fit_exponent() -> None:
+    from benchmarks.bench_scaling import fit_exponent, segment_exponents
+
+    area = [1.0, 4.0, 16.0]
+    assert fit_exponent(area, [2.0, 8.0, 32.0]) == pytest.approx(1.0)
+    assert fit_exponent(area, [3.0, 3.0, 3.0]) == pytest.approx(0.0, abs=1e-12)
+    assert fit_exponent(area, [1.0, 8.0, 64.0]) == pytest.approx(1.5)
+    assert segment_exponents(area, [1.0, 4.0, 32.0]) == pytest.approx([1.0, 1.5])

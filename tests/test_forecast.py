@@ -150,3 +150,14 @@ def test_change_decoder_adds_its_change_to_the_last_clear_observation(synth_cube
     assert same.mean() > 0.5, same.mean()  # most pixels: anchored on their last clear observation
     inner = same & (np.abs(still) < 0.85)
     np.testing.assert_allclose(up[inner] - still[inner], 0.1, atol=1e-4)
+
+
+def test_package_names_resolve_lazily() -> None:
+    """``geowm.forecast`` is the API function even after the submodule of that name was imported first, and the
+    public names and submodules resolve on first use."""
+    code = ("import geowm.anomaly, geowm.forecast as gf, geowm, geowm.api; "
+            "assert geowm.forecast is geowm.api.forecast is gf and callable(geowm.forecast); "
+            "assert geowm.open_cube is geowm.api.open_cube and geowm.WorldModel.__name__ == 'WorldModel'; "
+            "assert geowm.sources.discover and set(geowm.__all__) <= set(dir(geowm))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

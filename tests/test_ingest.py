@@ -220,3 +220,11 @@ def test_dask_threads_equal_synchronous(tmp_path, scheduler):
     ingest(src, tmp_path / "a", IngestOptions(**OPTS))
     ingest(src, tmp_path / "b", IngestOptions(**{**OPTS, "scheduler": scheduler}))
     assert cube_checksum(tmp_path / "a") == cube_checksum(tmp_path / "b")
+
+
+def test_ingest_imports_no_torch() -> None:
+    """Ingest processes and their dask workers import ``geowm.cube`` only: no torch (~0.2 GB resident each)."""
+    code = ("import sys, geowm.cube, geowm.cube.ingest, geowm.sources; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('geowm'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
