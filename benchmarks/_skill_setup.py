@@ -28,10 +28,9 @@ PARAMS: dict[str, dict] = {
     # 1024 x 1024 px (105 km^2), two years: every disturbance type is forced (geowm.synth: size >= 256 and a
     # year or more); train on the first 15 months, hold out the last 9.
     "full": dict(size=1024, start="2021-01-01", end="2022-12-31", seed=21, train_until="2022-03-31",
-                 held_from="2022-04-01", preset="tiny", steps=600, batch_size=8,
-                 checkpoints=(40, 80, 150, 300, 450, 600),
-                 leads=(5, 10, 20, 30), init_every=30, history_days=365, probe_windows=64,
-                 eff_px=512, eff_leads=(10, 20, 30), eff_init_every=45, window={}, model={}),
+                 held_from="2022-04-01", preset="tiny", steps=300, batch_size=8, checkpoints=(50, 100, 200, 300),
+                 leads=(5, 10, 20, 30), init_every=45, history_days=90, probe_windows=48,
+                 eff_px=256, eff_leads=(10, 20, 30), eff_init_every=60, window={}, model={}),
     "quick": dict(size=256, start="2021-01-01", end="2022-12-31", seed=21, train_until="2022-03-31",
                   held_from="2022-04-01", preset="tiny", steps=40, batch_size=8, checkpoints=(10, 20, 40),
                   leads=(5, 10, 20, 30), init_every=45, history_days=120, probe_windows=24,
