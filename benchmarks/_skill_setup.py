@@ -28,8 +28,8 @@ PARAMS: dict[str, dict] = {
     # 1024 x 1024 px (105 km^2), two years: every disturbance type is forced (geowm.synth: size >= 256 and a
     # year or more); train on the first 15 months, hold out the last 9.
     "full": dict(size=1024, start="2021-01-01", end="2022-12-31", seed=21, train_until="2022-03-31",
-                 held_from="2022-04-01", preset="tiny", steps=300, batch_size=8, checkpoints=(50, 100, 200, 300),
-                 leads=(5, 10, 20, 30), init_every=45, history_days=90, probe_windows=48,
+                 held_from="2022-04-01", preset="tiny", steps=120, batch_size=8, checkpoints=(15, 30, 60, 120),
+                 leads=(5, 10, 20, 30), init_every=60, history_days=60, probe_windows=48,
                  eff_px=256, eff_leads=(10, 20, 30), eff_init_every=60, window={}, model={}),
     "quick": dict(size=256, start="2021-01-01", end="2022-12-31", seed=21, train_until="2022-03-31",
                   held_from="2022-04-01", preset="tiny", steps=40, batch_size=8, checkpoints=(10, 20, 40),
@@ -42,9 +42,13 @@ PARAMS: dict[str, dict] = {
 }
 
 
-def _fingerprint(p: dict) -> str:
+DATA_KEYS = ("size", "start", "end", "seed")
+_MEMO: dict[str, dict] = {}  # mode -> set-up made or checked in this process (a later benchmark reuses it)
+
+
+def _fingerprint(p: dict, sources=("geowm",), this_file: bool = True) -> str:
     h = hashlib.sha256(json.dumps(p, sort_keys=True).encode())
-    for f in [Path(__file__), *sorted((ROOT / "geowm").rglob("*.py"))]:
+    for f in [Path(__file__)] * this_file + sorted(f for d in sources for f in (ROOT / d).rglob("*.py")):
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
@@ -80,6 +84,8 @@ def prepare(mode: str, workdir: Path, log=print) -> dict:
     import time
 
     p = PARAMS[mode]
+    if mode in _MEMO:
+        return _MEMO[mode]
     root = Path(workdir).parent / "_skill_shared" / mode
     fp = _fingerprint(p)
     meta_path = root / "setup.json"
@@ -87,20 +93,34 @@ def prepare(mode: str, workdir: Path, log=print) -> dict:
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fp:
             log(f"[skill setup] reusing {root}")
+            _MEMO[mode] = meta
             return meta
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
     from geowm.cube import IngestOptions, ingest
     from geowm.synth import generate
     from geowm.train import evaluate_run
 
+    # the region and cube depend only on the data parameters and the generator / ingest code: kept when only
+    # the training or scoring settings changed
+    data_fp = _fingerprint({k: p[k] for k in DATA_KEYS}, ("geowm/synth", "geowm/cube"), this_file=False)
+    data_path = root / "data.json"
+    old_setup = json.loads(meta_path.read_text()).get("setup_s", {}) if meta_path.exists() else {}
     times = {}
-    t = time.perf_counter()
-    generate(root / "region", size=p["size"], start=p["start"], end=p["end"], seed=p["seed"])
-    times["synth_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    ingest(root / "region" / "stac" / "catalog.json", root / "cube", IngestOptions(scheduler="threads"))
-    times["ingest_s"] = time.perf_counter() - t
+    if data_path.exists() and json.loads(data_path.read_text()).get("fingerprint") == data_fp:
+        log(f"[skill setup] reusing the region and cube in {root}")
+        times.update({k: old_setup[k] for k in ("synth_s", "ingest_s") if k in old_setup})
+        for sub in ("runs", "snapshots"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        meta_path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        t = time.perf_counter()
+        generate(root / "region", size=p["size"], start=p["start"], end=p["end"], seed=p["seed"])
+        times["synth_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ingest(root / "region" / "stac" / "catalog.json", root / "cube", IngestOptions(scheduler="threads"))
+        times["ingest_s"] = time.perf_counter() - t
+        data_path.write_text(json.dumps({"fingerprint": data_fp, **{k: p[k] for k in DATA_KEYS}}))
     snapshots = {}
     for kind in KINDS:
         t = time.perf_counter()
@@ -113,8 +133,16 @@ def prepare(mode: str, workdir: Path, log=print) -> dict:
     meta = {"fingerprint": fp, "mode": mode, "params": p, "region": str(root / "region"), "cube": str(root / "cube"),
             "runs": {k: str(root / "runs" / k) for k in KINDS}, "snapshots": snapshots,
             "setup_s": {k: round(v, 1) for k, v in times.items()}}
+    meta["torch_threads"] = _threads()
     meta_path.write_text(json.dumps(meta, indent=1))
+    _MEMO[mode] = meta
     return meta
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def flops_per_step(cube: str, run: str, p: dict, kind: str, n_steps: int = 4) -> float:

@@ -20,6 +20,7 @@ batch size and step budget; one training run each, snapshotted at several steps)
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -167,7 +168,9 @@ def run(mode: str, workdir: Path) -> dict:
     notes = [f"FLOPs per step counted with FlopCounterMode in {flops_s:.0f} s; JEPA probes at each checkpoint "
              f"{probes_s:.0f} s; skill of {len(models)} checkpoints on {len(inits)} inits {eval_s:.0f} s.",
              "Plot: `efficiency.png` (RMSE against FLOPs and wall seconds, log x; dotted: persistence and "
-             "climatology; dashed: the level both models reach)."]
+             "climatology; dashed: the level both models reach).",
+             f"torch intra-op threads: {s.get('torch_threads')} in training (OMP_NUM_THREADS "
+             f"{os.environ.get('OMP_NUM_THREADS', 'unset')})."]
     for key, name in (("flops", "FLOPs"), ("train_s", "wall seconds")):
         r = ratios.get(key)
         if r and r["ratio_pixel_over_jepa"] is not None:

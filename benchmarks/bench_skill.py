@@ -20,6 +20,7 @@ Scored by ``geowm.evaluate.evaluate`` (the pixel baseline through ``others``) on
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -132,7 +133,9 @@ def run(mode: str, workdir: Path) -> dict:
              f"Both models: `{p['preset']}` preset, {p['steps']} steps x batch {p['batch_size']}, trained on dates up "
              f"to {p['train_until']}; held-out period from {p['held_from']} (inits every {p['init_every']} d, "
              f"leads {list(p['leads'])} d; anomaly history {p['history_days']} d).",
-             "Plot: `skill_rmse_by_lead.png`."]
+             "Plot: `skill_rmse_by_lead.png`.",
+             f"torch intra-op threads: {s.get('torch_threads')} in training (OMP_NUM_THREADS "
+             f"{os.environ.get('OMP_NUM_THREADS', 'unset')})."]
     if missing:
         notes.append(f"No event of type {', '.join(missing)} starts in the held-out period of this region "
                      "(they occur earlier in the record); anomaly scores cover the types that do.")
