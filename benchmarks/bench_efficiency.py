@@ -21,6 +21,7 @@ batch size and step budget; one training run each, snapshotted at several steps)
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -108,13 +109,20 @@ def run(mode: str, workdir: Path) -> dict:
     s = setup.prepare(mode, workdir)
     p = s["params"]
     t0 = time.perf_counter()
-    fps = {kind: setup.flops_per_step(s["cube"], s["runs"][kind], p, kind, n_steps=2 if mode == "smoke" else 4)
+    fps = {kind: setup.flops_per_step(s["cube"], s["runs"][kind], p, kind, n_steps=4 if mode == "full" else 2)
            for kind in setup.KINDS}
     flops_s = time.perf_counter() - t0
     t = time.perf_counter()
+    final = Path(s["runs"]["jepa"])
     for snap in s["snapshots"]["jepa"]:
-        if not (Path(snap["run"]) / "probes.safetensors").exists():
-            evaluate_run(snap["run"], n_windows=p["probe_windows"])
+        run = Path(snap["run"])
+        if (run / "probes.safetensors").exists():
+            continue
+        if snap["step"] == p["steps"] and (final / "probes.safetensors").exists():  # same weights: same probes
+            for name in ("probes.safetensors", "probes.json"):
+                shutil.copyfile(final / name, run / name)
+        else:
+            evaluate_run(run, n_windows=p["probe_windows"])
     probes_s = time.perf_counter() - t
 
     t = time.perf_counter()
