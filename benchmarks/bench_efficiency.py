@@ -84,7 +84,7 @@ def plot(curves: dict, refs: dict, level: float | None, path: Path, title: str) 
         for name, v in refs.items():
             if v is not None:
                 ax.axhline(v, ls=":", lw=1, color="grey")
-                ax.annotate(name, (ax.get_xlim()[0], v), fontsize=7, color="grey", va="bottom")
+                ax.text(0.01, v, name, transform=ax.get_yaxis_transform(), fontsize=7, color="grey", va="bottom")
         if level is not None:
             ax.axhline(level, ls="--", lw=0.8, color="black", alpha=0.5)
         ax.set_xscale("log")
