@@ -8,6 +8,9 @@ and optionally ``"artifacts": [paths]`` (plots written under its work folder)
 ``OUT/<name>.json`` for each, copies its artifacts into ``OUT`` (their file names listed in the JSON)
 and regenerates ``OUT/README.md`` from every JSON present in ``OUT``.
 A failing benchmark is recorded (``status: "failed: <error>"``) and the others still run.
+
+Optional result keys: ``tables`` (lines of Markdown, shown under the headline table) and ``figures``
+(paths of files the benchmark wrote, e.g. PNG plots: copied into ``OUT`` and listed by file name).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # run order; module benchmarks.bench_<name>
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard", "skill",
+              "efficiency")
 MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")
@@ -177,6 +181,10 @@ def render_readme(out_dir: Path) -> str:
         for key, t in targets.items():  # targets on numbers that are not headline rows
             if t.get("metric") not in (results.get("headline") or {}):
                 lines.append(f"| {key} | {_fmt(t.get('value'))} | {t.get('target')} | {_fmt(t.get('met'))} |")
+        if results.get("tables"):
+            lines += ["", *results["tables"]]
+        for fig in results.get("figures") or []:
+            lines += ["", f"![{name}: {Path(fig).stem}]({Path(fig).name})"]
         if results.get("notes"):
             lines += ["", *[f"- {n}" for n in results["notes"]]]
         for art in doc.get("artifacts") or []:
@@ -184,6 +192,20 @@ def render_readme(out_dir: Path) -> str:
                 lines += ["", f"![{name}: {art}]({art})"]
         lines += ["", f"Machine: {machine_line(doc.get('machine') or {})}", ""]
     return "\n".join(lines)
+
+
+def _collect(figures: list[str], out_dir: Path) -> list[str]:
+    """Copy a benchmark's figures into the results folder; their file names (missing ones are dropped)."""
+    import shutil
+
+    names = []
+    for fig in figures:
+        src = Path(fig)
+        if src.is_file():
+            if src.resolve() != (out_dir / src.name).resolve():
+                shutil.copyfile(src, out_dir / src.name)
+            names.append(src.name)
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -207,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"[bench] {name} ({mode}) ...", flush=True)
         doc = run_one(name, mode, args.work.resolve(), machine, args.out)
+        doc["results"]["figures"] = _collect(doc["results"].get("figures") or [], args.out)
         (args.out / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
         print(f"[bench] {name}: {doc['status']} in {doc['seconds']} s "
               f"{json.dumps(doc['results'].get('headline', {}))}", flush=True)

@@ -6,7 +6,9 @@ Every baseline works on per-pixel NDVI series ``(time, y, x)`` that are irregula
 * :class:`Persistence`: tomorrow looks like the last clear observation;
 * :class:`Climatology`: tomorrow looks like the same day of year in past years;
 * :class:`Harmonic`: a CCDC-style per-pixel regression (intercept, linear trend, annual harmonics),
-  with CCDC's change rule (:meth:`Harmonic.breaks`).
+  with CCDC's change rule (:meth:`Harmonic.breaks`);
+* :class:`Bfast`: a BFAST-monitor-style season-trend model fitted on a stable history window, with a
+  MOSUM (or CUSUM) of the monitoring residuals as its score and break test.
 
 ``fit(history)`` takes NDVI up to some date; ``forecast(init_time, valid_times)`` predicts NDVI
 ``(valid_time, y, x)`` from the history up to ``init_time`` only; ``score(obs)`` turns new observations
@@ -268,10 +270,15 @@ class Harmonic(Baseline):
     def _expected(self, times, values):
         return self._model(self.coef_, times), self.rmse_
 
-    def breaks(self, obs: xr.DataArray, k: float = 3.0, consecutive: int = 2) -> xr.DataArray:
+    break_k, break_consecutive = 3.0, 2  # the change rule's defaults (breaks; alert rules in geowm.evaluate)
+
+    def breaks(self, obs: xr.DataArray, k: float | None = None, consecutive: int | None = None) -> xr.DataArray:
         """CCDC change rule on new observations ``obs (time, y, x)`` NDVI: True (bool, same dims) at the
-        clear observation that confirms a run of ``consecutive`` consecutive clear observations whose
-        |residual| exceeds ``k`` RMSE. Cloudy observations neither extend nor break a run."""
+        clear observation that confirms a run of ``consecutive`` (default ``break_consecutive``) consecutive
+        clear observations whose score (|residual| / RMSE) exceeds ``k`` (default ``break_k``). Cloudy
+        observations neither extend nor break a run."""
+        k = self.break_k if k is None else k
+        consecutive = self.break_consecutive if consecutive is None else consecutive
         z = self.score(obs).values.reshape(obs.sizes["time"], -1)
         clear = np.isfinite(z)
         run, out = np.zeros(z.shape[1], int), np.zeros(z.shape, bool)
@@ -283,4 +290,82 @@ class Harmonic(Baseline):
         return da.astype(bool).rename(f"{self.name}_breaks")
 
 
-BASELINES: dict[str, type[Baseline]] = {"persistence": Persistence, "climatology": Climatology, "harmonic": Harmonic}
+class Bfast(Harmonic):
+    """BFAST-monitor-style (Verbesselt et al. 2012): a season-trend model (intercept, linear trend, ``n_harmonics``
+    annual harmonics; BFAST's default order 3) fitted per pixel by OLS on the history window (the last
+    ``history_years`` of the history; all of it when None), then a moving sum of the residuals of the
+    monitoring observations.
+
+    Score of a clear observation = ``|MOSUM| = |sum of the last h clear residuals| / (sigma sqrt(h))``: the
+    residuals of the newest ``h`` clear observations (this one and those before it; at the start of monitoring
+    the window reaches back into the history), with ``h = max(min_h, round(h_frac * n))`` for a pixel with
+    ``n`` clear history observations (BFAST's h = 0.25) and ``sigma`` the history fit's RMSE. Under a stable
+    season-trend model it is |N(0, 1)|; an abrupt break pushes it up for as long as the window holds
+    post-break residuals. ``process="cusum"`` takes every monitoring residual so far instead
+    (``|sum| / (sigma sqrt(n_monitoring))``). :meth:`breaks` (inherited) flags 2 consecutive clear
+    observations beyond 4: the moving sum is smooth and autocorrelated, and the extrapolated season-trend
+    model drifts over a long monitoring period, so its boundary sits above CCDC's single-residual 3 (as
+    BFAST's boundary rises with monitoring time).
+    """
+
+    name = "bfast"
+    break_k = 4.0
+
+    def __init__(self, n_harmonics: int = 3, history_years: float | None = None, h_frac: float = 0.25,
+                 min_h: int = 3, process: str = "mosum", obs_per_term: int = 3, min_span_years: float = 1.0,
+                 sigma_floor: float = 0.02) -> None:
+        if process not in ("mosum", "cusum"):
+            raise ValueError(f"process must be 'mosum' or 'cusum', got {process!r}")
+        if not 0.0 < h_frac <= 1.0:
+            raise ValueError(f"h_frac must be in (0, 1], got {h_frac}")
+        super().__init__(n_harmonics, obs_per_term, min_span_years, sigma_floor)
+        self.history_years, self.h_frac, self.min_h, self.process = history_years, h_frac, int(min_h), process
+
+    def _fit(self) -> None:
+        if self.history_years is not None and len(self._times):
+            keep = np.asarray(self._times >= self._times[-1] - pd.Timedelta(days=self.history_years * DAYS_PER_YEAR))
+            self._times, self._values = self._times[keep], self._values[keep]
+        super()._fit()
+        self.residuals_ = self._values - self._model(self.coef_, self._times)  # (T, P), NaN where not clear
+        n = np.isfinite(self.residuals_).sum(axis=0)
+        self.h_ = np.maximum(self.min_h, np.rint(self.h_frac * n)).astype(np.int64)
+
+    def score(self, obs: xr.DataArray) -> xr.DataArray:
+        """|MOSUM| (or |CUSUM|) of each clear observation of ``obs`` (time, y, x) NDVI; NaN where not clear."""
+        self._check_fitted()
+        times, vals = _flat(obs)
+        res = vals - self._model(self.coef_, times)
+        P = res.shape[1]
+        out = np.full(res.shape, np.nan)
+        sigma = self.rmse_
+        if self.process == "cusum":
+            total, count = np.zeros(P), np.zeros(P)
+            for t in range(len(res)):  # a loop over time; all pixels at once
+                ok = np.isfinite(res[t])
+                total[ok] += res[t, ok]
+                count[ok] += 1
+                out[t, ok] = total[ok] / (sigma[ok] * np.sqrt(count[ok]))
+        else:
+            h = self.h_
+            buf = np.zeros((int(h.max()), P), np.float32)  # ring buffer of each pixel's last h clear residuals
+            count = np.zeros(P, np.int64)
+            cols = np.arange(P)
+
+            def push(r: np.ndarray) -> np.ndarray:
+                ok = np.isfinite(r) & (self.n_terms_ > 0)
+                buf[(count % h)[ok], cols[ok]] = r[ok]
+                count[ok] += 1
+                return ok
+
+            for r in self.residuals_:
+                push(r)
+            for t in range(len(res)):
+                ok = push(res[t])
+                n = np.minimum(count[ok], h[ok])
+                out[t, ok] = buf[:, ok].sum(axis=0) / (sigma[ok] * np.sqrt(n))
+        return self._wrap(np.abs(out), "time", times, f"anomaly score (|{self.process.upper()}| of residuals)",
+                          units="1")
+
+
+BASELINES: dict[str, type[Baseline]] = {"persistence": Persistence, "climatology": Climatology, "harmonic": Harmonic,
+                                        "bfast": Bfast}

@@ -189,7 +189,10 @@ def train(
             _fail(exc)
     if not rank0:
         return
-    if evaluate:
+    if evaluate and cfg.model.get("kind", "jepa") != "jepa":
+        err.print("pixel-space baseline: no latents to probe (it forecasts bands directly); evaluate with "
+                  "geowm.evaluate.evaluate(..., others={'pixel': RUN})")
+    elif evaluate:
         report = evaluate_run(run, landcover=landcover, device=device)
         out_console = Console(stderr=True)
         s = report["forecast_skill"]

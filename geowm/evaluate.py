@@ -8,7 +8,12 @@
   (:func:`geowm.anomaly.detect`) and each baseline's pixel score averaged over the patch's clear
   pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`.
 * **Alerts**: the model's confirmed alerts against the events (precision, recall, F1, false alarms on
-  harvest/mowing, median detection delay).
+  harvest/mowing, median detection delay); the same for the change-detecting baselines (harmonic /
+  CCDC-style and BFAST-style), whose patch scores go through the same confirmation and polygon machinery
+  (:func:`geowm.alerts.alerts_from_scores`) with their own change rule (``k`` and ``consecutive`` of their
+  ``breaks``).
+* **Other forecasters** (``others``, e.g. the pixel-space baseline of :mod:`geowm.model.pixel`): their NDVI
+  forecasts through :func:`geowm.forecast.forecast`, scored at the same inits, leads and pixels as the model.
 * **Latent neighbours** (with a land-cover raster): for random clear, single-class patches of the
   held-out period, the share of their ``k`` nearest latents by cosine (what :func:`geowm.similar`
   ranks), at *other* places and any date, that have the query's land-cover class; with the share two
@@ -94,23 +99,30 @@ def similar_landcover_share(ds, wm: WorldModel, classes: np.ndarray, start, n_da
             "k": int(k), "n_patches": int(len(z)), "dates": [str(times[i]) for i in picks]}
 
 
-def ndvi_scores(ds, wm: WorldModel, nd, fitted: dict, start_t: np.datetime64, leads=(5, 10, 20, 30),
-                init_every_days: float = 30, members: int = 1, progress=None) -> tuple[list, dict]:
-    """NDVI forecast RMSE/MAE by lead of the model and each fitted baseline (see the module doc).
-
-    ``nd`` is the region's NDVI (time, y, x), ``fitted`` the baselines fitted on the history (persistence is
-    refitted per init). Returns the inits and ``{method: {lead: {rmse, mae, n_pixels}}}``.
-    """
-    times = ds["time"].values.astype("datetime64[s]")
+def held_out_inits(times: np.ndarray, start, leads, init_every_days: float = 30) -> list[np.datetime64]:
+    """Inits: cube acquisitions from ``start`` on, ``init_every_days`` apart, whose longest lead is in the cube."""
     max_lead = np.timedelta64(int(max(leads) * 86400), "s")
     inits, last = [], None
-    for t in times[(times >= start_t) & (times + max_lead <= times[-1])]:
+    for t in times[(times >= np.datetime64(start, "s")) & (times + max_lead <= times[-1])]:
         if last is None or (t - last) >= np.timedelta64(int(init_every_days * 86400), "s"):
             inits.append(t)
             last = t
-    err: dict[str, dict[float, list]] = {m: {float(ld): [] for ld in leads} for m in ["model", *BASELINES]}
+    return inits
+
+
+def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: int = 1, progress=None) -> dict:
+    """NDVI forecast RMSE/MAE by lead of every model (``geowm.forecast.forecast``) and baseline, like for like.
+
+    ``ds``: the cube region (Dataset); ``nd``: its NDVI (time, y, x), loaded; ``models``: name -> WorldModel
+    (JEPA or pixel-baseline run); ``fitted``: name -> baseline fitted on the history (``persistence`` is refitted
+    at each init on everything up to it). Each (init, lead) whose valid day has an acquisition is scored on the
+    pixels clear that day where *every* method has a forecast. Returns ``{method: {lead: {rmse, mae, n_pixels}}}``
+    (lead as ``f"{days:g}"``).
+    """
+    times = ds["time"].values.astype("datetime64[s]")
+    err: dict[str, dict[float, list]] = {m: {float(ld): [] for ld in leads} for m in [*models, *fitted]}
     for n, init in enumerate(inits):
-        fc = forecast(ds, wm, init=init, leads=leads, members=members)
+        fcs = {name: forecast(ds, m, init=init, leads=leads, members=members) for name, m in models.items()}
         pers = BASELINES["persistence"]().fit(nd.sel(time=slice(None, init.astype("datetime64[ns]"))))
         for j, ld in enumerate(leads):
             k = _match(times, init + np.timedelta64(int(ld * 86400), "s"))
@@ -119,36 +131,52 @@ def ndvi_scores(ds, wm: WorldModel, nd, fitted: dict, start_t: np.datetime64, le
             obs = nd.isel(time=k).values
             clear = np.isfinite(obs)
             vt = [times[k]]
-            preds = {"model": fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values,
-                     "persistence": pers.forecast(init, vt).values[0]}
+            preds = {name: fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values
+                     for name, fc in fcs.items()}
             for key, b in fitted.items():
-                if key != "persistence":
-                    preds[key] = b.forecast(init, vt).values[0]
+                preds[key] = (pers if key == "persistence" else b).forecast(init, vt).values[0]
             ok = clear & np.all([np.isfinite(v) for v in preds.values()], axis=0)
             for m, v in preds.items():
                 err[m][float(ld)].append(v[ok] - obs[ok])
         if progress:
-            progress(n + 1, len(inits) + 1)
+            progress(n + 1, len(inits))
     scores = {}
     for m, by_lead in err.items():
         scores[m] = {}
         for ld, parts in by_lead.items():
             e = np.concatenate(parts) if parts else np.zeros(0)
             scores[m][f"{ld:g}"] = {"rmse": float(np.sqrt((e ** 2).mean())) if len(e) else None,
-                                    "mae": float(np.abs(e).mean()) if len(e) else None,
-                                    "n_pixels": int(len(e))}
-    return inits, scores
+                                    "mae": float(np.abs(e).mean()) if len(e) else None, "n_pixels": int(len(e))}
+    return scores
+
+
+def baseline_alerts(baseline, patch_scores, like, crs: str):
+    """Confirmed alerts of a change-detecting baseline (with ``breaks``: harmonic, bfast) from its pixel scores
+    averaged per patch, ``patch_scores`` (time, py, px) on the grid of ``like`` (a DataArray with coords
+    ``time``, ``py``, ``px``), through :func:`geowm.alerts.alerts_from_scores` with the baseline's change
+    rule: threshold = confirm threshold = ``break_k``, ``break_consecutive - 1`` confirmations."""
+    import xarray as xr
+
+    from geowm.alerts import AlertRules, alerts_from_scores
+
+    grid = xr.DataArray(patch_scores, dims=("time", "y", "x"), coords={
+        "time": like["time"].values, "y": like["py"].values, "x": like["px"].values})
+    rules = AlertRules(threshold=baseline.break_k, confirm_threshold=baseline.break_k,
+                       confirmations=baseline.break_consecutive - 1)
+    return alerts_from_scores(grid, crs, rules)
 
 
 def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
              history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
-             progress=None) -> dict:
+             others: dict | None = None, progress=None) -> dict:
     """Scores of the model and of each baseline on the period after ``start``; see the module doc.
 
     ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
-    latent-neighbour check (``similar`` in the report).
+    latent-neighbour check (``similar`` in the report). ``others``: name -> run directory or WorldModel of
+    more forecasters (e.g. ``{"pixel": "runs/pixel"}``) scored like the model in ``ndvi_forecast``.
     """
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
+    others = {k: v if isinstance(v, WorldModel) else WorldModel(v) for k, v in (others or {}).items()}
     full, name = _as_dataset(cube)
     p = wm.cfg.patch
     ds = region(full, bbox, p)
@@ -161,7 +189,9 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
 
     # ---- NDVI forecasts by lead
-    inits, forecast_scores = ndvi_scores(ds, wm, nd, fitted, start_t, leads, init_every_days, members, progress)
+    inits = held_out_inits(times, start_t, leads, init_every_days)
+    step = (lambda n, _: progress(n, len(inits) + 1)) if progress else None
+    forecast_scores = forecast_skill(ds, nd, {"model": wm, **others}, fitted, inits, leads, members, step)
 
     # ---- anomaly scores and alerts
     scores, alerts = detect(ds, wm, start_t, history_days=history_days)
@@ -171,8 +201,14 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     labels = patch_labels(ev, st, scores["py"].values, scores["px"].values, crs).values
     obs = nd.sel(time=st)
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
+    crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
+    base_alerts = {}
     for key, b in fitted.items():
-        auc[key] = auroc(_patch_mean(b.score(obs).values, p).ravel(), labels.ravel())
+        patch_scores = _patch_mean(b.score(obs).values, p)
+        auc[key] = auroc(patch_scores.ravel(), labels.ravel())
+        if hasattr(b, "breaks") and crs_wkt:  # change detectors: alerts by their own rule
+            found = baseline_alerts(b, patch_scores, scores["score"], crs_wkt)
+            base_alerts[key] = {**_jsonable(alert_scores(found, ev, since=start_t)), "n_alerts": int(len(found))}
     similar = None
     if landcover:
         from geowm.cube.reader import read_to_grid
@@ -192,6 +228,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
                    "excluded": int((labels == -1).sum())},
         "alerts": _jsonable(alert_scores(alerts, ev, since=start_t)),
         "n_alerts": int(len(alerts)),
+        "baseline_alerts": base_alerts,
         "similar": similar,
     }
 
@@ -218,10 +255,12 @@ def table(report: dict) -> str:
     lines.append("")
     auc = report["anomaly_auroc"]
     lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
-    a = report["alerts"]
-    lines.append(f"alerts: {report['n_alerts']}, precision {a.get('precision')}, recall {a.get('recall')}, "
-                 f"f1 {a.get('f1')}, median delay {a.get('median_detection_delay_days')} d, "
-                 f"false alarms on normal change {a.get('false_alarms_normal_change')}")
+    rows = [("model", report["alerts"], report["n_alerts"])] + [
+        (k, v, v.get("n_alerts")) for k, v in (report.get("baseline_alerts") or {}).items()]
+    for who, a, n in rows:
+        lines.append(f"alerts ({who}): {n}, precision {a.get('precision')}, recall {a.get('recall')}, "
+                     f"f1 {a.get('f1')}, median delay {a.get('median_detection_delay_days')} d, "
+                     f"false alarms on normal change {a.get('false_alarms_normal_change')}")
     sim = report.get("similar")
     if sim and sim.get("share") is not None:
         lines.append(f"similar: {sim['share']:.3f} of the {sim['k']} nearest latents (other places) share the "

@@ -190,7 +190,8 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
         valid_times: explicit dates to forecast (after ``init``); lead = valid time - init.
         bbox: (minx, miny, maxx, maxy) in the cube CRS; default the whole cube.
         members: ensemble size (1 = no ensemble: quantiles all equal the single forecast).
-        decode: "delta" (last observation + decoded change) or "absolute" (decoded forecast latent).
+        decode: "delta" (last observation + decoded change) or "absolute" (decoded forecast latent); a
+            pixel-baseline run (``geowm.model.pixel``) ignores it and forecasts the bands directly.
 
     Returns:
         Dataset with dims ``init_time`` (1), ``lead_time`` (K, timedelta64), ``quantile`` (0.1, 0.5,
@@ -232,6 +233,12 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     H, W = ds.sizes["y"], ds.sizes["x"]
     Hp, Wp, D = H // p, W // p, wm.cfg.dim
     nd_rn = wm.probe_meta.get("ndvi_bands") if wm.probes is not None else None
+    tile_forecast = _forecast_tile
+    if wm.cfg.kind == "pixel":  # the pixel-space baseline forecasts bands directly (geowm.pixel_forecast)
+        from geowm.bands import ndvi_bands
+        from geowm.pixel_forecast import forecast_tile as tile_forecast
+
+        nd_rn, decode = ndvi_bands(wm.bands), "pixel"
 
     out_bands = np.full((C, K, len(QUANTILES), H, W), np.nan, np.float32)
     out_ndvi = np.full((K, len(QUANTILES), H, W), np.nan, np.float32)
@@ -242,7 +249,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(int(lookback_days(wm) * 86400), "s")))
     n_tiles = -(-H // TILE) * -(-W // TILE)
     for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
-        _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
+        tile_forecast(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
         if progress:
             progress(n + 1, n_tiles)
     return _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,

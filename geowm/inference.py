@@ -23,7 +23,7 @@ import torch
 import xarray as xr
 
 from geowm.data import WindowConfig, day_of_year
-from geowm.model import JEPA, ModelConfig
+from geowm.model import ModelConfig, build_model
 from geowm.train import RunError, load_weights, pick_device
 
 
@@ -38,7 +38,9 @@ class WorldModel:
             raise RunError(f"{self.run}: not a geowm run directory (no config.json)")
         self.config = json.loads(cfg_path.read_text())
         self.device = pick_device(device)
-        self.model = JEPA(ModelConfig.from_dict(self.config["model"])).to(self.device)
+        # the JEPA; or, for a pixel-baseline run (kind "pixel"), geowm.model.pixel.PixelForecaster, which
+        # geowm.forecast forecasts with (encode / predict / decode below are the JEPA's)
+        self.model = build_model(ModelConfig.from_dict(self.config["model"])).to(self.device)
         load_weights(self.run, self.model)
         self.model.eval()
         data = self.config["data"]

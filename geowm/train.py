@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from geowm.data import CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader
-from geowm.model import JEPA, ModelConfig
+from geowm.model import JEPA, ModelConfig, build_model
 
 
 class RunError(ValueError):
@@ -240,6 +240,9 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
           progress: Callable[[int, int, dict], None] | None = None, stop_at: int | None = None) -> Path:
     """Train (or resume) a run; returns the run directory. See the module docstring for its contents.
 
+    ``cfg.model["kind"] = "pixel"`` trains the pixel-space generative baseline
+    (:mod:`geowm.model.pixel`) instead of the JEPA, with the same data, masks, schedule and budget.
+
     ``stop_at`` ends this call after that step (with a checkpoint), as an interruption would.
     """
     run = Path(out)
@@ -251,7 +254,7 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
         raise RunError("give --steps or --minutes")
     conf = prepare(cube, run, cfg, resume)
     torch.manual_seed(cfg.seed)
-    model = JEPA(ModelConfig.from_dict(conf["model"])).to(device)
+    model = build_model(ModelConfig.from_dict(conf["model"])).to(device)  # the JEPA, or the pixel baseline
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -396,6 +399,8 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
 
     run = Path(run)
     conf = json.loads((run / "config.json").read_text())
+    if conf["model"].get("kind", "jepa") != "jepa":
+        raise RunError(f"{run}: a {conf['model']['kind']} baseline run has no latents to probe; it forecasts pixels")
     dev = pick_device(device)
     model = JEPA(ModelConfig.from_dict(conf["model"])).to(dev)
     load_weights(run, model)

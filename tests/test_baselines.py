@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from geowm.baselines import BASELINES, Climatology, Harmonic, Persistence, ndvi
+from geowm.baselines import BASELINES, Bfast, Climatology, Harmonic, Persistence, ndvi
 
 pytestmark = pytest.mark.filterwarnings("error")  # NaN handling must not warn
 
@@ -88,7 +88,10 @@ def test_abrupt_drop_scores_high_only_there(name):
     sc = BASELINES[name]().fit(hist).score(obs)
     assert sc.dims == ("time", "y", "x") and sc.dtype == np.float32
     at_drop = sc.values[first]
-    assert at_drop[1, 2] > 5
+    if name == "bfast":  # a moving sum over h clear residuals: beyond 3 at once, growing as the window fills
+        assert at_drop[1, 2] > 3 and np.nanmax(sc.values[first: first + 8, 1, 2]) > 2 * at_drop[1, 2]
+    else:
+        assert at_drop[1, 2] > 5
     others = np.delete(at_drop.ravel(), 1 * 5 + 2)
     assert (others < 3).all(), others
     assert (sc.values[np.isfinite(sc.values)] >= 0).all()
@@ -124,7 +127,7 @@ def test_all_nan_pixel_gives_nan(name):
     model = BASELINES[name]().fit(hist)
     fc = model.forecast(hist.time.values[-1], pd.date_range("2023-01-05", periods=3, freq="15D")).values
     assert np.isnan(fc[:, 0, 0]).all()
-    assert np.isfinite(fc[:, 3, 4]).all() == (name != "harmonic")  # harmonic: too few obs even for a mean
+    assert np.isfinite(fc[:, 3, 4]).all() == (name not in ("harmonic", "bfast"))  # too few obs even for a mean
     rest = np.ones((4, 5), bool)
     rest[0, 0] = rest[3, 4] = False
     assert np.isfinite(fc[:, rest]).all()
@@ -170,3 +173,39 @@ def test_ndvi_from_cube():
 def test_ndvi_missing_bands():
     with pytest.raises(ValueError, match="B02.*B03"):
         ndvi(cube(bands=("B02", "B03")))
+
+
+def bfast_case(drop: float = 0.3):
+    """Three years of strongly seasonal history (amplitude 0.25 NDVI, 10x the noise); then half a year in
+    which pixel (2, 3) loses ``drop`` NDVI from 2023-03-02 on while the season goes on everywhere."""
+    hist = series(seed=8)
+    obs = series(start="2023-01-01", end="2023-06-30", seed=9)
+    first = int(np.argmax(obs.time.values >= np.datetime64("2023-03-02")))
+    obs[first:, 2, 3] -= drop
+    return hist, obs, first
+
+
+def test_bfast_detects_an_abrupt_break_not_the_seasonal_cycle():
+    hist, obs, first = bfast_case()
+    model = Bfast().fit(hist)
+    assert (model.n_terms_ == 8).all() and (model.h_ >= 3).all()  # trend + 3 harmonics, h = 0.25 n
+    br = model.breaks(obs)
+    assert br.values[:, 2, 3].any()
+    hit = int(np.argmax(br.values[:, 2, 3]))
+    assert first <= hit <= first + 10, (first, hit)  # confirmed within 50 days (5-day revisits) of the break
+    others = br.values.copy()
+    others[:, 2, 3] = False
+    assert not others.any()  # the seasonal cycle is no break
+    sc = model.score(obs).values
+    assert np.nanmedian(sc[:first]) < 1.5  # stable: |N(0, 1)|-like before the break
+    assert np.ptp(seasonal(obs.time.to_index())) > 5 * NOISE  # the season moves NDVI by many noise levels
+
+
+def test_bfast_cusum_and_history_window():
+    hist, obs, first = bfast_case()
+    cusum = Bfast(process="cusum").fit(hist).score(obs).values
+    assert np.nanmax(cusum[first:, 2, 3]) > 5 and np.nanmax(np.delete(cusum[:first].reshape(first, -1), 13, 1)) < 4
+    short = Bfast(history_years=1.5).fit(hist)
+    assert short._times[0] >= pd.Timestamp("2021-06-01") and (short.h_ < Bfast().fit(hist).h_).all()
+    with pytest.raises(ValueError, match="process"):
+        Bfast(process="ewma")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard")
+BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard", "skill",
+              "efficiency")
 PLOTS = {"scaling": ["scaling.png"]}  # benchmark -> the PNG files it must write next to its JSON
 SIGNED = ("_exponent",)  # headline metrics that may be zero or negative (fitted exponents)
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
@@ -23,12 +24,12 @@ def smoke_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench_out")
     work = tmp_path_factory.mktemp("bench_work")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=560)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(920)
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_result_json(smoke_results: Path, name: str) -> None:
     doc = json.loads((smoke_results / f"{name}.json").read_text())
@@ -48,7 +49,7 @@ def test_result_json(smoke_results: Path, name: str) -> None:
         assert t["metric"] in headline
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(920)
 def test_readme(smoke_results: Path) -> None:
     readme = (smoke_results / "README.md").read_text()
     for name in BENCHMARKS:
@@ -59,7 +60,7 @@ def test_readme(smoke_results: Path) -> None:
     assert "Machine:" in readme
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(920)
 def test_correctness_checks(smoke_results: Path) -> None:
     ingest = json.loads((smoke_results / "ingest.json").read_text())["results"]
     assert ingest["cubes_identical"] and ingest["bytes_match"]
@@ -69,7 +70,7 @@ def test_correctness_checks(smoke_results: Path) -> None:
     assert loader["same_data_a_b"]  # CubeWindows items equal the normalised raw Zarr read
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(920)
 @pytest.mark.parametrize("name", sorted(PLOTS))
 def test_plots(smoke_results: Path, name: str) -> None:
     from PIL import Image
@@ -88,7 +89,7 @@ def test_plots(smoke_results: Path, name: str) -> None:
         assert f"]({png})" in readme
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(920)
 def test_scaling_results(smoke_results: Path) -> None:
     res = json.loads((smoke_results / "scaling.json").read_text())["results"]
     sizes = res["params"]["sizes"]
@@ -109,3 +110,45 @@ def test_fit_exponent() -> None:
     assert fit_exponent(area, [3.0, 3.0, 3.0]) == pytest.approx(0.0, abs=1e-12)
     assert fit_exponent(area, [1.0, 8.0, 64.0]) == pytest.approx(1.5)
     assert segment_exponents(area, [1.0, 4.0, 32.0]) == pytest.approx([1.0, 1.5])
+
+
+def _png_ok(path: Path) -> None:
+    """A complete PNG: signature, IHDR with a non-empty image, IEND at the end; matplotlib reads it back."""
+    import matplotlib.image as mpimg
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width >= 300 and height >= 200, (width, height)
+    assert data[-8:-4] == b"IEND", path  # the last chunk: the file is complete
+    assert mpimg.imread(path).shape[:2] == (height, width)
+
+
+@pytest.mark.timeout(920)
+def test_skill_and_efficiency_files(smoke_results: Path) -> None:
+    """Skill and efficiency results carry every method's table and their plots (numbers not asserted)."""
+    readme = (smoke_results / "README.md").read_text()
+    skill = json.loads((smoke_results / "skill.json").read_text())["results"]
+    fs = skill["report"]["ndvi_forecast"]
+    assert set(fs) == {"model", "pixel", "persistence", "climatology", "harmonic", "bfast"}
+    leads = {f"{ld:g}" for ld in skill["params"]["leads"]}
+    for by_lead in fs.values():
+        assert set(by_lead) == leads and all({"rmse", "mae", "n_pixels"} <= set(v) for v in by_lead.values())
+    assert {"model", "harmonic", "bfast"} <= set(skill["report"]["anomaly_auroc"])
+    for who in ("harmonic", "bfast"):
+        assert {"precision", "recall", "f1", "false_alarms_normal_change",
+                "median_detection_delay_days"} <= set(skill["report"]["baseline_alerts"][who])
+    assert {"all", "held_out"} <= set(skill["events"])
+    assert "| pixel baseline |" in readme and "| bfast (BFAST-style) |" in readme
+    eff = json.loads((smoke_results / "efficiency.json").read_text())["results"]
+    for kind in ("jepa", "pixel"):
+        c = eff["curves"][kind]
+        n = len(eff["params"]["checkpoints"])
+        assert len(c["steps"]) == len(c["flops"]) == len(c["train_s"]) == len(c["rmse"]) == n
+        assert all(b > a for a, b in zip(c["flops"], c["flops"][1:], strict=False))
+        assert eff["flops_per_step"][kind] > 0
+    assert {"flops", "train_s"} <= set(eff["ratios"]) and "ratio_pixel_over_jepa" in eff["ratios"]["flops"]
+    for doc, png in ((skill, "skill_rmse_by_lead.png"), (eff, "efficiency.png")):
+        assert doc["figures"] == [png]
+        _png_ok(smoke_results / png)
+        assert f"]({png})" in readme

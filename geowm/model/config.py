@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LOSSES = ("smooth_l1", "l1")
+KINDS = ("jepa", "pixel")  # the world model, or the pixel-space generative baseline (geowm.model.pixel)
 EMA_SCHEDULES = ("cosine", "linear")
 
 
@@ -23,6 +24,7 @@ class ModelConfig:
     patches, fractions in [0, 1].
     """
 
+    kind: str = "jepa"  # "jepa" or "pixel": same encoder and predictor, trained on future pixels instead of latents
     # input and tokens
     in_chans: int = 4  # bands per acquisition (C)
     patch: int = 8  # tubelet side (px)
@@ -95,6 +97,8 @@ class ModelConfig:
             problems.append(f"tube_scale must satisfy 0 < lo <= hi <= 1, got {self.tube_scale}")
         if self.tube_blocks < 1:
             problems.append(f"tube_blocks must be >= 1, got {self.tube_blocks}")
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.loss not in LOSSES:
             problems.append(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.ema_schedule not in EMA_SCHEDULES:
