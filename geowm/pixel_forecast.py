@@ -21,7 +21,7 @@ def forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn,
     out_bands, out_ndvi, out_lat, out_spread, out_nctx = outs
     p, K = wm.cfg.patch, len(vt)
     mean, std = wm.mean[:, None, None], wm.std[:, None, None]
-    todo = [b for b in blocks(sub, wm, init_t) if len(b.t_index) >= 2]
+    todo = [b for b in blocks(sub, wm, init_t, vt.max()) if len(b.t_index) >= 2]  # the JEPA's context rule
     jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # context length -> (block, member, dates)
     for i, b in enumerate(todo):
         rng = np.random.default_rng([seed, ty + b.y0, tx + b.x0])

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geowm.model.config import ModelConfig
-from geowm.model.jepa import rankme
+from geowm.model.jepa import JEPA, rankme
 from geowm.model.masks import sample_masks
 from geowm.model.vit import (
     Encoder,
@@ -32,6 +32,7 @@ from geowm.model.vit import (
     TokenSet,
     gather_tokens,
     last_seen,
+    last_seen_days,
     patchify,
     select_tokens,
     tubelet_positions,
@@ -44,6 +45,8 @@ class PixelForecaster(nn.Module):
 
     Batch contract as :class:`geowm.model.JEPA` (``pixels``, ``valid``, ``days``, ``doy``).
     """
+
+    _season = JEPA._season  # the same seasonal memory for the predictor as the JEPA's (None when off)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -96,9 +99,11 @@ class PixelForecaster(nn.Module):
 
         ctx = self.encoder(pixels, valid, positions, context)
         anchor, anchor_ok = last_seen(ctx, grid)
-        pred = self.predictor(ctx, gather_tokens(positions, t_index), t_valid,
-                              batch.get("drivers"), batch.get("drivers_days"),
-                              gather_tokens(anchor, t_index), gather_tokens(anchor_ok, t_index))
+        t_pos = gather_tokens(positions, t_index)
+        season = self._season(ctx, grid, t_pos[..., 0], t_index % (grid.h * grid.w),
+                              gather_tokens(last_seen_days(ctx, grid), t_index))
+        pred = self.predictor(ctx, t_pos, t_valid, batch.get("drivers"), batch.get("drivers_days"),
+                              gather_tokens(anchor, t_index), gather_tokens(anchor_ok, t_index), season)
         anchor_pix = gather_tokens(self._anchor_pixels(tubes, ctx, grid), t_index)
         out = self._decode(pred.float(), anchor_pix.float())
         want = gather_tokens(tubes.reshape(*tubes.shape[:2], -1), t_index).float()
@@ -143,8 +148,10 @@ class PixelForecaster(nn.Module):
         anchor, anchor_ok = last_seen(ctx, grid)
         S = grid.h * grid.w  # every target takes the latest context at its patch ("after the window" slot)
         after, after_ok = anchor[:, grid.t * S:], anchor_ok[:, grid.t * S:]
+        patch = torch.arange(S, device=pos.device).repeat(K)[None].expand(B, -1)
+        season = self._season(ctx, grid, pos[..., 0], patch, last_seen_days(ctx, grid)[:, grid.t * S:].repeat(1, K))
         pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"),
-                              after.repeat(1, K, 1), after_ok.repeat(1, K))
+                              after.repeat(1, K, 1), after_ok.repeat(1, K), season)
         tubes, _ = self._tubelets(b["pixels"], b["valid"])
         anchor_pix = self._anchor_pixels(tubes, ctx, grid)[:, grid.t * S:].repeat(1, K, 1)
         out = self._decode(pred.float(), anchor_pix.float())  # (B, K S, t C p p)
