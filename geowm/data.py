@@ -186,10 +186,11 @@ class CubeWindows(torch.utils.data.Dataset):
         cfg, times = self.cfg, self.reader.times
         lo, hi = time_range
         in_range = np.ones(len(times), bool)
-        if lo is not None:
-            in_range &= times >= np.datetime64(lo, "s")
         if hi is not None:
             in_range &= times <= np.datetime64(hi, "s")
+        past = in_range.copy()  # the seasonal memory may reach before the time range (context, never a target)
+        if lo is not None:
+            in_range &= times >= np.datetime64(lo, "s")
         table = clear_table(self.reader, cfg.size)
         day = times.astype("datetime64[D]").astype(np.int64)
         out = []
@@ -198,8 +199,7 @@ class CubeWindows(torch.utils.data.Dataset):
             for ix in range(nx):
                 clear = table[:, iy, ix] >= cfg.min_frame_clear
                 series = np.flatnonzero(clear & in_range)
-                # the seasonal memory may reach before the time range (the past is context, never a target)
-                before = np.flatnonzero(clear & (times <= (times[-1] if hi is None else np.datetime64(hi, "s"))))
+                before = np.flatnonzero(clear & past)
                 for k in range(0, len(series) - cfg.frames + 1, cfg.stride_frames):
                     t = series[k: k + cfg.frames]
                     if day[t[-1]] - day[t[0]] <= cfg.max_span_days:

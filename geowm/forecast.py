@@ -268,45 +268,66 @@ def tile_regions(ds: xr.Dataset, t_index: np.ndarray, tile: int = TILE):
             yield y0, x0, sub.load()
 
 
-def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx) -> None:
-    out_bands, out_ndvi, out_lat, out_spread, out_nctx = outs
-    p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
+def tile_jobs(sub: xr.Dataset, wm: WorldModel, init_t, vt: np.ndarray, members: int, seed: int, ty: int, tx: int):
+    """A tile's blocks with at least 2 context dates (``todo``), their context data (block -> refl, valid, dates)
+    and the ensemble's jobs grouped by context length (length -> [(block, member, context positions)])."""
     todo = [b for b in blocks(sub, wm, init_t, vt.max()) if len(b.t_index) >= 2]
-    jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # context length -> (block, member, dates)
+    jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}
     for i, b in enumerate(todo):
         rng = np.random.default_rng([seed, ty + b.y0, tx + b.x0])
         for m, keep in enumerate(_members(len(b.t_index), members, rng)):
             jobs.setdefault(len(keep), []).append((i, m, keep))
-    data = {i: read_block(sub, wm, b) for i, b in enumerate(todo)}
-    preds: dict[tuple[int, int], np.ndarray] = {}
-    anchors: dict[int, tuple] = {}
+    return todo, {i: read_block(sub, wm, b) for i, b in enumerate(todo)}, jobs
+
+
+def member_batches(wm: WorldModel, data: dict, jobs: dict, vt: np.ndarray, batch_size: int):
+    """Model inputs of the ensemble jobs (:func:`tile_jobs`), ``batch_size`` at a time within one context length:
+    yields (jobs of the batch, batch, target days, target day of year)."""
+    K = len(vt)
     for _, group in sorted(jobs.items()):
         for g0 in range(0, len(group), batch_size):
             chunk = group[g0: g0 + batch_size]
             refl = np.stack([data[i][0][keep] for i, _, keep in chunk])
             valid = np.stack([data[i][1][keep] for i, _, keep in chunk])
             tt = np.stack([data[i][2][keep] for i, _, keep in chunk])
-            batch, tdays, tdoy = model_inputs(wm, refl, valid, tt, np.broadcast_to(vt, (len(chunk), K)))
-            z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
-            for j, (i, m, _) in enumerate(chunk):
-                preds[(i, m)] = z[j]
-            full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
-            if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
-                sel = {k: v[full] for k, v in batch.items()}
-                lat, ok, _ = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
-                zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
-                for j, jj in enumerate(full):
-                    anchors[chunk[jj][0]] = (zo[j], slot[j], has[j])
+            yield (chunk, *model_inputs(wm, refl, valid, tt, np.broadcast_to(vt, (len(chunk), K))))
+
+
+def put_latents(z: np.ndarray, b: Block, outs: tuple, p: int, ty: int, tx: int) -> None:
+    """Write a block's forecast vectors ``z`` (M, K, hp, wp, D) of all members into ``outs``: the L2-normalised
+    ensemble mean of the unit vectors, their spread (mean per-dimension std) and the context length."""
+    _, _, out_lat, out_spread, out_nctx = outs
+    hp, wp = z.shape[2:4]
+    py0, px0 = (ty + b.y0) // p, (tx + b.x0) // p
+    unit = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+    mean = unit.mean(axis=0)
+    out_lat[:, py0: py0 + hp, px0: px0 + wp] = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
+    out_spread[:, py0: py0 + hp, px0: px0 + wp] = unit.std(axis=0).mean(axis=-1)
+    out_nctx[py0: py0 + hp, px0: px0 + wp] = len(b.t_index)
+
+
+def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx) -> None:
+    out_bands, out_ndvi = outs[:2]
+    p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
+    todo, data, jobs = tile_jobs(sub, wm, init_t, vt, members, seed, ty, tx)
+    preds: dict[tuple[int, int], np.ndarray] = {}
+    anchors: dict[int, tuple] = {}
+    for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):
+        z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
+        for j, (i, m, _) in enumerate(chunk):
+            preds[(i, m)] = z[j]
+        full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
+        if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
+            sel = {k: v[full] for k, v in batch.items()}
+            lat, ok, _ = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
+            zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
+            for j, jj in enumerate(full):
+                anchors[chunk[jj][0]] = (zo[j], slot[j], has[j])
 
     for i, b in enumerate(todo):
         z = np.stack([preds[(i, m)] for m in range(members)])  # (M, K, hp, wp, D)
         M, _, hp, wp, _ = z.shape
-        py0, px0 = (ty + b.y0) // p, (tx + b.x0) // p
-        unit = z / np.maximum(np.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
-        mean = unit.mean(axis=0)
-        out_lat[:, py0: py0 + hp, px0: px0 + wp] = mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-6)
-        out_spread[:, py0: py0 + hp, px0: px0 + wp] = unit.std(axis=0).mean(axis=-1)
-        out_nctx[py0: py0 + hp, px0: px0 + wp] = len(b.t_index)
+        put_latents(z, b, outs, p, ty, tx)
         if wm.probes is None:
             continue
         pix, nd = wm.decode_array(z)  # (M K hp wp, C, p, p), (M K hp wp, p, p)

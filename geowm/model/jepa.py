@@ -208,20 +208,9 @@ class JEPA(nn.Module):
         shape = (pixels.shape[0], grid.t, grid.h, grid.w)
         return dense.reshape(*shape, -1), token_valid.reshape(shape), positions.reshape(*shape, 4)
 
-    def predict(self, context_batch: dict[str, Tensor], target_days: Tensor, target_doy: Tensor) -> Tensor:
-        """Forecast latents at every patch for each requested date, in one direct prediction per date.
-
-        Args:
-            context_batch: ``pixels``, ``valid``, ``days``, ``doy`` (+ optional ``drivers``,
-                ``drivers_days``) of the observed frames; all their valid tokens are the context,
-                encoded by the online encoder (as in training).
-            target_days: (B, K) days on the origin of ``context_batch["days"]``; may lie past its last date.
-            target_doy: (B, K) day of year of each target date.
-
-        Returns:
-            (B, K, Hp, Wp, dim) predicted layer-normed latents. Wrap in ``torch.no_grad()`` for inference.
-        """
-        b = context_batch
+    def _predict_tokens(self, b: dict[str, Tensor], target_days: Tensor, target_doy: Tensor):
+        """The predictor's outputs (B, K Hp Wp, dim) for every patch at each target date (see :meth:`predict`),
+        with the encoded context and its token grid."""
         grid, token_valid, positions = self.tokens(b["pixels"], b["valid"], b["days"], b["doy"])
         ctx = self.encoder(b["pixels"], b["valid"], positions, token_valid)
         B, K = target_days.shape
@@ -243,7 +232,23 @@ class JEPA(nn.Module):
                               last_seen_days(ctx, grid)[:, grid.t * S:].repeat(1, K))
         pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"),
                               after.repeat(1, K, 1), after_ok.repeat(1, K), season)
-        return pred.reshape(*shape, self.cfg.dim)
+        return pred, ctx, grid
+
+    def predict(self, context_batch: dict[str, Tensor], target_days: Tensor, target_doy: Tensor) -> Tensor:
+        """Forecast latents at every patch for each requested date, in one direct prediction per date.
+
+        Args:
+            context_batch: ``pixels``, ``valid``, ``days``, ``doy`` (+ optional ``drivers``,
+                ``drivers_days``) of the observed frames; all their valid tokens are the context,
+                encoded by the online encoder (as in training).
+            target_days: (B, K) days on the origin of ``context_batch["days"]``; may lie past its last date.
+            target_doy: (B, K) day of year of each target date.
+
+        Returns:
+            (B, K, Hp, Wp, dim) predicted layer-normed latents. Wrap in ``torch.no_grad()`` for inference.
+        """
+        pred, _, grid = self._predict_tokens(context_batch, target_days, target_doy)
+        return pred.reshape(*target_days.shape, grid.h, grid.w, self.cfg.dim)
 
     # ---- monitoring ---------------------------------------------------------------------------------------
     @torch.no_grad()

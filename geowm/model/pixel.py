@@ -47,6 +47,7 @@ class PixelForecaster(nn.Module):
     """
 
     _season = JEPA._season  # the same seasonal memory for the predictor as the JEPA's (None when off)
+    _predict_tokens = JEPA._predict_tokens  # the same direct prediction per target date
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -132,33 +133,15 @@ class PixelForecaster(nn.Module):
             forecast's embedding).
         """
         cfg, b = self.cfg, context_batch
-        grid, token_valid, positions = self.tokens(b["pixels"], b["valid"], b["days"], b["doy"])
-        ctx = self.encoder(b["pixels"], b["valid"], positions, token_valid)
-        B, K = target_days.shape
-        rows = torch.arange(grid.h, device=target_days.device, dtype=torch.float32)
-        cols = torch.arange(grid.w, device=target_days.device, dtype=torch.float32)
-        shape = (B, K, grid.h, grid.w)
-        pos = torch.stack([
-            target_days.float()[:, :, None, None].expand(shape),
-            rows[None, None, :, None].expand(shape),
-            cols[None, None, None, :].expand(shape),
-            target_doy.float()[:, :, None, None].expand(shape),
-        ], dim=-1).reshape(B, -1, 4)
-        ok = torch.ones(pos.shape[:2], dtype=torch.bool, device=pos.device)
-        anchor, anchor_ok = last_seen(ctx, grid)
-        S = grid.h * grid.w  # every target takes the latest context at its patch ("after the window" slot)
-        after, after_ok = anchor[:, grid.t * S:], anchor_ok[:, grid.t * S:]
-        patch = torch.arange(S, device=pos.device).repeat(K)[None].expand(B, -1)
-        season = self._season(ctx, grid, pos[..., 0], patch, last_seen_days(ctx, grid)[:, grid.t * S:].repeat(1, K))
-        pred = self.predictor(ctx, pos, ok, b.get("drivers"), b.get("drivers_days"),
-                              after.repeat(1, K, 1), after_ok.repeat(1, K), season)
+        pred, ctx, grid = self._predict_tokens(b, target_days, target_doy)
+        (B, K), S = target_days.shape, grid.h * grid.w
         tubes, _ = self._tubelets(b["pixels"], b["valid"])
         anchor_pix = self._anchor_pixels(tubes, ctx, grid)[:, grid.t * S:].repeat(1, K, 1)
         out = self._decode(pred.float(), anchor_pix.float())  # (B, K S, t C p p)
         p, C = cfg.patch, cfg.in_chans
         out = out.reshape(B, K, grid.h, grid.w, cfg.t_frames, C, p, p)[:, :, :, :, -1]
         pix = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(B, K, C, grid.h * p, grid.w * p)
-        return pix, pred.reshape(*shape, cfg.dim)
+        return pix, pred.reshape(B, K, grid.h, grid.w, cfg.dim)
 
     # ---- monitoring ---------------------------------------------------------------------------------------
     @torch.no_grad()
