@@ -87,7 +87,7 @@ def ingest(
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL when present)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (SCL default: "
-                                                     "4,5,6,7,11)."),
+                                                     "4,5,6,7; add 11 to keep snow)."),
     resampling: str = typer.Option("bilinear", help="Resampling for sources not on the cube grid (masks: nearest)."),
     scheduler: str = typer.Option("local", help="local (dask LocalCluster), threads, synchronous, or a dask "
                                                 "scheduler address (tcp://host:8786)."),
@@ -339,7 +339,7 @@ def evaluate(
     events: Path = typer.Option(..., "--events", help="Ground-truth events GeoJSON (e.g. from geowm synth)."),
     start: str = typer.Option(..., "--from", help="First date of the held-out period."),
     leads: str = typer.Option("5,10,20,30", help="Lead times in days, comma-separated."),
-    init_every: float = typer.Option(30.0, help="Days between forecast inits in the held-out period."),
+    init_every: float = typer.Option(10.0, help="Days between forecast inits in the held-out period."),
     history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's history."),
     out_json: Path | None = typer.Option(None, "--json", help="Write the report here (JSON)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -166,7 +166,7 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
     return alerts_from_scores(grid, crs, rules)
 
 
-def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 30,
+def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 10,
              history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
              others: dict | None = None, progress=None) -> dict:
     """Scores of the model and of each baseline on the period after ``start``; see the module doc.

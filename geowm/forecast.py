@@ -15,6 +15,11 @@ Decoding ("delta" mode, the default): a pixel's forecast is its last clear obser
 decoder (a probe fitted on the predictor's own outputs, :mod:`geowm.probes`; for runs without one, the
 difference of the two decoded latents), so the probe's per-place bias cancels. Pixels without a clear observation
 on their patch's last observed date take the decoded forecast as is ("absolute" mode everywhere).
+With a seasonal memory and a year-ago change decoder in the run, each pixel also has a year-ago forecast:
+its observation on the date of the patch's latent nearest a year before the valid time (within the
+tolerance), plus the decoded change since then; the two are blended with the run's lead-dependent
+weight (:func:`geowm.probes.blend`), so at long leads the forecast leans on what the place did a year ago
+and on how the model expects this year to differ.
 """
 
 from __future__ import annotations
@@ -319,10 +324,12 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
         full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
         if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
             sel = {k: v[full] for k, v in batch.items()}
-            lat, ok, _ = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
+            lat, ok, pos = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
             zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
+            season = year_ago_latents(wm, lat, ok, pos, tdays[full])
             for j, jj in enumerate(full):
-                anchors[chunk[jj][0]] = (zo[j], slot[j], has[j])
+                anchors[chunk[jj][0]] = (zo[j], slot[j], has[j], None if season is None else
+                                         tuple(a[j] for a in season))
 
     for i, b in enumerate(todo):
         z = np.stack([preds[(i, m)] for m in range(members)])  # (M, K, hp, wp, D)
@@ -334,34 +341,56 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
         pix = _patches_to_pixels(np.moveaxis(pix.reshape(M, K, hp, wp, C, p, p), 4, 2), p)  # M K C h w
         nd = None if nd is None else _patches_to_pixels(nd.reshape(M, K, hp, wp, p, p), p)  # M K h w
         if decode == "delta":
-            change = wm.decode_change(z, np.broadcast_to(anchors[i][0], z.shape))
-            if change is not None:
-                dpix = None if change[0] is None else \
-                    _patches_to_pixels(np.moveaxis(change[0].reshape(M, K, hp, wp, C, p, p), 4, 2), p)
-                dnd = None if change[1] is None else _patches_to_pixels(change[1].reshape(M, K, hp, wp, p, p), p)
-                change = (dpix, dnd)
-            pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn, change)
+            shape = (M, K, hp, wp, C, p)
+            change = _change_pixels(wm.decode_change(z, np.broadcast_to(anchors[i][0], z.shape)), shape)
+            season = anchors[i][3]
+            s_change = None if season is None else _change_pixels(
+                wm.decode_change(z, np.broadcast_to(season[0], z.shape), anchor="season"), shape)
+            pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn, change, vt, s_change)
         ys, xs = slice(ty + b.y0, ty + b.y0 + b.h), slice(tx + b.x0, tx + b.x0 + b.w)
         out_bands[:, :, :, ys, xs] = np.moveaxis(np.quantile(pix, QUANTILES, axis=0), 0, 2).transpose(1, 0, 2, 3, 4)
         if nd is not None:
             out_ndvi[:, :, ys, xs] = np.moveaxis(np.quantile(nd, QUANTILES, axis=0), 0, 1)
 
 
-def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.ndarray | None, rn,
-           change: tuple | None = None) -> tuple:
-    """Last clear observation + change since the patch's last observed latent (see module doc): the run's change
-    decoder's output ``change`` (pixels M K C h w, NDVI M K h w) when it has one, else the difference of the
-    decoded latents."""
-    refl, valid, _ = blk
-    z_obs, slot, has = anchor
-    p = wm.cfg.patch
-    base_pix, base_nd = wm.decode_array(z_obs)  # (hp wp, C, p, p)
-    hp, wp = slot.shape
-    base_pix = _patches_to_pixels(np.moveaxis(base_pix.reshape(hp, wp, -1, p, p), 2, 0), p)  # C h w
+def _change_pixels(change: tuple | None, shape: tuple) -> tuple | None:
+    """A decoded change per patch (bands (N, C, p, p), NDVI (N, p, p); N = M K hp wp) at pixel resolution:
+    bands (M, K, C, h, w), NDVI (M, K, h, w); ``shape`` = (M, K, hp, wp, C, p)."""
+    if change is None:
+        return None
+    M, K, hp, wp, C, p = shape
+    dpix = None if change[0] is None else \
+        _patches_to_pixels(np.moveaxis(change[0].reshape(M, K, hp, wp, C, p, p), 4, 2), p)
+    dnd = None if change[1] is None else _patches_to_pixels(change[1].reshape(M, K, hp, wp, p, p), p)
+    return dpix, dnd
+
+
+def year_ago_latents(wm: WorldModel, lat: torch.Tensor, ok: torch.Tensor, pos: torch.Tensor, tdays: torch.Tensor):
+    """Per window, target and patch, the observed latent dated nearest a year (``seasonal_lag_days``) before the
+    target, within ``seasonal_tol_days`` (the year-ago anchor of the run's seasonal change decoder): latents
+    (B, K, hp, wp, D), their tubelet slot (B, K, hp, wp) and whether found; None without such a decoder."""
+    if wm.season_blend("ndvi") is None and wm.season_blend("pixels") is None:
+        return None
+    from geowm.probes import year_ago_slot
+
+    lag, tol, _ = wm.cfg.seasonal
+    zs, slots, found = [], [], []
+    for k in range(tdays.shape[1]):
+        slot, hit = year_ago_slot(pos[..., 0], ok, tdays[:, k], lag, tol)
+        idx = slot[:, None, :, :, None].expand(-1, 1, -1, -1, lat.shape[-1])
+        zs.append(torch.gather(lat.float(), 1, idx)[:, 0])
+        slots.append(slot)
+        found.append(hit)
+    return (torch.stack(zs, 1).cpu().numpy(), torch.stack(slots, 1).cpu().numpy(),
+            torch.stack(found, 1).cpu().numpy())
+
+
+def _tubelet_obs(refl: np.ndarray, valid: np.ndarray, slot: np.ndarray, has: np.ndarray, p: int, tf: int):
+    """Per pixel, the newest clear frame of its patch's tubelet ``slot`` (hp, wp): values (C, h, w), whether
+    clear (h, w) and the frame index (h, w) in the block's context."""
+    T = refl.shape[0]
     slot_px = np.repeat(np.repeat(slot, p, 0), p, 1)  # h w
     has_px = np.repeat(np.repeat(has, p, 0), p, 1)
-    # the newest clear frame of the patch's last observed tubelet (a tubelet spans t_frames dates)
-    tf, T = wm.cfg.t_frames, refl.shape[0]
     first = np.maximum(slot_px, 0) * tf
     t_px = first.copy()
     for off in range(1, tf):
@@ -371,14 +400,55 @@ def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.nd
         t_px = np.where(clear & (first + off < T), f, t_px)
     obs = np.take_along_axis(refl, t_px[None, None], axis=0)[0]  # C h w
     obs_ok = np.take_along_axis(valid, t_px[None], axis=0)[0] & has_px & np.isfinite(obs).all(axis=0)
+    return obs, obs_ok, t_px
+
+
+def _ndvi(obs: np.ndarray, rn) -> np.ndarray:
+    red, nir = obs[rn[0]], obs[rn[1]]
+    return (nir - red) / np.maximum(nir + red, 1e-6)
+
+
+def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.ndarray | None, rn,
+           change: tuple | None = None, vt: np.ndarray | None = None, s_change: tuple | None = None) -> tuple:
+    """Last clear observation + change since the patch's last observed latent (see module doc): the run's change
+    decoder's output ``change`` (pixels M K C h w, NDVI M K h w) when it has one, else the difference of the
+    decoded latents. With ``s_change`` (the year-ago decoder's change, same layout) and the valid times ``vt``,
+    blended with the year-ago forecast: the pixel's observation a year before each valid time + that change,
+    weighted by the run's lead-dependent blend (:func:`geowm.probes.blend`)."""
+    from geowm.probes import blend
+
+    refl, valid, times = blk
+    z_obs, slot, has = anchor[:3]
+    p, tf = wm.cfg.patch, wm.cfg.t_frames
+    base_pix, base_nd = wm.decode_array(z_obs)  # (hp wp, C, p, p)
+    hp, wp = slot.shape
+    base_pix = _patches_to_pixels(np.moveaxis(base_pix.reshape(hp, wp, -1, p, p), 2, 0), p)  # C h w
+    obs, obs_ok, t_px = _tubelet_obs(refl, valid, slot, has, p, tf)
     d_pix = change[0] if change is not None and change[0] is not None else pix - base_pix
-    pix = np.where(obs_ok, obs + d_pix, pix)
+    season = anchor[3] if len(anchor) > 3 and s_change is not None and vt is not None else None
+    if season is not None:  # the year-ago observation of each target and the lead of the last observation
+        gap = (vt[:, None, None] - times[t_px][None]).astype("timedelta64[s]").astype(np.float64) / 86400.0  # K h w
+        year_ago = [_tubelet_obs(refl, valid, season[1][k], season[2][k], p, tf)[:2] for k in range(len(vt))]
+
+    def blended(key, last, s_delta, value):  # last-observation forecast (M K ...) blended with the year-ago one
+        w = wm.season_blend(key)
+        if season is None or w is None or s_delta is None:
+            return last
+        a = blend(w, gap)  # K h w
+        out = last.copy()
+        for k, (y_obs, y_ok) in enumerate(year_ago):
+            yk = value(y_obs) + s_delta[:, k]
+            both = obs_ok & y_ok
+            out[:, k] = np.where(both, a[k] * last[:, k] + (1 - a[k]) * yk, np.where(y_ok & ~obs_ok, yk, last[:, k]))
+        return out
+
+    last = np.where(obs_ok, obs + d_pix, pix)
+    pix = blended("pixels", last, None if s_change is None else s_change[0], lambda o: o[None])
     if nd is not None and rn is not None:
         base_nd = _patches_to_pixels(base_nd.reshape(hp, wp, p, p), p)
         d_nd = change[1] if change is not None and change[1] is not None else nd - base_nd
-        red, nir = obs[rn[0]], obs[rn[1]]
-        obs_nd = (nir - red) / np.maximum(nir + red, 1e-6)
-        nd = np.clip(np.where(obs_ok, obs_nd + d_nd, nd), -1, 1)
+        last = np.where(obs_ok, _ndvi(obs, rn) + d_nd, nd)
+        nd = np.clip(blended("ndvi", last, None if s_change is None else s_change[1], lambda o: _ndvi(o, rn)), -1, 1)
     return pix, nd
 
 

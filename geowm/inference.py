@@ -97,24 +97,33 @@ class WorldModel:
             ndvi = np.clip((z @ w + b).reshape(-1, p, p), -1, 1)
         return pix.astype(np.float32), None if ndvi is None else ndvi.astype(np.float32)
 
-    def decode_change(self, z_pred: np.ndarray,
-                      z_last: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None] | None:
-        """Forecast latents and the last observed latents of the same patches (both (N, latent)) -> the change of
-        band values (N, C, p, p) in physical units and of NDVI (N, p, p) from the last observed date to the
-        forecast date, by the run's change decoder (see :mod:`geowm.probes`); None for a part the run has no
-        change decoder for (it keeps one only where it beat persistence on held-out windows), None if neither."""
-        if self.probes is None or not {"change_pixels_w", "change_ndvi_w"} & set(self.probes):
+    def decode_change(self, z_pred: np.ndarray, z_last: np.ndarray,
+                      anchor: str = "last") -> tuple[np.ndarray | None, np.ndarray | None] | None:
+        """Forecast latents and the anchor latents of the same patches (both (N, latent)) -> the change of band
+        values (N, C, p, p) in physical units and of NDVI (N, p, p) from the anchor's date to the forecast date,
+        by the run's change decoder (see :mod:`geowm.probes`). ``anchor``: "last" (the patch's last observed
+        latent) or "season" (its latent a year before the forecast date). None for a part the run has no change
+        decoder for (it keeps one only where it beat the simpler forecast on held-out windows), None if neither."""
+        pre = {"last": "change", "season": "season"}[anchor]
+        if self.probes is None or not {f"{pre}_pixels_w", f"{pre}_ndvi_w"} & set(self.probes):
             return None
         p, C, D = self.cfg.patch, len(self.bands), z_pred.shape[-1]
         f = np.concatenate([z_pred.reshape(-1, D), z_last.reshape(-1, D)], -1).astype(np.float32)
         pix = ndvi = None
-        if "change_pixels_w" in self.probes:
-            w, b = self.probes["change_pixels_w"].numpy(), self.probes["change_pixels_b"].numpy()
+        if f"{pre}_pixels_w" in self.probes:
+            w, b = self.probes[f"{pre}_pixels_w"].numpy(), self.probes[f"{pre}_pixels_b"].numpy()
             pix = ((f @ w + b).reshape(-1, C, p, p) * self.std[None, :, None, None]).astype(np.float32)
-        if "change_ndvi_w" in self.probes:
-            w, b = self.probes["change_ndvi_w"].numpy(), self.probes["change_ndvi_b"].numpy()
+        if f"{pre}_ndvi_w" in self.probes:
+            w, b = self.probes[f"{pre}_ndvi_w"].numpy(), self.probes[f"{pre}_ndvi_b"].numpy()
             ndvi = (f @ w + b).reshape(-1, p, p)
         return pix, None if ndvi is None else ndvi.astype(np.float32)
+
+    def season_blend(self, key: str) -> np.ndarray | None:
+        """Blend coefficients of the last-observation and year-ago forecasts of ``key`` ("pixels" or "ndvi"),
+        for :func:`geowm.probes.blend`; None when the run has no year-ago decoder for it."""
+        if self.probes is None or f"season_{key}_blend" not in self.probes:
+            return None
+        return self.probes[f"season_{key}_blend"].numpy()
 
     # ------------------------------------------------------------------------------ tensors
     def _batch(self, ds: xr.Dataset) -> tuple[dict[str, torch.Tensor], xr.Dataset, np.ndarray]:

@@ -12,7 +12,12 @@ after training on tokens of training windows and scored on tokens of held-out wi
   observed latent to the change of its pixels and NDVI between the last clear context date and the
   target date, fitted on the predictor's own outputs (context = the first dates of a training window,
   target = its last date, so gaps span one to several revisits). A forecast is then the last clear
-  observation plus this change; scored against "no change" (persistence) on held-out windows.
+  observation plus this change; scored against "no change" (persistence) on held-out windows;
+* **year-ago change decoder** (runs with a seasonal memory): the same regression from the forecast latent and
+  the patch's latent observed about a year (``seasonal_lag_days``) before the target, to the change since that
+  date. A forecast is then also the year-ago observation plus this change, and the two are blended with a
+  weight of the last-observation forecast that falls with its age (``w = c0 + c1 gap / 30``, least squares on
+  training windows); kept where the blend beats the last-observation forecast on held-out windows.
 
 Saved in the run directory as ``probes.safetensors`` (weights) and ``probes.json`` (scores, band and
 class names).
@@ -74,18 +79,51 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
+def year_ago_slot(days: torch.Tensor, ok: torch.Tensor, target_days: torch.Tensor, lag: float,
+                  tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per patch, the observed tubelet dated nearest ``target_days - lag``: token days (B, Tt) or (B, Tt, Hp, Wp),
+    ``ok`` (B, Tt, Hp, Wp), ``target_days`` (B,) -> slot (B, Hp, Wp) and whether it lies within ``tol`` days."""
+    if days.dim() == 2:
+        days = days[:, :, None, None].expand_as(ok)
+    gap = (days - (target_days[:, None, None, None] - lag)).abs()
+    gap = torch.where(ok, gap, torch.full((), float("inf"), device=gap.device))
+    best, slot = gap.min(dim=1)
+    return slot, best <= tol
+
+
+def _gather_slot(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """x (B, T, Hp, Wp, ...) at the per-patch index ``slot`` (B, Hp, Wp) along T -> (B, Hp, Wp, ...)."""
+    idx = slot[:, None].reshape(*slot.shape[:1], 1, *slot.shape[1:], *([1] * (x.dim() - 4)))
+    return torch.gather(x, 1, idx.expand(-1, 1, *x.shape[2:]))[:, 0]
+
+
 @torch.no_grad()
 def change_features(model: JEPA, ds: CubeWindows, windows: list[int], device: torch.device, batch_size: int = 8,
                     seed: int = 0) -> dict[str, np.ndarray]:
     """Per target patch: ``feature`` (n, 2 dim) = [forecast latent, last observed context latent] and the change
     from the patch's last observed context date to the target date of its normalised pixels (n, C p p) and
     NDVI (n, p p, if red/NIR are known). Context: the first 2..T-1 tubelets of a window (drawn per batch);
-    target: its last tubelet. Only patches fully clear on both dates count."""
+    target: its last tubelet. Only patches fully clear on both dates count.
+
+    With a seasonal memory, also the **year-ago** anchor of the same targets: ``season_feature`` = [forecast
+    latent, the context latent of the patch dated nearest a year (``seasonal_lag_days``) before the target,
+    within ``seasonal_tol_days``], the change from that date (``season_pixels``, ``season_ndvi``), and
+    ``pair`` (n,) marking the targets that have both anchors (``season_rows`` maps ``pair`` targets to their row
+    in the season arrays), so the two forecasts can be weighed against each other."""
     p, tf = model.cfg.patch, model.cfg.t_frames
     mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
     rn = ndvi_bands(ds.reader.bands)
     rng = np.random.default_rng(seed)
-    out: dict[str, list] = {"feature": [], "pixels": [], "ndvi": [], "gap_days": []}
+    keys = ("feature", "pixels", "ndvi", "gap_days", "season_feature", "season_pixels", "season_ndvi", "pair",
+            "season_rows")
+    out: dict[str, list] = {k: [] for k in keys}
+    n_season = 0
+
+    def nd(x):
+        phys = x * std[None, :, None, None] + mean[None, :, None, None]
+        red, nir = phys[:, rn[0]], phys[:, rn[1]]
+        return ((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(x), p * p)
+
     for b0 in range(0, len(windows), batch_size):
         items = [ds[i] for i in windows[b0: b0 + batch_size]]
         batch = {k: torch.stack([it[k] for it in items]).to(device) for k in ("pixels", "valid", "days", "doy")}
@@ -100,26 +138,55 @@ def change_features(model: JEPA, ds: CubeWindows, windows: list[int], device: to
         slot = torch.where(ok, torch.arange(ok.shape[1], device=ok.device)[None, :, None, None], -1).amax(1)
         has = slot >= 0
         idx = slot.clamp(min=0)
-        last = torch.gather(lat.float(), 1, idx[:, None, :, :, None].expand(-1, 1, -1, -1, lat.shape[-1]))[:, 0]
+        last = _gather_slot(lat.float(), idx)
         pix = batch["pixels"].reshape(B, T, C, Hp, p, Wp, p).permute(0, 1, 3, 5, 2, 4, 6)  # B T Hp Wp C p p
         pv = batch["valid"].reshape(B, T, Hp, p, Wp, p).permute(0, 1, 2, 4, 3, 5).float().mean(dim=(-1, -2))
         frame = idx * tf  # the anchor: first frame of the last observed tubelet, per patch
-        anc_pix = torch.gather(pix, 1, frame[:, None, :, :, None, None, None].expand(-1, 1, -1, -1, C, p, p))[:, 0]
-        anc_ok = torch.gather(pv, 1, frame[:, None])[:, 0] > 0.99
+        anc_pix = _gather_slot(pix, frame)
+        anc_ok = _gather_slot(pv, frame) > 0.99
         keep = has & anc_ok & (pv[:, tgt] > 0.99)
         anc_day = torch.gather(batch["days"], 1, frame.reshape(B, -1)).reshape(B, Hp, Wp)
         gap = batch["days"][:, tgt, None, None] - anc_day
         out["feature"].append(torch.cat([pred, last], -1)[keep].cpu().numpy())
         a, b = anc_pix[keep].cpu().numpy(), pix[:, tgt][keep].cpu().numpy()  # n C p p (normalised)
-        out["pixels"].append((b - a).reshape(len(a), -1))
+        out["pixels"].append((b - a).reshape(len(a), C * p * p))
         out["gap_days"].append(gap[keep].cpu().numpy())
         if rn is not None:
-            def nd(x):
-                phys = x * std[None, :, None, None] + mean[None, :, None, None]
-                red, nir = phys[:, rn[0]], phys[:, rn[1]]
-                return ((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(x), -1)
             out["ndvi"].append(nd(b) - nd(a))
+        if model.cfg.seasonal_anchor:  # the year-ago anchor of the same targets
+            lag, tol, _ = model.cfg.seasonal
+            first_frame = ctx["days"][:, ::tf][:, :lat.shape[1]]
+            ys, y_ok = year_ago_slot(first_frame, ok & (pv[:, :n_ctx:tf][:, :lat.shape[1]] > 0.99),
+                                     batch["days"][:, tgt], lag, tol)
+            s_keep = y_ok & (pv[:, tgt] > 0.99)
+            s_pix = _gather_slot(pix, ys * tf)[s_keep].cpu().numpy()
+            b_s = pix[:, tgt][s_keep].cpu().numpy()
+            out["season_feature"].append(torch.cat([pred, _gather_slot(lat.float(), ys)], -1)[s_keep].cpu().numpy())
+            out["season_pixels"].append((b_s - s_pix).reshape(len(s_pix), C * p * p))
+            if rn is not None:
+                out["season_ndvi"].append(nd(b_s) - nd(s_pix))
+            rows = torch.full(s_keep.shape, -1, dtype=torch.long, device=s_keep.device)
+            rows[s_keep] = torch.arange(int(s_keep.sum()), device=s_keep.device) + n_season
+            n_season += int(s_keep.sum())
+            out["pair"].append((s_keep[keep]).cpu().numpy())
+            out["season_rows"].append(rows[keep & s_keep].cpu().numpy())
     return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def blend_weights(e_last: np.ndarray, e_season: np.ndarray, gap: np.ndarray) -> np.ndarray:
+    """Weight ``w(gap) = c0 + c1 gap / 30`` of the last-observation forecast against the year-ago one (``1 - w``)
+    that minimises the squared error of ``w e_last + (1 - w) e_season`` (errors (n, k), gap (n,) days): least
+    squares for (c0, c1)."""
+    d = (e_last - e_season).astype(np.float64)
+    g = np.broadcast_to((gap / 30.0)[:, None], d.shape)
+    x = np.stack([d.ravel(), (d * g).ravel()], 1)
+    c, *_ = np.linalg.lstsq(x, -e_season.astype(np.float64).ravel(), rcond=None)
+    return c.astype(np.float32)
+
+
+def blend(w: np.ndarray, gap) -> np.ndarray:
+    """The weight of the last-observation forecast at ``gap`` days (see :func:`blend_weights`), in [0, 1]."""
+    return np.clip(w[0] + w[1] * np.asarray(gap, np.float32) / 30.0, 0.0, 1.0)
 
 
 def ridge(x: np.ndarray, y: np.ndarray, alpha: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
@@ -160,6 +227,38 @@ def predict_logistic(x, w, b, mu, sigma) -> np.ndarray:
     return (((x - mu) / sigma) @ w.T + b).argmax(1)
 
 
+def _fit_season(trc: dict, tec: dict, key: str, w: np.ndarray, b: np.ndarray, scores: dict, tensors: dict) -> None:
+    """The year-ago change decoder of ``key`` and its blend with the last-observation change the forecasts use
+    (``feature @ w + b``: the change decoder, or the difference of the decoded latents where that decoder is not
+    kept), kept only where the blend beats the last-observation forecast alone on held-out windows (targets with
+    both anchors)."""
+    sk = f"season_{key}"
+    if sk not in trc or len(trc["season_feature"]) <= 2 * trc["season_feature"].shape[1]:
+        return
+    if not tec.get("pair", np.zeros(0, bool)).any() or not trc["pair"].any():
+        return
+    ws, bs = ridge(trc["season_feature"], trc[sk], alpha=0.1)
+
+    def errors(d):  # forecast errors of both anchors on the targets that have both
+        pair = d["pair"]
+        e_last = d["feature"][pair] @ w + b - d[key][pair]
+        e_season = d["season_feature"][d["season_rows"]] @ ws + bs - d[sk][d["season_rows"]]
+        return e_last, e_season, d["gap_days"][pair]
+
+    bw = blend_weights(*errors(trc))
+    e_last, e_season, gap = errors(tec)
+    a = blend(bw, gap)[:, None]
+    rmse = lambda e: float(np.sqrt((e ** 2).mean()))  # noqa: E731
+    scores[f"season_{key}_rmse_last"], scores[f"season_{key}_rmse_year_ago"] = rmse(e_last), rmse(e_season)
+    scores[f"season_{key}_rmse_blend"] = rmse(a * e_last + (1 - a) * e_season)
+    scores[f"season_{key}_blend"] = [float(v) for v in bw]
+    scores[f"season_{key}_n_test"] = int(len(gap))
+    scores[f"season_{key}_used"] = scores[f"season_{key}_rmse_blend"] < scores[f"season_{key}_rmse_last"]
+    if scores[f"season_{key}_used"]:
+        tensors.update({f"season_{key}_w": torch.from_numpy(ws), f"season_{key}_b": torch.from_numpy(bs),
+                        f"season_{key}_blend": torch.from_numpy(bw)})
+
+
 def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Path, device: torch.device,
                landcover: np.ndarray | None = None, class_names: dict[int, str] | None = None,
                n_windows: int = 64, seed: int = 0) -> dict:
@@ -194,6 +293,12 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
             scores[f"change_{key}_used"] = rmse < rmse0  # kept only where it beats persistence on held-out windows
             if rmse < rmse0:
                 tensors.update({f"change_{key}_w": torch.from_numpy(w), f"change_{key}_b": torch.from_numpy(b)})
+            elif f"decoder_{key}_w" in tensors:  # forecasts then use the difference of the decoded latents
+                dec = tensors[f"decoder_{key}_w"].numpy()
+                w, b = np.concatenate([dec, -dec]), np.zeros(dec.shape[1], np.float32)
+            else:
+                continue
+            _fit_season(trc, tec, key, w, b, scores, tensors)
         scores["change_gap_days_median"] = float(np.median(tec["gap_days"]))
     if landcover is not None and "landcover" in tr:
         n_classes = int(max(tr["landcover"].max(), te["landcover"].max())) + 1

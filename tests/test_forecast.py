@@ -161,3 +161,88 @@ def test_package_names_resolve_lazily() -> None:
             "assert geowm.sources.discover and set(geowm.__all__) <= set(dir(geowm))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def seasonal_run(synth_cube, tmp_path_factory):
+    """A few steps of a model with a seasonal memory (lag 120 days: the session cube spans one year), probed."""
+    from geowm.data import WindowConfig
+    from geowm.train import TrainConfig, evaluate_run, train
+
+    run = tmp_path_factory.mktemp("runs") / "seasonal"
+    cfg = TrainConfig(steps=6, batch_size=2, workers=0, train_until="2021-09-30",
+                      window=WindowConfig(frames=4, size=32, seasonal_frames=2),
+                      model=dict(dim=48, depth=2, heads=2, pred_dim=24, pred_depth=1, pred_heads=2,
+                                 seasonal_anchor=True, seasonal_lag_days=120.0, seasonal_tol_days=30.0))
+    train(str(synth_cube), run, cfg)
+    evaluate_run(run, n_windows=16)
+    return run
+
+
+def test_year_ago_slot_and_blend_weights():
+    """The year-ago anchor is the observed tubelet nearest ``target - lag`` within ``tol``; the blend weight of
+    two forecasts with independent errors is the inverse-variance one, and it follows the lead."""
+    import torch
+
+    from geowm.probes import blend, blend_weights, year_ago_slot
+
+    days = torch.tensor([[0.0, 10.0, 40.0, 100.0]])
+    ok = torch.ones(1, 4, 2, 2, dtype=torch.bool)
+    ok[0, 1, 0, 0] = False  # patch (0, 0) was not seen on day 10
+    slot, hit = year_ago_slot(days, ok, torch.tensor([112.0]), 100.0, 15.0)  # nearest day 12
+    assert slot[0].tolist() == [[0, 1], [1, 1]] and hit.all()  # (0, 0): day 0 is 12 days off, still within 15
+    slot, hit = year_ago_slot(days, ok, torch.tensor([112.0]), 100.0, 5.0)
+    assert not hit[0, 0, 0] and hit[0, 1, 1]
+    rng = np.random.default_rng(0)
+    n = 20000
+    gap = rng.uniform(0, 60, n)
+    e_last = rng.normal(0, 1, (n, 1)) * (0.2 + gap[:, None] / 60)  # the last observation ages with the lead
+    e_season = rng.normal(0, 0.6, (n, 1))
+    w = blend_weights(e_last, e_season, gap)
+    for g in (5.0, 30.0, 55.0):
+        s_last = 0.2 + g / 60
+        assert abs(float(blend(w, g)) - 0.36 / (0.36 + s_last ** 2)) < 0.12
+    assert blend(w, 5.0) > blend(w, 55.0)
+
+
+def test_seasonal_decoder_blends_the_year_ago_observation(synth_cube, seasonal_run):
+    """A run with a seasonal memory fits a year-ago change decoder; forecasting with it, a blend weight of 0 on
+    the last observation gives the pixel's observation about a lag before the valid time plus the decoded change,
+    and a weight of 1 gives the last-observation forecast unchanged."""
+    import json
+
+    import torch
+
+    from geowm.baselines import ndvi
+    from geowm.inference import WorldModel
+
+    scores = json.loads((seasonal_run / "probes.json").read_text())["scores"]
+    assert scores.get("season_ndvi_n_test", 0) > 0, scores  # year-ago pairs were found and scored
+    wm = WorldModel(seasonal_run, "cpu")
+    D, p = wm.cfg.dim, wm.cfg.patch
+    base = {k: v for k, v in wm.probes.items() if not k.startswith(("change_", "season_"))}
+    lead, init = 20.0, np.datetime64("2021-08-15")
+    vt = init + np.timedelta64(int(lead), "D")
+
+    def run(blend_w, c):
+        wm.probes = {**base, "change_ndvi_w": torch.zeros(2 * D, p * p), "change_ndvi_b": torch.zeros(p * p),
+                     "season_ndvi_w": torch.zeros(2 * D, p * p), "season_ndvi_b": torch.full((p * p,), c),
+                     "season_ndvi_blend": torch.tensor(blend_w)}
+        return forecast(str(synth_cube), wm, init=str(init), leads=(lead,), members=1).ndvi.sel(
+            quantile=0.5).values[0, 0]
+
+    wm.probes = {**base, "change_ndvi_w": torch.zeros(2 * D, p * p), "change_ndvi_b": torch.zeros(p * p)}
+    plain = forecast(str(synth_cube), wm, init=str(init), leads=(lead,), members=1).ndvi.sel(quantile=0.5).values[0, 0]
+    nd = ndvi(geowm.open_cube(synth_cube)).sel(time=slice(vt - np.timedelta64(150, "D"), vt - np.timedelta64(90, "D")))
+    # all weight on the last observation: unchanged, except pixels without one, which take their year-ago value
+    last_only = run([1.0, 0.0], 0.0)
+    other = ~np.isclose(last_only, plain, atol=1e-6)
+    assert other.mean() < 0.05, other.mean()
+    year_ago, up = run([0.0, 0.0], 0.0), run([0.0, 0.0], 0.1)
+    seen = np.isclose(nd.values, year_ago[None], atol=1e-4).any(axis=0)  # one of the pixel's obs ~a lag back
+    np.testing.assert_allclose(year_ago[other], last_only[other], atol=1e-6)
+    moved = ~np.isclose(year_ago, plain, atol=1e-4)
+    assert moved.mean() > 0.3, moved.mean()
+    assert seen[moved].mean() > 0.95, seen[moved].mean()
+    inner = moved & (np.abs(year_ago) < 0.85)
+    np.testing.assert_allclose(up[inner] - year_ago[inner], 0.1, atol=1e-4)

@@ -36,6 +36,7 @@ def make_scene(folder: Path, day: date, seed: int, transform: Affine | None = No
     if cloud:
         scl[10:20, 10:30] = 9  # a cloud
         scl[40:44, :] = 3  # a shadow
+        scl[50:56, 20:40] = 11  # snow: masked by default, like cloud
     stamp = f"{day:%Y%m%d}T103021"
     tags = {"ACQUISITION_DATETIME": f"{day:%Y-%m-%d}T10:30:21Z"}
     write_tif(folder / f"S2T_{stamp}.tif", data, transform=transform, crs=crs, nodata=0, descriptions=BANDS,
@@ -57,6 +58,16 @@ def raw(cube: Path) -> xr.Dataset:
     return xr.open_zarr(store, consolidated=False, mask_and_scale=False).load()
 
 
+def test_snow_is_masked_by_default_and_kept_with_mask_clear(tmp_path):
+    src = tmp_path / "src"
+    written = make_scene(src, days(1)[0], 0)
+    snow = written["scl"] == 11
+    ingest(src, tmp_path / "default", IngestOptions(**OPTS))
+    ingest(src, tmp_path / "keep", IngestOptions(**OPTS, mask_clear=[4, 5, 6, 7, 11]))
+    assert not raw(tmp_path / "default").valid.isel(time=0).values[snow].any()
+    assert raw(tmp_path / "keep").valid.isel(time=0).values[snow].all()
+
+
 def test_round_trip_exact_values_and_mask(tmp_path):
     src = tmp_path / "src"
     written = {d: make_scene(src, d, i) for i, d in enumerate(days(5))}
@@ -67,7 +78,7 @@ def test_round_trip_exact_values_and_mask(tmp_path):
     assert ds.sizes == {"time": 5, "band": 4, "y": SIZE, "x": SIZE}
     for i, d in enumerate(days(5)):
         np.testing.assert_array_equal(ds.reflectance.isel(time=i).values, written[d]["data"])
-        expected_valid = np.isin(written[d]["scl"], [4, 5, 6, 7, 11]) & (written[d]["data"] > 0).all(0)
+        expected_valid = np.isin(written[d]["scl"], [4, 5, 6, 7]) & (written[d]["data"] > 0).all(0)
         np.testing.assert_array_equal(ds.valid.isel(time=i).values, expected_valid)
     assert str(ds.time.values[0])[:19] == "2021-03-01T10:30:21"
     # decoded view: fill -> NaN, the CRS and transform readable by rioxarray
