@@ -6,7 +6,8 @@
   init; climatology and harmonic regression are fitted on the history before ``start``.
 * **Anomaly scores**: per patch and clear acquisition after ``start``, the model's score
   (:func:`geowm.anomaly.detect`) and each baseline's pixel score averaged over the patch's clear
-  pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`.
+  pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`, overall and per
+  event type (that type's positives against all negatives).
 * **Alerts**: the model's confirmed alerts against the events (precision, recall, F1, false alarms on
   harvest/mowing, median detection delay); the same for the change-detecting baselines (harmonic /
   CCDC-style and BFAST-style), whose patch scores go through the same confirmation and polygon machinery
@@ -200,12 +201,22 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     st = scores["time"].values
     labels = patch_labels(ev, st, scores["py"].values, scores["px"].values, crs).values
     obs = nd.sel(time=st)
+    types = sorted(set(ev.loc[ev["anomaly"].astype(bool), "type"]))
+    by_type = {t: patch_labels(ev[ev["type"] == t], st, scores["py"].values, scores["px"].values, crs).values
+               for t in types}  # each type's positives against the same negatives
+
+    def per_type(score: np.ndarray) -> dict:
+        return {t: auroc(score.ravel(), np.where(lab_t == 1, 1, np.where(labels == 0, 0, -1)).ravel())
+                for t, lab_t in by_type.items() if (lab_t == 1).any()}
+
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
+    auc_by_type = {"model": per_type(scores["score"].values)}
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
     for key, b in fitted.items():
         patch_scores = _patch_mean(b.score(obs).values, p)
         auc[key] = auroc(patch_scores.ravel(), labels.ravel())
+        auc_by_type[key] = per_type(patch_scores)
         if hasattr(b, "breaks") and crs_wkt:  # change detectors: alerts by their own rule
             found = baseline_alerts(b, patch_scores, scores["score"], crs_wkt)
             base_alerts[key] = {**_jsonable(alert_scores(found, ev, since=start_t)), "n_alerts": int(len(found))}
@@ -224,8 +235,10 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         "cube": name, "model_run": wm.run_id, "from": str(start_t), "inits": [str(t) for t in inits],
         "ndvi_forecast": forecast_scores,
         "anomaly_auroc": auc,
+        "anomaly_auroc_by_type": _jsonable(auc_by_type),
         "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
-                   "excluded": int((labels == -1).sum())},
+                   "excluded": int((labels == -1).sum()),
+                   "positive_by_type": {t: int((v == 1).sum()) for t, v in by_type.items()}},
         "alerts": _jsonable(alert_scores(alerts, ev, since=start_t)),
         "n_alerts": int(len(alerts)),
         "baseline_alerts": base_alerts,
@@ -255,6 +268,10 @@ def table(report: dict) -> str:
     lines.append("")
     auc = report["anomaly_auroc"]
     lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
+    for who, by in (report.get("anomaly_auroc_by_type") or {}).items():
+        if by:
+            lines.append(f"  {who} by event type: " + ", ".join(
+                f"{t} {v:.3f}" if v is not None else f"{t} -" for t, v in by.items()))
     rows = [("model", report["alerts"], report["n_alerts"])] + [
         (k, v, v.get("n_alerts")) for k, v in (report.get("baseline_alerts") or {}).items()]
     for who, a, n in rows:

@@ -344,8 +344,8 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
             shape = (M, K, hp, wp, C, p)
             change = _change_pixels(wm.decode_change(z, np.broadcast_to(anchors[i][0], z.shape)), shape)
             season = anchors[i][3]
-            s_change = None if season is None else _change_pixels(
-                wm.decode_change(z, np.broadcast_to(season[0], z.shape), anchor="season"), shape)
+            s_change = None if season is None else [_change_pixels(
+                wm.decode_change(z, np.broadcast_to(za, z.shape), anchor="season"), shape) for za in season[0]]
             pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn, change, vt, s_change)
         ys, xs = slice(ty + b.y0, ty + b.y0 + b.h), slice(tx + b.x0, tx + b.x0 + b.w)
         out_bands[:, :, :, ys, xs] = np.moveaxis(np.quantile(pix, QUANTILES, axis=0), 0, 2).transpose(1, 0, 2, 3, 4)
@@ -366,21 +366,31 @@ def _change_pixels(change: tuple | None, shape: tuple) -> tuple | None:
 
 
 def year_ago_latents(wm: WorldModel, lat: torch.Tensor, ok: torch.Tensor, pos: torch.Tensor, tdays: torch.Tensor):
-    """Per window, target and patch, the observed latent dated nearest a year (``seasonal_lag_days``) before the
-    target, within ``seasonal_tol_days`` (the year-ago anchor of the run's seasonal change decoder): latents
-    (B, K, hp, wp, D), their tubelet slot (B, K, hp, wp) and whether found; None without such a decoder."""
+    """Per window, target and patch, the observed latents dated within ``seasonal_tol_days`` of a year
+    (``seasonal_lag_days``) before the target, nearest first, up to the seasonal memory's size (the year-ago
+    anchors of the run's seasonal change decoder): latents (B, A, K, hp, wp, D), their tubelet slots
+    (B, A, K, hp, wp) and whether found; None without such a decoder."""
     if wm.season_blend("ndvi") is None and wm.season_blend("pixels") is None:
         return None
     from geowm.probes import year_ago_slot
 
-    lag, tol, _ = wm.cfg.seasonal
+    lag, tol, tf = wm.cfg.seasonal
+    n_anchor = max(1, -(-wm.window.seasonal_frames // tf))
     zs, slots, found = [], [], []
-    for k in range(tdays.shape[1]):
-        slot, hit = year_ago_slot(pos[..., 0], ok, tdays[:, k], lag, tol)
-        idx = slot[:, None, :, :, None].expand(-1, 1, -1, -1, lat.shape[-1])
-        zs.append(torch.gather(lat.float(), 1, idx)[:, 0])
-        slots.append(slot)
-        found.append(hit)
+    for _ in range(n_anchor):
+        za, sa, fa = [], [], []
+        for k in range(tdays.shape[1]):
+            taken = torch.zeros_like(ok)
+            for prev in slots:  # the anchors already picked for this target
+                taken.scatter_(1, prev[:, k, None], True)
+            slot, hit = year_ago_slot(pos[..., 0], ok & ~taken, tdays[:, k], lag, tol)
+            idx = slot[:, None, :, :, None].expand(-1, 1, -1, -1, lat.shape[-1])
+            za.append(torch.gather(lat.float(), 1, idx)[:, 0])
+            sa.append(slot)
+            fa.append(hit)
+        zs.append(torch.stack(za, 1))
+        slots.append(torch.stack(sa, 1))
+        found.append(torch.stack(fa, 1))
     return (torch.stack(zs, 1).cpu().numpy(), torch.stack(slots, 1).cpu().numpy(),
             torch.stack(found, 1).cpu().numpy())
 
@@ -428,27 +438,34 @@ def _delta(wm: WorldModel, blk: tuple, anchor: tuple, pix: np.ndarray, nd: np.nd
     season = anchor[3] if len(anchor) > 3 and s_change is not None and vt is not None else None
     if season is not None:  # the year-ago observation of each target and the lead of the last observation
         gap = (vt[:, None, None] - times[t_px][None]).astype("timedelta64[s]").astype(np.float64) / 86400.0  # K h w
-        year_ago = [_tubelet_obs(refl, valid, season[1][k], season[2][k], p, tf)[:2] for k in range(len(vt))]
+        year_ago = [[_tubelet_obs(refl, valid, sl[k], hit[k], p, tf)[:2] for k in range(len(vt))]
+                    for sl, hit in zip(season[1], season[2], strict=True)]  # per anchor, per target
 
-    def blended(key, last, s_delta, value):  # last-observation forecast (M K ...) blended with the year-ago one
+    def blended(key, last, part, value):  # last-observation forecast (M K ...) blended with the year-ago one
         w = wm.season_blend(key)
-        if season is None or w is None or s_delta is None:
+        if season is None or w is None or s_change is None or s_change[0][part] is None:
             return last
         a = blend(w, gap)  # K h w
         out = last.copy()
-        for k, (y_obs, y_ok) in enumerate(year_ago):
-            yk = value(y_obs) + s_delta[:, k]
+        for k in range(len(vt)):  # the year-ago forecast: mean over the anchors clear at the pixel
+            total, count = np.zeros_like(last[:, k]), np.zeros(last.shape[-2:], np.float32)
+            for anchor_obs, sc in zip(year_ago, s_change, strict=True):
+                y_obs, y_ok = anchor_obs[k]
+                total += np.where(y_ok, value(y_obs) + sc[part][:, k], 0.0)
+                count += y_ok
+            y_ok = count > 0
+            yk = total / np.maximum(count, 1)
             both = obs_ok & y_ok
             out[:, k] = np.where(both, a[k] * last[:, k] + (1 - a[k]) * yk, np.where(y_ok & ~obs_ok, yk, last[:, k]))
         return out
 
     last = np.where(obs_ok, obs + d_pix, pix)
-    pix = blended("pixels", last, None if s_change is None else s_change[0], lambda o: o[None])
+    pix = blended("pixels", last, 0, lambda o: o[None])
     if nd is not None and rn is not None:
         base_nd = _patches_to_pixels(base_nd.reshape(hp, wp, p, p), p)
         d_nd = change[1] if change is not None and change[1] is not None else nd - base_nd
         last = np.where(obs_ok, _ndvi(obs, rn) + d_nd, nd)
-        nd = np.clip(blended("ndvi", last, None if s_change is None else s_change[1], lambda o: _ndvi(o, rn)), -1, 1)
+        nd = np.clip(blended("ndvi", last, 1, lambda o: _ndvi(o, rn)), -1, 1)
     return pix, nd
 
 

@@ -135,6 +135,10 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
         keys = {"precision", "recall", "f1", "false_alarms_normal_change", "n_alerts"}
         assert keys <= set(rep["baseline_alerts"][who])
     assert rep["labels"]["positive"] > 0
+    by_type = rep["anomaly_auroc_by_type"]  # each event type with positives, for the model and every baseline
+    typed = {t for t, n in rep["labels"]["positive_by_type"].items() if n}
+    assert typed and sum(rep["labels"]["positive_by_type"].values()) >= rep["labels"]["positive"]
+    assert set(by_type) == set(rep["anomaly_auroc"]) and all(set(v) == typed for v in by_type.values())
     assert all(0 <= v <= 1 for v in rep["anomaly_auroc"].values())
     assert "precision" in rep["alerts"] and "NDVI forecast RMSE" in res.output
     sim = rep["similar"]  # nearest latents at other places: same land cover more often than chance
