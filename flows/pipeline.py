@@ -124,7 +124,7 @@ def forecast_flow(cube: str, model: str, store: str, init: str | None = None, le
 @flow(name=PIPELINE_FLOW, task_runner=DaskTaskRunner(**dask_runner_options()))
 def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, state_dir: str | None = None,
                   catalog: str | None = None, leads: list[float] | None = None, members: int = 4,
-                  history_days: float = 365.0, threshold: float = 4.0, confirm_threshold: float = 3.0,
+                  history_days: float = 365.0, threshold: float = 5.0, confirm_threshold: float = 4.0,
                   tile_px: int | None = None, ingest_scheduler: str | None = None, device: str = "cpu") -> dict:
     """One tick: new scenes of ``source`` -> cube -> forecast -> anomaly scores -> alerts -> STAC catalog.
 

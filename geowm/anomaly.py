@@ -6,7 +6,8 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
    ``t``: what was actually seen) and the model's forecast latent for ``t``, one direct prediction
    from the clear acquisitions on or before ``t - LEAD_DAYS`` (60 days; the prediction ``geowm
    forecast`` stores for an init that long before ``t``);
-2. **score** = the surprise normalised robustly against the patch's own history in the same season:
+2. **score** = the surprise (optionally minus the date's regional median, :func:`regional_residual`)
+   normalised robustly against the patch's own history in the same season:
    ``(surprise - median) / (1.4826 MAD)`` over the patch's clear surprises at dates before
    ``t - 30 days`` whose day of year is within 60 days of ``t``'s (all earlier dates, then the
    whole region's history, when too few), with the MAD floored by half the region's median MAD;
@@ -44,6 +45,10 @@ LEAD_DAYS = 60.0
 SEASON_DAYS = 60  # history dates within this many days of year of t form the season reference
 EXCLUDE_RECENT_DAYS = 30  # the month before t is not reference (an ongoing event must not normalise itself)
 MIN_REFERENCE = 6  # fewer reference values: widen to all earlier dates, then to the whole region
+# The alert rule geowm uses (geowm.alerts.AlertRules), from a grid on held-out synthetic data (768 px, seed 12,
+# 2023): 5 / 4 / 2 confirmations kept every event that 4 / 3 / 1 found and cut the share of harvest and mowing
+# events hit by an alert from 0.51 to 0.22.
+ALERT_RULES = {"threshold": 5.0, "confirm_threshold": 4.0, "confirmations": 2}
 
 
 @torch.no_grad()
@@ -196,10 +201,14 @@ def regional_residual(surp: xr.DataArray, min_patches: int = 16) -> xr.DataArray
 
 
 def detect(cube, model: WorldModel | str, start, end=None, history_days: float = 365.0, bbox=None,
-           lead_days: float = LEAD_DAYS, rules=None, progress: Callable[[int, int], None] | None = None):
+           lead_days: float = LEAD_DAYS, rules=None, regional: bool = False,
+           progress: Callable[[int, int], None] | None = None):
     """Surprise, scores and confirmed alerts for the acquisitions in [start, end].
 
     The patches' history for the normalisation is scored too: ``history_days`` before ``start``.
+    ``regional``: subtract each date's regional median surprise first (:func:`regional_residual`; off by
+    default: on two held-out synthetic regions it lowered the patch AUROC, 0.991 -> 0.935 and 0.987 -> 0.975,
+    as the median of a partly cloudy scene's few clear patches adds noise to every score).
     Returns (scores Dataset on the patch grid with ``surprise``, ``score``, ``clear_fraction``; alerts
     GeoDataFrame in EPSG:4326).
     """
@@ -210,7 +219,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     start_t = np.datetime64(start, "s")
     hist0 = start_t - np.timedelta64(int(history_days * 86400), "s")
     sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress)
-    score = normalise(regional_residual(sur["surprise"]))
+    score = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"])
     out = sur.assign(score=score).sel(time=slice(start_t.astype("datetime64[ns]"), None))
     out.attrs.update({"geowm:from": str(start_t), "geowm:lead_days": float(lead_days),
                       "geowm:history_days": float(history_days)})
@@ -218,7 +227,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     if crs is None:
         raise ValueError(f"{name}: the cube has no CRS (spatial_ref)")
     grid = out["score"].rename(py="y", px="x")
-    alerts = alerts_from_scores(grid, crs, rules or AlertRules(), obs=region(ds, bbox, wm.cfg.patch).sel(
+    alerts = alerts_from_scores(grid, crs, rules or AlertRules(**ALERT_RULES), obs=region(ds, bbox, wm.cfg.patch).sel(
         time=slice(hist0.astype("datetime64[ns]"), None)))
     return out, alerts
 

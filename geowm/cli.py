@@ -292,8 +292,11 @@ def anomalies(
                                                           "first init)."),
     end: str | None = typer.Option(None, "--to", help="Last acquisition to score (default: the cube's last)."),
     history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's own history."),
-    threshold: float = typer.Option(4.0, help="Score that starts an alert candidate."),
-    confirm_threshold: float = typer.Option(3.0, help="Score a second clear observation needs to confirm it."),
+    threshold: float = typer.Option(5.0, help="Score that starts an alert candidate."),
+    confirm_threshold: float = typer.Option(4.0, help="Score the following clear observations need to confirm it."),
+    confirmations: int = typer.Option(2, help="Further clear observations at the confirm score that confirm it."),
+    regional_residual: bool = typer.Option(False, help="Subtract each date's regional median surprise first "
+                                                       "(scene-wide haze or illumination shifts)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
@@ -319,10 +322,11 @@ def anomalies(
         times = ds["time"].values.astype("datetime64[s]")
         if first > times[-1]:
             raise CubeError(f"{cube}: no acquisition after {first} (last is {times[-1]})")
-        rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold)
+        rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold, confirmations=confirmations)
         with _progress() as bar:
             task = bar.add_task("score tiles", total=None)
-            scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox, rules=rules,
+            scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox,
+                                    rules=rules, regional=regional_residual,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastStoreError, CubeError, RunError, ValueError) as exc:
         _fail(exc)
@@ -383,8 +387,8 @@ def serve(
     leads: str = typer.Option("5,10,20,30", help="Forecast lead times in days, comma-separated."),
     members: int = typer.Option(4, help="Forecast ensemble members."),
     history_days: float = typer.Option(365.0, help="Days before the new acquisitions scored as history."),
-    threshold: float = typer.Option(4.0, help="Score that starts an alert candidate."),
-    confirm_threshold: float = typer.Option(3.0, help="Score a second clear observation needs to confirm it."),
+    threshold: float = typer.Option(5.0, help="Score that starts an alert candidate."),
+    confirm_threshold: float = typer.Option(4.0, help="Score the following clear observations need to confirm it."),
     tile_px: int | None = typer.Option(None, help="Forecast tile size in px (default: the cube's tile size)."),
     simulate_archive: str | None = typer.Option(None, help="Also serve the new-scenes simulator: replay this "
                                                              "synthetic archive into --source on the same schedule."),
