@@ -272,7 +272,7 @@ def merge_scores(old: xr.Dataset | None, new: xr.Dataset, where: str) -> xr.Data
 
 @task(name="publish-alerts", **IO)
 def publish_alerts(scores: xr.Dataset, alerts_dir: str, cube: str, snapshot: str, threshold: float,
-                   confirm_threshold: float) -> dict:
+                   confirm_threshold: float, confirmations: int = 2) -> dict:
     """Merge the new scores into ``alerts_dir/scores.zarr`` and rewrite the alerts of the whole record.
 
     Alerts are recomputed from every score since the pipeline began (confirmation needs the
@@ -280,7 +280,7 @@ def publish_alerts(scores: xr.Dataset, alerts_dir: str, cube: str, snapshot: str
     a stable id. Returns ``{"n_alerts", "ids", "new_ids", "n_dates"}``.
     """
     from geowm.alerts import AlertRules, alerts_from_scores, open_alerts, write_alerts
-    from geowm.anomaly import ALERT_RULES, open_scores, write_scores
+    from geowm.anomaly import open_scores, write_scores
     from geowm.cube.store import open_cube
 
     out = Path(alerts_dir)
@@ -294,8 +294,7 @@ def publish_alerts(scores: xr.Dataset, alerts_dir: str, cube: str, snapshot: str
     t0 = merged["time"].values[0] - np.timedelta64(120, "D")  # the type guess looks up to 120 days back
     obs = ds[["reflectance", "valid"]].sel(time=slice(t0, None))
     crs = ds["spatial_ref"].attrs.get("crs_wkt")
-    rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold,
-                       confirmations=ALERT_RULES["confirmations"])
+    rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold, confirmations=confirmations)
     alerts = alerts_from_scores(merged["score"], crs, rules, obs=obs)
     write_scores(merged.rename(y="py", x="px"), path)
     write_alerts(alerts, out)

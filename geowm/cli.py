@@ -389,6 +389,7 @@ def serve(
     history_days: float = typer.Option(365.0, help="Days before the new acquisitions scored as history."),
     threshold: float = typer.Option(5.0, help="Score that starts an alert candidate."),
     confirm_threshold: float = typer.Option(4.0, help="Score the following clear observations need to confirm it."),
+    confirmations: int = typer.Option(2, help="Further clear observations at the confirm score that confirm it."),
     tile_px: int | None = typer.Option(None, help="Forecast tile size in px (default: the cube's tile size)."),
     simulate_archive: str | None = typer.Option(None, help="Also serve the new-scenes simulator: replay this "
                                                              "synthetic archive into --source on the same schedule."),
@@ -406,7 +407,7 @@ def serve(
                       catalog=catalog, interval_s=interval, cron=cron, simulate_archive=simulate_archive,
                       simulate_days=simulate_days,
                       pipeline=dict(leads=lead_days, members=members, history_days=history_days, threshold=threshold,
-                                    confirm_threshold=confirm_threshold,
+                                    confirm_threshold=confirm_threshold, confirmations=confirmations,
                                     **({"tile_px": tile_px} if tile_px else {})))
     try:
         run_serve(cfg)

@@ -154,7 +154,7 @@ def test_scheduled_pipeline_on_a_real_prefect_server(small_archive, tiny_run, tm
                "--leads", "5,10", "--members", "2", "--history-days", "60", "--tile-px", "64",
                # low alert thresholds: the session's model is trained for 6 steps; this checks that alerts
                # are raised and published on schedule, not the detector's quality (test_anomaly.py does)
-               "--threshold", "2.5", "--confirm-threshold", "1.5"]
+               "--threshold", "1.2", "--confirm-threshold", "0.8", "--confirmations", "1"]
         with serve_log.open("w") as log:
             procs.append(subprocess.Popen(cmd, env=_env(PREFECT_API_URL=url, PREFECT_HOME=str(tmp_path / "client"),
                                                         PREFECT_RUNNER_POLL_FREQUENCY="2"),
