@@ -27,6 +27,7 @@ def demo_region(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # synth + ingest + 400 steps + probes: about 10 min on 2 cores
 def test_tiny_preset_learns(demo_region, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(preset="tiny", steps=400, batch_size=8, train_until="2022-06-30", workers=1, seed=0,
