@@ -15,11 +15,11 @@ Decoding ("delta" mode, the default): a pixel's forecast is its last clear obser
 decoder (a probe fitted on the predictor's own outputs, :mod:`geowm.probes`; for runs without one, the
 difference of the two decoded latents), so the probe's per-place bias cancels. Pixels without a clear observation
 on their patch's last observed date take the decoded forecast as is ("absolute" mode everywhere).
-With a seasonal memory and a year-ago change decoder in the run, each pixel also has a year-ago forecast:
-the mean, over the patch's latents within the tolerance of a year before the valid time that are
-clear at the pixel, of its observation on that date plus the decoded change since then; the two are blended with the run's lead-dependent
-weight (:func:`geowm.probes.blend`), so at long leads the forecast leans on what the place did a year ago
-and on how the model expects this year to differ.
+With a seasonal memory and a year-ago change decoder in the run, each pixel also has a year-ago forecast: the
+mean, over the patch's latents within the tolerance of a year before the valid time that are clear at the
+pixel, of its observation on that date plus the decoded change since then; the two are blended with the run's
+lead-dependent weight (:func:`geowm.probes.blend`), so at long leads the forecast leans on what the place did
+a year ago and on how the model expects this year to differ.
 """
 
 from __future__ import annotations
