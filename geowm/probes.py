@@ -41,12 +41,13 @@ from geowm.model import JEPA
 def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: torch.device,
                    landcover: np.ndarray | None = None, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Per valid token of the given windows: latent (n, dim), raw patch pixels (n, C p p, normalised),
-    NDVI per pixel (n, p p) if red/NIR are known, land-cover majority class (n,) if given, window id (n,)."""
+    NDVI per pixel (n, p p) if red/NIR are known, land-cover majority class (n,) if given, window id (n,) and
+    place id (n,): the same for every frame of one patch of one window."""
     cfg = model.cfg
     p = cfg.patch
     mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
     rn = ndvi_bands(ds.reader.bands)
-    out: dict[str, list] = {"latent": [], "pixels": [], "ndvi": [], "landcover": [], "window": []}
+    out: dict[str, list] = {"latent": [], "pixels": [], "ndvi": [], "landcover": [], "window": [], "place": []}
     for b0 in range(0, len(windows), batch_size):
         idx = windows[b0: b0 + batch_size]
         items = [ds[i] for i in idx]
@@ -68,6 +69,9 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
             out["ndvi"].append(((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(px), -1))
         wid = np.broadcast_to(np.asarray(idx)[:, None, None, None], keep.shape)[keep.cpu().numpy()]
         out["window"].append(wid)
+        cell = np.arange(Hp * Wp).reshape(Hp, Wp)
+        out["place"].append((np.asarray(idx)[:, None, None, None] * (Hp * Wp) + cell[None, None]).repeat(
+            Tt, 1)[keep.cpu().numpy()])
         if landcover is not None:
             yx = np.stack([it["yx"].numpy() for it in items])
             for j in range(B):
@@ -201,6 +205,22 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
     return float(1.0 - ((y - pred) ** 2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
 
 
+def place_features(x: np.ndarray, tok: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Token features ``x`` (n, d) pooled per place (``tok["place"]``): the mean and the standard deviation over
+    its clear frames (m, 2 d), and the place's land-cover class (m,)."""
+    from scipy import sparse
+
+    _, inv = np.unique(tok["place"], return_inverse=True)
+    member = sparse.csr_matrix((np.ones(len(inv)), (inv, np.arange(len(inv)))))  # places x tokens
+    count = np.asarray(member.sum(axis=1))
+    x = x.astype(np.float64)
+    mean = member @ x / count
+    std = np.sqrt(np.maximum(member @ (x ** 2) / count - mean ** 2, 0.0))
+    labels = np.zeros(len(count), np.int64)
+    labels[inv] = tok["landcover"]
+    return np.hstack([mean, std]).astype(np.float32), labels
+
+
 def fit_logistic(x: np.ndarray, y: np.ndarray, n_classes: int, steps: int = 300,
                  weight_decay: float = 1e-4, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Multinomial logistic regression on standardised features (LBFGS). Returns W, b, mu, sigma."""
@@ -311,6 +331,15 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
                                landcover_mu=torch.from_numpy(mu), landcover_sigma=torch.from_numpy(sigma))
         majority = np.bincount(tr["landcover"]).argmax()
         scores["landcover_accuracy_majority_class"] = float((te["landcover"] == majority).mean())
+        # per place: land cover is a property of a place over a season, not of one date (cropland and grassland
+        # differ in phenology), so the probe also classifies each patch of a window from the mean and spread
+        # of its clear frames, the same pooling for latents and raw pixels
+        for name, key in (("latent", "latent"), ("raw_pixels", "pixels")):
+            (xtr, ytr), (xte, yte) = place_features(tr[key], tr), place_features(te[key], te)
+            wc, bc, mu, sigma = fit_logistic(xtr, ytr, n_classes, seed=seed)
+            scores[f"landcover_place_accuracy_{name}"] = float((predict_logistic(xte, wc, bc, mu, sigma) == yte).mean())
+        scores["landcover_place_accuracy_majority_class"] = float((yte == np.bincount(ytr).argmax()).mean())
+        scores["n_train_places"], scores["n_test_places"] = int(len(ytr)), int(len(yte))
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(run / "probes.safetensors"))
     meta = {"scores": scores, "bands": train_ds.reader.bands, "ndvi_bands": ndvi_bands(train_ds.reader.bands),
             "patch": model.cfg.patch, "classes": class_names or {}}

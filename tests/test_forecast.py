@@ -179,6 +179,20 @@ def seasonal_run(synth_cube, tmp_path_factory):
     return run
 
 
+def test_place_features_pool_a_places_frames():
+    """The per-place land-cover probe's features: mean and spread over each place's frames, its class."""
+    from geowm.probes import place_features
+
+    x = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [7.0, 1.0], [9.0, 1.0]], np.float32)
+    tok = {"place": np.array([4, 4, 9, 2, 2]), "landcover": np.array([1, 1, 3, 0, 0])}
+    feat, labels = place_features(x, tok)
+    order = {2: 0, 4: 1, 9: 2}  # places sorted by id
+    assert labels.tolist() == [0, 1, 3]
+    np.testing.assert_allclose(feat[order[4]], [2.0, 1.0, 1.0, 1.0])
+    np.testing.assert_allclose(feat[order[9]], [5.0, 5.0, 0.0, 0.0])
+    np.testing.assert_allclose(feat[order[2]], [8.0, 1.0, 1.0, 0.0])
+
+
 def test_year_ago_slot_and_blend_weights():
     """The year-ago anchor is the observed tubelet nearest ``target - lag`` within ``tol``; the blend weight of
     two forecasts with independent errors is the inverse-variance one, and it follows the lead."""
