@@ -297,6 +297,9 @@ def anomalies(
     confirmations: int = typer.Option(2, help="Further clear observations at the confirm score that confirm it."),
     regional_residual: bool = typer.Option(False, help="Subtract each date's regional median surprise first "
                                                        "(scene-wide haze or illumination shifts)."),
+    recurrence: bool = typer.Option(True, "--recurrence/--no-recurrence",
+                                    help="Cap the scores of change a patch already showed in the same season a "
+                                         "year or more before (harvest, mowing)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
@@ -326,7 +329,7 @@ def anomalies(
         with _progress() as bar:
             task = bar.add_task("score tiles", total=None)
             scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox,
-                                    rules=rules, regional=regional_residual,
+                                    rules=rules, regional=regional_residual, recurrence=recurrence,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastStoreError, CubeError, RunError, ValueError) as exc:
         _fail(exc)

@@ -61,6 +61,26 @@ def test_normalise_against_own_history():
     assert np.nanmax(np.abs(regional_residual(shifted).values[-2] - regional_residual(da).values[-2])) < 1e-9
 
 
+def test_recurring_seasonal_change_is_capped_a_new_one_is_not():
+    """Harvest-like change at the same place and season every year stops alerting; a first-time one alerts."""
+    rng = np.random.default_rng(1)
+    times = np.datetime64("2021-01-01") + np.arange(0, 730, 5).astype("timedelta64[D]")
+    s = rng.gamma(2.0, 0.01, (len(times), 4, 4))
+    doy = (times - times.astype("datetime64[Y]")).astype(int)
+    year2 = times >= np.datetime64("2022-01-01")
+    harvest = (doy >= 200) & (doy < 215)  # three dates a year
+    s[harvest, 1, 1] += 0.4  # every year at (1, 1)
+    s[harvest & year2, 2, 3] += 0.4  # only in the second year at (2, 3): new
+    da = xr.DataArray(s, dims=("time", "py", "px"), coords={"time": times})
+    z, plain = normalise(da).values, normalise(da, recurrence_margin=None).values
+    second = harvest & year2
+    assert (plain[second, 1, 1] > 10).all() and (plain[second, 2, 3] > 10).all()  # robust z alone: both alert
+    assert (z[second, 1, 1] < 4).all()  # capped: as surprising as the same season a year before
+    np.testing.assert_array_equal(z[second, 2, 3], plain[second, 2, 3])  # nothing like it before: unchanged
+    early = times < times[0] + np.timedelta64(300, "D")
+    np.testing.assert_array_equal(z[early], plain[early])  # no reference a year or more back yet: unchanged
+
+
 def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     store = tmp_path / "fc"
     write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10, 20), members=1), store)
