@@ -26,7 +26,7 @@ demo: $(STAMP)
 	  --out $(DEMO)/runs/tiny --preset tiny --steps 400 --train-until 2022-06-30 --landcover $(DEMO)/synth/landcover.tif; }
 	$(VENV)/bin/geowm forecast --cube $(DEMO)/cube --model $(DEMO)/runs/tiny --out $(DEMO)/forecasts \
 	  --init 2022-07-01 --leads 5,10,20,30 --members 4
-	$(VENV)/bin/geowm anomalies --cube $(DEMO)/cube --forecasts $(DEMO)/forecasts --out $(DEMO)/alerts --history-days 120
+	$(VENV)/bin/geowm anomalies --cube $(DEMO)/cube --forecasts $(DEMO)/forecasts --out $(DEMO)/alerts --history-days 365
 	@echo "demo outputs in $(DEMO)/: synthetic scenes (synth/, ground truth synth/events.geojson), cube (cube/),"
 	@echo "STAC catalog (catalog/catalog.json), trained tiny model with probes and held-out scores (runs/tiny/eval.json),"
 	@echo "forecast store (forecasts/), alerts (alerts/alerts.geojson, alerts.parquet) and score raster (alerts/scores.zarr)."
