@@ -67,19 +67,17 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
             phys = px * std[None, :, None, None] + mean[None, :, None, None]
             red, nir = phys[:, rn[0]], phys[:, rn[1]]
             out["ndvi"].append(((nir - red) / np.maximum(nir + red, 1e-6)).reshape(len(px), -1))
-        wid = np.broadcast_to(np.asarray(idx)[:, None, None, None], keep.shape)[keep.cpu().numpy()]
-        out["window"].append(wid)
-        cell = np.arange(Hp * Wp).reshape(Hp, Wp)
-        out["place"].append((np.asarray(idx)[:, None, None, None] * (Hp * Wp) + cell[None, None]).repeat(
-            Tt, 1)[keep.cpu().numpy()])
+        kept = keep.cpu().numpy()
+        wid = np.asarray(idx)[:, None, None, None]
+        out["window"].append(np.broadcast_to(wid, kept.shape)[kept])
+        out["place"].append(np.broadcast_to(wid * (Hp * Wp) + np.arange(Hp * Wp).reshape(Hp, Wp), kept.shape)[kept])
         if landcover is not None:
             yx = np.stack([it["yx"].numpy() for it in items])
             for j in range(B):
                 y0, x0 = yx[j]
                 lc = landcover[y0: y0 + H, x0: x0 + W].reshape(Hp, p, Wp, p).transpose(0, 2, 1, 3).reshape(Hp, Wp, -1)
                 maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
-                k = keep[j].cpu().numpy()
-                out["landcover"].append(np.broadcast_to(maj, k.shape)[k])
+                out["landcover"].append(np.broadcast_to(maj, kept[j].shape)[kept[j]])
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
