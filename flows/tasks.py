@@ -328,7 +328,8 @@ def train_model(cube: str, run: str, config: dict, landcover: str | None = None,
 
     ``config`` holds :class:`geowm.train.TrainConfig` keys (e.g. ``{"preset": "tiny", "steps": 400}``);
     ``eval_windows`` held-out windows score the run afterwards.
-    Returns ``{"run", "step", "total_steps", "trained", "eval"}``.
+    After the probes, the run's climatology blend is fitted (:func:`geowm.calibrate.fit_calibration`).
+    Returns ``{"run", "step", "total_steps", "trained", "eval", "calibration"}``.
     """
     from geowm.train import TrainConfig, evaluate_run, train
 
@@ -347,8 +348,12 @@ def train_model(cube: str, run: str, config: dict, landcover: str | None = None,
     else:
         log.info("run %s already trained (%d steps); not retraining", path, meta["step"])
     if trained or not (path / "eval.json").is_file():
+        from geowm.calibrate import fit_calibration
+
         report = evaluate_run(path, landcover=landcover, n_windows=eval_windows, device=device)
+        fit_calibration(path)
     else:
         report = json.loads((path / "eval.json").read_text())
+    cal = path / "calibration.json"
     return {"run": str(path), "step": int(meta["step"]), "total_steps": int(meta["total_steps"]), "trained": trained,
-            "eval": report}
+            "eval": report, "calibration": json.loads(cal.read_text()) if cal.is_file() else None}

@@ -92,6 +92,27 @@ def _last_clear(values: np.ndarray, strict: bool) -> np.ndarray:
     return np.where(idx >= 0, got, np.nan)
 
 
+def doy_climatology(times: pd.DatetimeIndex, values: np.ndarray, targets: pd.DatetimeIndex,
+                    windows: Sequence[float], leave_one_out: bool = False) -> np.ndarray:
+    """Per pixel mean of the clear ``values`` (T, P; NaN where not clear, dated ``times``) within ``windows[0]``
+    days of each target's day of year (circular), widening to the next window where that is empty: (V, P),
+    NaN where every window is empty. ``leave_one_out``: the targets are ``times`` themselves, and each
+    observation is left out of its own mean."""
+    dist = np.abs(np.asarray(targets.day_of_year, float)[:, None] - np.asarray(times.day_of_year, float)[None])
+    dist = np.minimum(dist, DAYS_PER_YEAR - dist)  # (V, T) circular day-of-year distance
+    clear = np.isfinite(values)
+    x, m = np.where(clear, values, 0.0), clear.astype(np.float64)
+    out = np.full((len(targets), values.shape[1]), np.nan)
+    for w in windows:
+        near = (dist <= w).astype(np.float64)
+        total, count = near @ x, near @ m  # (V, P)
+        if leave_one_out:
+            total, count = total - x, count - m
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(np.isnan(out) & (count > 0), total / np.where(count > 0, count, 1), out)
+    return out
+
+
 class Baseline:
     """A per-pixel NDVI forecaster and anomaly scorer (base class; subclasses fill ``_fit``,
     ``_predict`` and ``_expected``). NDVI is dimensionless; times are datetime64."""
@@ -186,19 +207,7 @@ class Climatology(Baseline):
         self.windows = (half_window, *fallback_windows, DAYS_PER_YEAR)  # the last one takes every date
 
     def _clim(self, times, values, targets, leave_one_out: bool = False) -> np.ndarray:
-        dist = np.abs(np.asarray(targets.day_of_year, float)[:, None] - np.asarray(times.day_of_year, float)[None])
-        dist = np.minimum(dist, DAYS_PER_YEAR - dist)  # (V, T) circular day-of-year distance
-        clear = np.isfinite(values)
-        x, m = np.where(clear, values, 0.0), clear.astype(np.float64)
-        out = np.full((len(targets), values.shape[1]), np.nan)
-        for w in self.windows:
-            near = (dist <= w).astype(np.float64)
-            total, count = near @ x, near @ m  # (V, P)
-            if leave_one_out:  # targets are the history times themselves: leave each obs out of its mean
-                total, count = total - x, count - m
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out = np.where(np.isnan(out) & (count > 0), total / np.where(count > 0, count, 1), out)
-        return out
+        return doy_climatology(times, values, targets, self.windows, leave_one_out)
 
     def _fit(self) -> None:
         res = self._values - self._clim(self._times, self._values, self._times, leave_one_out=True)

@@ -199,6 +199,17 @@ def train(
         out_console.print(f"held-out forecast L1: model {s['l1_model']:.4f} vs copy-last {s['l1_copy_last']:.4f} "
                           f"({s['n_target_tokens']} tokens)")
         out_console.print(f"probes: {json.dumps(report['probes'])}")
+    if evaluate:
+        from geowm.calibrate import fit_calibration
+
+        cal = fit_calibration(run)
+        if cal["used"]:
+            nd = {k: np.nan if v is None else v for k, v in cal["backtest"].get("ndvi", {}).get("all", {}).items()}
+            err.print(f"climatology blend {json.dumps(cal['weights'])}; backtest NDVI RMSE (training period): "
+                      f"model {nd.get('model', np.nan):.4f}, climatology {nd.get('climatology', np.nan):.4f}, "
+                      f"blend {nd.get('blend', np.nan):.4f}")
+        else:
+            err.print(f"no climatology blend: {cal['reason']}")
     err.print(f"run: {run}")
 
 
@@ -250,6 +261,8 @@ def forecast(
     bbox: str | None = typer.Option(None, help="minx,miny,maxx,maxy in the cube CRS (default: whole cube)."),
     members: int = typer.Option(8, help="Ensemble members (context subsamples) for p10/p50/p90 and spread."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    climatology: bool = typer.Option(True, help="Blend the decoded forecast with each pixel's climatology by "
+                                                "the run's lead-dependent weight (its calibration.json)."),
 ) -> None:
     """Forecast latents at each lead, decode them to bands/NDVI with p10/p50/p90, write the forecast store."""
     from geowm.cube.store import CubeError
@@ -274,6 +287,7 @@ def forecast(
         with _progress() as bar:
             task = bar.add_task("forecast tiles", total=None)
             fc = run_forecast(cube, wm, init=init, leads=lead_days, valid_times=vts, bbox=box, members=members,
+                              climatology=climatology,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
         commit = write_forecasts(fc, out_store)
     except (ForecastError, ForecastStoreError, CubeError, RunError) as exc:
@@ -352,6 +366,9 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     landcover: str | None = typer.Option(None, help="Land-cover raster: also check that nearest latents "
                                                      "(geowm.similar) share the query's class."),
+    calibrate_days: float = typer.Option(90.0, help="Days after --from that fit the model's blend with the "
+                                                    "pixels' climatology; NDVI forecasts are scored after them "
+                                                    "(0: no blend, scored from --from)."),
 ) -> None:
     """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
     from geowm.cube.store import CubeError
@@ -367,13 +384,59 @@ def evaluate(
         with _progress() as bar:
             task = bar.add_task("evaluate", total=None)
             report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
-                                  history_days=history_days, landcover=landcover,
+                                  history_days=history_days, landcover=landcover, calibrate_days=calibrate_days,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastError, CubeError, RunError, ValueError) as exc:
         _fail(exc)
     if out_json:
         out_json.write_text(json.dumps(report, indent=1, default=str))
     out.print(table(report), highlight=False)
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Option(..., "--model", help="Run directory of a trained model."),
+    cube: str | None = typer.Option(None, "--cube", help="Cube to backtest on (default: the run's cube)."),
+    start: str | None = typer.Option(None, "--from", help="First backtest init (default: any with a year of "
+                                                          "cube before it)."),
+    until: str | None = typer.Option(None, help="Last valid date of the backtest (default: the run's "
+                                                "train_until)."),
+    leads: str = typer.Option("5,10,20,30", help="Lead times in days, comma-separated."),
+    inits: int = typer.Option(6, help="Backtest inits."),
+    every: float = typer.Option(30.0, help="Days between backtest inits."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+) -> None:
+    """Fit the run's blend of its forecasts with the pixels' climatology on a backtest (calibration.json).
+
+    Best on observations the model was not trained on: --from after the run's train_until."""
+    from geowm.calibrate import fit_calibration
+    from geowm.cube.store import CubeError
+    from geowm.forecast import ForecastError
+    from geowm.inference import WorldModel
+    from geowm.train import RunError
+
+    lead_days = _lead_days(leads)
+    try:
+        for d in (start, until):
+            if d is not None:
+                np.datetime64(d, "s")
+    except ValueError as exc:
+        _fail(ValueError(f"cannot parse a date: {exc}"))
+    try:
+        report = fit_calibration(WorldModel(model, device), cube, start=start, until=until, leads=lead_days,
+                                 n_inits=inits, every_days=every)
+    except (ForecastError, CubeError, RunError, ValueError) as exc:
+        _fail(exc)
+    nd = report.get("backtest", {}).get("ndvi", {})
+    for ld in [f"{v:g}" for v in lead_days]:
+        if ld in nd:
+            r = nd[ld]
+            out.print(f"lead {ld:>4} d: NDVI RMSE model {r['model']:.4f}, climatology {r['climatology']:.4f}, "
+                      f"blend {r['blend']:.4f} ({r['n']} px)")
+    if report["used"]:
+        err.print(f"blend weights {json.dumps(report['weights'])} -> {model / 'calibration.json'}")
+    else:
+        err.print(f"no blend: {report['reason']} ({model / 'calibration.json'})")
 
 
 @app.command()

@@ -1,9 +1,14 @@
 """Held-out evaluation of the model against the baselines, like for like (``geowm evaluate``).
 
-* **NDVI forecasts**: inits at cube acquisitions from ``start`` on, every ``init_every_days``; each
+* **NDVI forecasts**: the first ``calibrate_days`` of the held-out period calibrate each forecaster's blend
+  with the pixels' climatology (:func:`geowm.calibrate.fit_calibration` on inits whose valid times end in
+  them; the run's own ``calibration.json`` is not used, since the training period flatters the model);
+  then inits at cube acquisitions from ``start + calibrate_days`` on, every ``init_every_days``; each
   method forecasts NDVI at ``init + lead``; scored on the clear pixels of the acquisition on that
   day (leads whose valid day has no acquisition are skipped). Persistence uses everything up to the
-  init; climatology and harmonic regression are fitted on the history before ``start``.
+  init; climatology and harmonic regression are fitted on the history before the first scored init, so
+  every method has seen the same dates. Where no blend could be fitted (no year of history before the
+  calibration inits) or ``calibrate_days=0``, the models' own forecasts are scored from ``start``.
 * **Anomaly scores**: per patch and clear acquisition after ``start``, the model's score
   (:func:`geowm.anomaly.detect`) and each baseline's pixel score averaged over the patch's clear
   pixels; AUROC against the ground-truth labels of :func:`geowm.metrics.patch_labels`, overall and per
@@ -111,19 +116,22 @@ def held_out_inits(times: np.ndarray, start, leads, init_every_days: float = 30)
     return inits
 
 
-def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: int = 1, progress=None) -> dict:
+def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: int = 1, progress=None,
+                   blends: dict | None = None) -> dict:
     """NDVI forecast RMSE/MAE by lead of every model (``geowm.forecast.forecast``) and baseline, like for like.
 
     ``ds``: the cube region (Dataset); ``nd``: its NDVI (time, y, x), loaded; ``models``: name -> WorldModel
     (JEPA or pixel-baseline run); ``fitted``: name -> baseline fitted on the history (``persistence`` is refitted
     at each init on everything up to it). Each (init, lead) whose valid day has an acquisition is scored on the
     pixels clear that day where *every* method has a forecast. Returns ``{method: {lead: {rmse, mae, n_pixels}}}``
-    (lead as ``f"{days:g}"``).
+    (lead as ``f"{days:g}"``). ``blends``: name -> climatology blend weights of that model (``forecast``'s
+    ``climatology``; default: none, the model alone).
     """
     times = ds["time"].values.astype("datetime64[s]")
     err: dict[str, dict[float, list]] = {m: {float(ld): [] for ld in leads} for m in [*models, *fitted]}
     for n, init in enumerate(inits):
-        fcs = {name: forecast(ds, m, init=init, leads=leads, members=members) for name, m in models.items()}
+        fcs = {name: forecast(ds, m, init=init, leads=leads, members=members,
+                              climatology=(blends or {}).get(name, False)) for name, m in models.items()}
         pers = BASELINES["persistence"]().fit(nd.sel(time=slice(None, init.astype("datetime64[ns]"))))
         for j, ld in enumerate(leads):
             k = _match(times, init + np.timedelta64(int(ld * 86400), "s"))
@@ -169,7 +177,7 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
 
 def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 10,
              history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
-             others: dict | None = None, progress=None) -> dict:
+             others: dict | None = None, calibrate_days: float = 90.0, progress=None) -> dict:
     """Scores of the model and of each baseline on the period after ``start``; see the module doc.
 
     ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
@@ -189,10 +197,25 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
     fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
 
-    # ---- NDVI forecasts by lead
-    inits = held_out_inits(times, start_t, leads, init_every_days)
+    # ---- NDVI forecasts by lead, after the calibration days
+    from geowm.calibrate import fit_calibration
+
+    forecasters = {"model": wm, **others}
+    score_from, calibration, blends = start_t, {}, {}
+    if calibrate_days > 0:
+        until = start_t + np.timedelta64(int(calibrate_days * 86400), "s")
+        for key, m in forecasters.items():
+            calibration[key] = fit_calibration(m, ds, start=start_t, until=until, leads=leads,
+                                               n_inits=max(2, int(calibrate_days // 15)), every_days=15, write=False)
+            blends[key] = calibration[key].get("weights", {})
+    skill_fitted = fitted
+    if any(blends.values()):  # the calibration days are spent: score after them, every method knowing them
+        score_from = until
+        upto = nd.sel(time=slice(None, score_from.astype("datetime64[ns]") - np.timedelta64(1, "s")))
+        skill_fitted = {k: BASELINES[k]().fit(upto) for k in fitted}
+    inits = held_out_inits(times, score_from, leads, init_every_days)
     step = (lambda n, _: progress(n, len(inits) + 1)) if progress else None
-    forecast_scores = forecast_skill(ds, nd, {"model": wm, **others}, fitted, inits, leads, members, step)
+    forecast_scores = forecast_skill(ds, nd, forecasters, skill_fitted, inits, leads, members, step, blends)
 
     # ---- anomaly scores and alerts
     scores, alerts = detect(ds, wm, start_t, history_days=history_days)
@@ -233,7 +256,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         progress(len(inits) + 1, len(inits) + 1)
     return {
         "cube": name, "model_run": wm.run_id, "from": str(start_t), "inits": [str(t) for t in inits],
-        "ndvi_forecast": forecast_scores,
+        "ndvi_forecast": forecast_scores, "ndvi_scored_from": str(score_from), "calibration": calibration,
         "anomaly_auroc": auc,
         "anomaly_auroc_by_type": _jsonable(auc_by_type),
         "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
@@ -265,6 +288,10 @@ def table(report: dict) -> str:
     for m, by in fs.items():
         cells = [f"{by[ld]['rmse']:>10.4f}" if by[ld]["rmse"] is not None else f"{'-':>10}" for ld in leads]
         lines.append(f"{m:<12}" + "".join(cells))
+    if report.get("ndvi_scored_from"):
+        lines.append(f"(scored from {report['ndvi_scored_from'][:10]}; before it, each model's climatology blend "
+                     "was fitted: " + ", ".join(f"{k} {v.get('weights') or 'none'}"
+                                                for k, v in (report.get("calibration") or {}).items()) + ")")
     lines.append("")
     auc = report["anomaly_auroc"]
     lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))

@@ -24,6 +24,7 @@ a year ago and on how the model expects this year to differ.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -183,7 +184,7 @@ def _patches_to_pixels(a: np.ndarray, p: int) -> np.ndarray:
 @torch.no_grad()
 def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = (5, 10, 20, 30),
              valid_times: Sequence | None = None, bbox: Sequence[float] | None = None, members: int = 8,
-             decode: str = "delta", seed: int = 0, batch_size: int = 16,
+             decode: str = "delta", seed: int = 0, batch_size: int = 16, climatology: bool | dict = True,
              progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
     """Forecast one init over a region; returns the forecast dataset (in memory).
 
@@ -197,6 +198,9 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
         members: ensemble size (1 = no ensemble: quantiles all equal the single forecast).
         decode: "delta" (last observation + decoded change) or "absolute" (decoded forecast latent); a
             pixel-baseline run (``geowm.model.pixel``) ignores it and forecasts the bands directly.
+        climatology: blend with each pixel's climatology by the run's lead-dependent weight when the run has
+            one (``calibration.json``, :mod:`geowm.calibrate`); a dict gives the weights by variable ("pixels",
+            "ndvi") instead; False gives the model's forecast alone.
 
     Returns:
         Dataset with dims ``init_time`` (1), ``lead_time`` (K, timedelta64), ``quantile`` (0.1, 0.5,
@@ -253,12 +257,21 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     outs = (out_bands, out_ndvi, out_lat, out_spread, out_nctx)
     back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(int(lookback_days(wm) * 86400), "s")))
     n_tiles = -(-H // TILE) * -(-W // TILE)
+    weights = dict(climatology) if isinstance(climatology, dict) else wm.climatology_blend() if climatology else {}
     for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
         tile_forecast(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
+        if weights:
+            from geowm.bands import ndvi_bands
+            from geowm.calibrate import blend_tile
+
+            blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, ndvi_bands(wm.bands), out_bands,
+                       out_ndvi if nd_rn else None, slice(ty, ty + TILE), slice(tx, tx + TILE))
         if progress:
             progress(n + 1, n_tiles)
-    return _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
-                    out_nctx, name, decode, members)
+    out = _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
+                   out_nctx, name, decode, members)
+    out.attrs["geowm:climatology_blend"] = json.dumps(weights, sort_keys=True)
+    return out
 
 
 TILE = 256  # px: a region is processed one tile (all its dates in the look-back, in memory) at a time

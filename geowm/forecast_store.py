@@ -3,7 +3,8 @@
 Layout (DESIGN.md): decoded variables (one per band, and ``ndvi``) ``(init_time, lead_time, quantile,
 y, x)``; ``embedding (init_time, lead_time, py, px, latent)``; ``latent_spread``; ``n_context``;
 coord ``valid_time(init_time, lead_time)``; attrs the model run id and config hash, and
-``geowm:cube_snapshots`` (init -> the cube snapshot it was made from). Chunks: one init, all leads and
+``geowm:cube_snapshots`` (init -> the cube snapshot it was made from) and ``geowm:climatology_blends`` (init
+-> the climatology blend weights its decoded variables used, JSON; see geowm.calibrate). Chunks: one init, all leads and
 quantiles, 256 x 256 px (decoded) or 32 x 32 patches (embedding).
 
 Writes: a new init is appended (or inserted in order); re-running an init replaces it. Each write is
@@ -28,6 +29,8 @@ from geowm.cube.store import cube_exists, cube_lock, has_commits, storage_for
 
 FORMAT = "geowm-forecast/1"
 PROVENANCE = ("geowm:run_id", "geowm:config_hash")
+PER_INIT = {"geowm:cube_snapshot": "geowm:cube_snapshots",  # forecast attr -> store attr (init -> value)
+            "geowm:climatology_blend": "geowm:climatology_blends"}
 # fixed units: inferred ones ("days since <first init>") cannot hold a later init at another time of day
 TIME_ENCODING = {name: {"units": "seconds since 1970-01-01T00:00:00", "calendar": "proleptic_gregorian",
                         "dtype": "int64"} for name in ("init_time", "valid_time")}
@@ -35,6 +38,7 @@ TIME_ENCODING = {name: {"units": "seconds since 1970-01-01T00:00:00", "calendar"
 
 class ForecastStoreError(ValueError):
     """A forecast store cannot be written or read as asked; the message names the store and the problem."""
+
 
 
 def _chunks(ds: xr.Dataset, tile: int = 256, patch_tile: int = 32) -> dict:
@@ -104,14 +108,14 @@ def write_forecasts(fc: xr.Dataset, store: str | Path) -> str:
         raise ForecastStoreError("not a geowm forecast dataset (made by geowm.forecast.forecast)")
     init = fc["init_time"].values[0]
     key = str(np.datetime64(init, "s"))
-    snaps = {key: str(fc.attrs.get("geowm:cube_snapshot", ""))}
+    per_init = {many: {key: str(fc.attrs.get(one, ""))} for one, many in PER_INIT.items()}
     fc = fc.copy()
-    fc.attrs = {k: v for k, v in fc.attrs.items() if k != "geowm:cube_snapshot"}
+    fc.attrs = {k: v for k, v in fc.attrs.items() if k not in PER_INIT}
     with cube_lock(store):
         if not cube_exists(store) or not has_commits(icechunk.Repository.open(storage_for(store))):
             repo = icechunk.Repository.open_or_create(storage_for(store))  # new, or left empty by a killed write
             session = repo.writable_session("main")
-            fc.attrs["geowm:cube_snapshots"] = snaps
+            fc.attrs.update(per_init)
             fc.to_zarr(session.store, mode="w", consolidated=False, encoding={**_chunks(fc), **TIME_ENCODING})
             return session.commit(f"forecast init {key}")
         old = open_forecasts(store)
@@ -141,5 +145,5 @@ def write_forecasts(fc: xr.Dataset, store: str | Path) -> str:
             times[i:] = enc
             msg = f"forecast init {key} (inserted)"
         group = zarr.open_group(session.store, mode="r+")
-        group.attrs.update({**fc.attrs, "geowm:cube_snapshots": {**old.attrs.get("geowm:cube_snapshots", {}), **snaps}})
+        group.attrs.update({**fc.attrs, **{many: {**old.attrs.get(many, {}), **v} for many, v in per_init.items()}})
         return session.commit(msg)

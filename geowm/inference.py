@@ -118,6 +118,16 @@ class WorldModel:
             ndvi = (f @ w + b).reshape(-1, p, p)
         return pix, None if ndvi is None else ndvi.astype(np.float32)
 
+    def climatology_blend(self) -> dict[str, list[float]]:
+        """The run's weights of its forecasts against the pixels' climatology, by variable ("pixels", "ndvi"),
+        as fitted by :func:`geowm.calibrate.fit_calibration`; empty when the run has none."""
+        from geowm.calibrate import CALIBRATION
+
+        path = self.run / CALIBRATION
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text()).get("weights", {}) or {}
+
     def season_blend(self, key: str) -> np.ndarray | None:
         """Blend coefficients of the last-observation and year-ago forecasts of ``key`` ("pixels" or "ndvi"),
         for :func:`geowm.probes.blend`; None when the run has no year-ago decoder for it."""

@@ -69,14 +69,17 @@ def test_store_append_insert_replace_and_plain_xarray(fc, synth_cube, tiny_run, 
     np.testing.assert_array_equal(ds.ndvi.sel(init_time="2021-07-01").values, fc.ndvi.values[0])
     assert (ds.valid_time.values[:, 0].astype("datetime64[D]").astype(str) ==
             ["2021-06-06", "2021-07-06", "2021-08-06"]).all()
-    # re-running an init replaces it (here with another ensemble size -> other quantiles)
-    redo = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=1)
+    # re-running an init replaces it (here with another ensemble size -> other quantiles, and a climatology blend)
+    redo = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=1,
+                    climatology={"ndvi": [0.5, 0.0]})
     write_forecasts(redo, store)
     ds = open_forecasts(store)
     assert ds.sizes["init_time"] == 3
     np.testing.assert_array_equal(ds.ndvi.sel(init_time=INIT).values, redo.ndvi.values[0])
     assert set(ds.attrs["geowm:cube_snapshots"]) == {"2021-06-01T00:00:00", "2021-07-01T00:00:00",
                                                      "2021-08-01T00:00:00"}
+    assert ds.attrs["geowm:climatology_blends"] == {"2021-06-01T00:00:00": "{}", "2021-07-01T00:00:00":
+                                                    '{"ndvi": [0.5, 0.0]}', "2021-08-01T00:00:00": "{}"}
     code = ("import icechunk, xarray as xr; "
             f"repo = icechunk.Repository.open(icechunk.local_filesystem_storage({str(store)!r})); "
             "ds = xr.open_zarr(repo.readonly_session('main').store, consolidated=False); "

@@ -28,7 +28,7 @@ def demo_region(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # synth + ingest + 400 steps + probes: about 10 min on 2 cores
+@pytest.mark.timeout(1500)  # synth + ingest + 400 steps + probes + blend check: about 12 min on 2 cores
 def test_tiny_preset_learns(demo_region, tmp_path):
     run = tmp_path / "run"
     cfg = TrainConfig(preset="tiny", steps=400, batch_size=8, train_until="2022-06-30", workers=1, seed=0,
@@ -56,3 +56,24 @@ def test_tiny_preset_learns(demo_region, tmp_path):
     assert probes["landcover_place_accuracy_latent"] > probes["landcover_place_accuracy_majority_class"] + 0.4
     assert probes["landcover_accuracy_latent"] > probes["landcover_accuracy_majority_class"] + 0.2
     assert probes["decoder_ndvi_r2"] > 0.5
+
+    # the climatology blend (geowm.calibrate), fitted as `geowm evaluate` does on the first three held-out
+    # months, makes the NDVI forecasts of the months after them better than the model alone at every lead
+    from geowm.baselines import BASELINES, ndvi
+    from geowm.calibrate import fit_calibration
+    from geowm.cube.store import open_cube
+    from geowm.evaluate import forecast_skill, held_out_inits
+    from geowm.inference import WorldModel
+
+    ds, wm, leads = open_cube(str(demo_region / "cube")), WorldModel(run), (10, 20, 30)
+    cal = fit_calibration(wm, ds, start="2022-07-01", until="2022-09-29", leads=leads, n_inits=4, every_days=15,
+                          write=False)
+    assert cal["used"] and len(cal["inits"]) >= 3, cal
+    nd = ndvi(ds).load()
+    clim = BASELINES["climatology"]().fit(nd.sel(time=slice(None, "2022-09-28")))
+    inits = held_out_inits(ds["time"].values.astype("datetime64[s]"), "2022-09-29", leads, 30)
+    skill = forecast_skill(ds, nd, {"blend": wm, "model": wm}, {"climatology": clim}, inits, leads,
+                           blends={"blend": cal["weights"]})
+    for ld in ("10", "20", "30"):
+        assert skill["blend"][ld]["n_pixels"] > 10_000, skill
+        assert skill["blend"][ld]["rmse"] < skill["model"][ld]["rmse"], skill
