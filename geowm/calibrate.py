@@ -105,7 +105,7 @@ def _backtest_inits(times: np.ndarray, until: np.datetime64, max_lead: float, n_
 
 
 def fit_calibration(run, cube=None, start=None, until=None, leads: Sequence[float] = (5, 10, 20, 30),
-                    n_inits: int = 6, every_days: float = 30, max_px: int = 512, write: bool = True,
+                    n_inits: int = 6, every_days: float = 30, max_px: int = 256, write: bool = True,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """Fit a run's climatology blend on a backtest; returns the report and (``write``) saves it as the run's
     ``calibration.json``.

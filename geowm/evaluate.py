@@ -206,7 +206,8 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         until = start_t + np.timedelta64(int(calibrate_days * 86400), "s")
         for key, m in forecasters.items():
             calibration[key] = fit_calibration(m, ds, start=start_t, until=until, leads=leads,
-                                               n_inits=max(2, int(calibrate_days // 15)), every_days=15, write=False)
+                                               n_inits=max(2, int(calibrate_days // 15)), every_days=15, max_px=512,
+                                               write=False)
             blends[key] = calibration[key].get("weights", {})
     skill_fitted = fitted
     if any(blends.values()):  # the calibration days are spent: score after them, every method knowing them
