@@ -39,11 +39,11 @@ HISTORY_DAYS = 365  # a backtest init needs this much cube before it (a year-ago
 
 
 def climatology(ds: xr.Dataset, init, valid_times: np.ndarray, bands: Sequence[str],
-                ndvi_pair: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+                with_ndvi: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
     """The climatology of every pixel of ``ds`` (a cube region, lazy) at ``valid_times`` (K,) from its clear
-    dates on or before ``init``: band values (C, K, H, W) in the order of ``bands`` and NDVI (K, H, W) from the
-    band indexes ``ndvi_pair`` (red, NIR) of ``bands`` (None without); NaN where no clear date is within
-    ``CLIM_WINDOWS[-1]`` days of the day of year. None when the cube has no such date at all."""
+    dates on or before ``init``: band values (C, K, H, W) in the order of ``bands`` and, ``with_ndvi``, NDVI
+    (K, H, W) from their red and NIR bands (else None); NaN where no clear date is within ``CLIM_WINDOWS[-1]``
+    days of the day of year. None when the cube has no such date at all."""
     times = pd.DatetimeIndex(ds["time"].values)
     targets = pd.DatetimeIndex(np.asarray(valid_times, "datetime64[ns]"))
     dist = np.abs(np.asarray(targets.day_of_year, float)[:, None] - np.asarray(times.day_of_year, float)[None])
@@ -51,7 +51,7 @@ def climatology(ds: xr.Dataset, init, valid_times: np.ndarray, bands: Sequence[s
     idx = np.flatnonzero(near & (times <= pd.Timestamp(np.datetime64(init, "ns"))))
     if len(idx) == 0:
         return None
-    from geowm.baselines import doy_climatology
+    from geowm.baselines import doy_climatology, ndvi
 
     sub = ds[["reflectance", "valid"]].isel(time=idx).sel(band=list(bands)).load()
     refl = sub["reflectance"].values.astype(np.float64)  # T C H W
@@ -61,23 +61,21 @@ def climatology(ds: xr.Dataset, init, valid_times: np.ndarray, bands: Sequence[s
     at = times[idx]
     pix = doy_climatology(at, refl.reshape(T, -1), targets, CLIM_WINDOWS).reshape(len(targets), C, H, W)
     nd = None
-    if ndvi_pair is not None:
-        red, nir = refl[:, ndvi_pair[0]], refl[:, ndvi_pair[1]]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            v = (nir - red) / np.where(nir + red != 0, nir + red, np.nan)
+    if with_ndvi:
+        v = ndvi(sub).values.astype(np.float64)  # T H W, NaN where not clear
         nd = doy_climatology(at, v.reshape(T, -1), targets, CLIM_WINDOWS).reshape(len(targets), H, W)
     return np.moveaxis(pix, 1, 0).astype(np.float32), None if nd is None else nd.astype(np.float32)
 
 
 def blend_tile(ds: xr.Dataset, init, valid_times: np.ndarray, lead_days: np.ndarray, weights: dict,
-               bands: Sequence[str], ndvi_pair, out_bands: np.ndarray, out_ndvi: np.ndarray | None,
+               bands: Sequence[str], out_bands: np.ndarray, out_ndvi: np.ndarray | None,
                ys: slice, xs: slice) -> None:
     """Blend the forecast arrays of the region's rows ``ys`` and columns ``xs`` in place with their climatology:
     ``out_bands`` (C, K, Q, H, W) with ``weights["pixels"]``, ``out_ndvi`` (K, Q, H, W) with ``weights["ndvi"]``
     (a key that is missing is left as is)."""
     from geowm.probes import blend
 
-    clim = climatology(ds.isel(y=ys, x=xs), init, valid_times, bands, ndvi_pair)
+    clim = climatology(ds.isel(y=ys, x=xs), init, valid_times, bands, out_ndvi is not None)
     if clim is None:
         return
     for key, out, c in (("pixels", out_bands, clim[0]), ("ndvi", out_ndvi, clim[1])):
@@ -156,6 +154,7 @@ def fit_calibration(run, cube=None, start=None, until=None, leads: Sequence[floa
 def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
     """Forecast errors of the model and the climatology on ``inits`` x ``leads`` -> weights and RMSE by lead."""
     from geowm.bands import ndvi_bands
+    from geowm.baselines import ndvi
     from geowm.forecast import TILE, forecast
     from geowm.probes import blend, blend_weights
 
@@ -180,22 +179,20 @@ def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
             k = int(k[0])
             obs = ds["reflectance"].isel(time=k).values[band_idx]  # C H W
             clear = ds["valid"].isel(time=k).values.astype(bool)
+            obs_nd = ndvi(ds.isel(time=[k])).values[0] if rn is not None else None  # H W
             model = np.stack([fc[b].isel(init_time=0, lead_time=j).sel(quantile=0.5).values for b in wm.bands])
             for ty in range(0, ds.sizes["y"], TILE):
                 for tx in range(0, ds.sizes["x"], TILE):
                     ys, xs = slice(ty, ty + TILE), slice(tx, tx + TILE)
-                    clim = climatology(ds.isel(y=ys, x=xs), init, times[k:k + 1], wm.bands, rn)
+                    clim = climatology(ds.isel(y=ys, x=xs), init, times[k:k + 1], wm.bands, rn is not None)
                     if clim is None:
                         continue
                     o = obs[:, ys, xs]
                     add("pixels", model[:, ys, xs] / std[..., None], clim[0][:, 0] / std[..., None],
                         o / std[..., None], clear[ys, xs], ld)
-                    if rn is not None and clim[1] is not None and "ndvi" in fc:
-                        total = o[rn[1]] + o[rn[0]]
-                        with np.errstate(invalid="ignore", divide="ignore"):
-                            o_nd = (o[rn[1]] - o[rn[0]]) / np.where(total != 0, total, np.nan)
+                    if obs_nd is not None and clim[1] is not None and "ndvi" in fc:
                         m_nd = fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values[ys, xs]
-                        add("ndvi", m_nd[None], clim[1], o_nd[None], clear[ys, xs], ld)
+                        add("ndvi", m_nd[None], clim[1], obs_nd[None, ys, xs], clear[ys, xs], ld)
         if progress:
             progress(n + 1, len(inits))
     weights, scores = {}, {}

@@ -20,6 +20,10 @@ mean, over the patch's latents within the tolerance of a year before the valid t
 pixel, of its observation on that date plus the decoded change since then; the two are blended with the run's
 lead-dependent weight (:func:`geowm.probes.blend`), so at long leads the forecast leans on what the place did
 a year ago and on how the model expects this year to differ.
+
+Last, where the run has a climatology blend (``calibration.json``, :mod:`geowm.calibrate`), every decoded band
+and NDVI is blended with the pixel's day-of-year climatology by the run's lead-dependent weight; the latents
+are left as forecast.
 """
 
 from __future__ import annotations
@@ -261,11 +265,10 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
         tile_forecast(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
         if weights:
-            from geowm.bands import ndvi_bands
             from geowm.calibrate import blend_tile
 
-            blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, ndvi_bands(wm.bands), out_bands,
-                       out_ndvi if nd_rn else None, slice(ty, ty + TILE), slice(tx, tx + TILE))
+            blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, out_bands, out_ndvi if nd_rn else None,
+                       slice(ty, ty + TILE), slice(tx, tx + TILE))
         if progress:
             progress(n + 1, n_tiles)
     out = _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,

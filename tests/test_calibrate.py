@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from geowm.bands import ndvi_bands
 from geowm.baselines import ndvi
 from geowm.calibrate import CALIBRATION, climatology, fit_calibration
 from geowm.cli import app
@@ -33,7 +32,7 @@ def test_climatology_is_the_mean_of_clear_values_near_the_day_of_year(cube):
     day of year (30 where none), NaN where none within 30; dates after the init never count."""
     vt = np.array(["2021-08-05", "2021-08-25", "2021-09-25"], dtype="datetime64[s]")
     bands = [str(b) for b in cube["band"].values]
-    _, nd = climatology(cube, np.datetime64(INIT), vt, bands, ndvi_bands(bands))
+    _, nd = climatology(cube, np.datetime64(INIT), vt, bands)
     obs = ndvi(cube).values  # T y x
     doy = pd.DatetimeIndex(cube["time"].values).day_of_year.values
     before = cube["time"].values <= np.datetime64(INIT)
@@ -66,7 +65,7 @@ def test_forecast_blends_with_the_climatology_by_the_lead_weight(cube, tiny_run)
     assert json.loads(raw.attrs["geowm:climatology_blend"]) == {}
     vt = mixed["valid_time"].values[0]
     bands = WorldModel(tiny_run).bands
-    _, clim = climatology(cube, np.datetime64(INIT), vt, bands, ndvi_bands(bands))
+    _, clim = climatology(cube, np.datetime64(INIT), vt, bands)
     for j, a in enumerate((0.9 - 0.6 * 5 / 30, 0.9 - 0.6 * 10 / 30, 0.9 - 0.6 * 30 / 30)):
         m = mixed["ndvi"].isel(init_time=0, lead_time=j).values
         r, c = raw["ndvi"].isel(init_time=0, lead_time=j).values, clim[j][None]
