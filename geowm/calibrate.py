@@ -155,6 +155,7 @@ def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
     """Forecast errors of the model and the climatology on ``inits`` x ``leads`` -> weights and RMSE by lead."""
     from geowm.bands import ndvi_bands
     from geowm.baselines import ndvi
+    from geowm.evaluate import _match
     from geowm.forecast import TILE, forecast
     from geowm.probes import blend, blend_weights
 
@@ -172,27 +173,28 @@ def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
 
     for n, init in enumerate(inits):
         fc = forecast(ds, wm, init=init, leads=leads, members=1, climatology=False)
-        for j, ld in enumerate(leads):
-            k = np.flatnonzero(np.abs(times - (init + np.timedelta64(int(ld * 86400), "s"))) <= np.timedelta64(2, "D"))
-            if len(k) == 0:
-                continue
-            k = int(k[0])
-            obs = ds["reflectance"].isel(time=k).values[band_idx]  # C H W
-            clear = ds["valid"].isel(time=k).values.astype(bool)
-            obs_nd = ndvi(ds.isel(time=[k])).values[0] if rn is not None else None  # H W
-            model = np.stack([fc[b].isel(init_time=0, lead_time=j).sel(quantile=0.5).values for b in wm.bands])
-            for ty in range(0, ds.sizes["y"], TILE):
-                for tx in range(0, ds.sizes["x"], TILE):
-                    ys, xs = slice(ty, ty + TILE), slice(tx, tx + TILE)
-                    clim = climatology(ds.isel(y=ys, x=xs), init, times[k:k + 1], wm.bands, rn is not None)
-                    if clim is None:
-                        continue
-                    o = obs[:, ys, xs]
-                    add("pixels", model[:, ys, xs] / std[..., None], clim[0][:, 0] / std[..., None],
-                        o / std[..., None], clear[ys, xs], ld)
+        found = [(j, ld, _match(times, init + np.timedelta64(int(ld * 86400), "s"))) for j, ld in enumerate(leads)]
+        found = [(j, ld, k) for j, ld, k in found if k is not None]  # leads whose valid day has an acquisition
+        if not found:
+            continue
+        ks = [k for _, _, k in found]
+        obs = ds["reflectance"].isel(time=ks).values[:, band_idx]  # V C H W
+        clear = ds["valid"].isel(time=ks).values.astype(bool)  # V H W
+        obs_nd = ndvi(ds.isel(time=ks)).values if rn is not None else None  # V H W
+        for ty in range(0, ds.sizes["y"], TILE):
+            for tx in range(0, ds.sizes["x"], TILE):
+                ys, xs = slice(ty, ty + TILE), slice(tx, tx + TILE)
+                clim = climatology(ds.isel(y=ys, x=xs), init, times[ks], wm.bands, rn is not None)  # all leads
+                if clim is None:
+                    continue
+                for v, (j, ld, _) in enumerate(found):
+                    lead_fc = fc.isel(init_time=0, lead_time=j).sel(quantile=0.5)
+                    model = np.stack([lead_fc[b].values[ys, xs] for b in wm.bands])
+                    add("pixels", model / std[..., None], clim[0][:, v] / std[..., None],
+                        obs[v][:, ys, xs] / std[..., None], clear[v, ys, xs], ld)
                     if obs_nd is not None and clim[1] is not None and "ndvi" in fc:
-                        m_nd = fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values[ys, xs]
-                        add("ndvi", m_nd[None], clim[1], obs_nd[None, ys, xs], clear[ys, xs], ld)
+                        add("ndvi", lead_fc["ndvi"].values[None, ys, xs], clim[1][v:v + 1], obs_nd[None, v, ys, xs],
+                            clear[v, ys, xs], ld)
         if progress:
             progress(n + 1, len(inits))
     weights, scores = {}, {}
@@ -203,8 +205,7 @@ def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
         e_m, e_c, lead = (np.concatenate(parts[p]) for p in ("model", "clim", "lead"))
         w = blend_weights(e_m, e_c, lead)
         if w[1] > 0:  # what the initial state tells fades with lead: a weight rising with lead is a fit to noise
-            d = (e_m - e_c).ravel().astype(np.float64)
-            w = np.array([float(-(d @ e_c.ravel()) / max(float(d @ d), 1e-12)), 0.0], np.float32)
+            w = blend_weights(e_m, e_c, np.zeros_like(lead))  # the best constant weight (c1 = 0)
         a = blend(w, lead)[:, None]
         e_b = a * e_m + (1 - a) * e_c
         scores[key] = {f"{ld:g}": {"model": rmse(e_m[lead == ld]), "climatology": rmse(e_c[lead == ld]),
