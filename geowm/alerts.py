@@ -1,7 +1,8 @@
 """From anomaly scores to confirmed alert polygons (GeoJSON / GeoParquet).
 
-Input is a score cube ``score (time, y, x)``: a robust standardised surprise (how far what the satellite
-saw departs from what the model expected, in robust z units), NaN where the cell was not clear-sky.
+Input is a score cube ``score (time, y, x)``: a robust standardised score (:mod:`geowm.anomaly`: how far
+what the satellite saw departs from what the model expected, or from a year before, in robust z units), NaN
+where the cell was not clear-sky.
 
 Confirmation (forest-alert style, as GLAD / RADD): per cell and in time order, a clear observation with
 ``score >= threshold`` opens a *candidate*; it becomes an *alert* once ``confirmations`` further clear

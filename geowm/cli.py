@@ -314,6 +314,9 @@ def anomalies(
     recurrence: bool = typer.Option(True, "--recurrence/--no-recurrence",
                                     help="Cap the scores of change a patch already showed in the same season a "
                                          "year or more before (harvest, mowing)."),
+    seasonal: bool = typer.Option(True, "--seasonal/--no-seasonal",
+                                  help="Also score the departure from the patch's latents a year before (slow, "
+                                       "widespread vegetation loss such as drought); needs a year of cube."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
@@ -344,6 +347,7 @@ def anomalies(
             task = bar.add_task("score tiles", total=None)
             scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox,
                                     rules=rules, regional=regional_residual, recurrence=recurrence,
+                                    seasonal=seasonal,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastStoreError, CubeError, RunError, ValueError) as exc:
         _fail(exc)

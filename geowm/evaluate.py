@@ -235,6 +235,8 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
 
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
     auc_by_type = {"model": per_type(scores["score"].values)}
+    parts = {k.removesuffix("_score"): auroc(scores[k].values.ravel(), labels.ravel())
+             for k in ("surprise_score", "departure_score") if k in scores}  # the model's two scores alone
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
     for key, b in fitted.items():
@@ -260,6 +262,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         "ndvi_forecast": forecast_scores, "ndvi_scored_from": str(score_from), "calibration": calibration,
         "anomaly_auroc": auc,
         "anomaly_auroc_by_type": _jsonable(auc_by_type),
+        "anomaly_auroc_model_parts": _jsonable(parts),
         "labels": {"positive": int((labels == 1).sum()), "negative": int((labels == 0).sum()),
                    "excluded": int((labels == -1).sum()),
                    "positive_by_type": {t: int((v == 1).sum()) for t, v in by_type.items()}},
@@ -296,6 +299,9 @@ def table(report: dict) -> str:
     lines.append("")
     auc = report["anomaly_auroc"]
     lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
+    if report.get("anomaly_auroc_model_parts"):
+        lines.append("  model's scores alone: " + ", ".join(
+            f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["anomaly_auroc_model_parts"].items()))
     for who, by in (report.get("anomaly_auroc_by_type") or {}).items():
         if by:
             lines.append(f"  {who} by event type: " + ", ".join(

@@ -10,7 +10,7 @@ import xarray as xr
 from typer.testing import CliRunner
 
 import geowm
-from geowm.anomaly import normalise, regional_residual, surprise
+from geowm.anomaly import departure, departure_score, normalise, regional_residual, surprise
 from geowm.cli import app
 from geowm.forecast import forecast
 from geowm.forecast_store import write_forecasts
@@ -44,6 +44,72 @@ def test_surprise_compares_with_the_forecast_made_lead_days_before(surp, synth_c
     b = surprise(changed, str(tiny_run), start=t, end=t, lead_days=20)
     np.testing.assert_array_equal(a["surprise"].values, b["surprise"].values)
     np.testing.assert_allclose(a["surprise"].values, surp["surprise"].sel(time=t).values[None], atol=1e-5)
+
+
+def test_departure_is_the_distance_to_the_nearest_clear_latent_a_year_before():
+    rng = np.random.default_rng(2)
+    times = np.datetime64("2021-01-01") + np.array([0, 10, 20, 40, 365, 375, 400, 460]).astype("timedelta64[D]")
+    lat = rng.normal(size=(len(times), 2, 3, 8))
+    lat /= np.linalg.norm(lat, axis=-1, keepdims=True)
+    green = rng.uniform(0.2, 0.8, (len(times), 2, 3))
+    ok = np.ones(lat.shape[:3], bool)
+    ok[1, 0, 0] = False  # a cloudy reference is not a reference
+    ok[5, 1, 2] = False  # a cloudy date has no departure
+    at = np.array([4, 5, 6, 7])
+    got, change = departure(lat, ok, times, at, 365.0, 15.0, green)
+    for j, k in enumerate(at):
+        day = (times - times[k]).astype(int) + 365  # the reference dates: within 15 days of t - 365
+        for i in range(2):
+            for m in range(3):
+                ref = [r for r in range(len(times)) if abs(day[r]) <= 15 and ok[r, i, m]]
+                want = min(1 - lat[r, i, m] @ lat[k, i, m] for r in ref) if ref and ok[k, i, m] else np.nan
+                np.testing.assert_allclose(got[j, i, m], want, rtol=1e-6, atol=1e-6)
+                want = green[k, i, m] - np.mean([green[r, i, m] for r in ref]) if ref and ok[k, i, m] else np.nan
+                np.testing.assert_allclose(change[j, i, m], want, rtol=1e-6, atol=1e-6)
+    assert np.isnan(got[3]).all()  # day 460: nothing within 15 days of day 95
+    assert np.isfinite(got[0]).all() and np.isnan(got[1, 1, 2])
+    assert departure(lat, ok, times, at, 365.0, 15.0)[1] is None  # no NDVI: no change
+
+
+def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region():
+    rng = np.random.default_rng(3)
+    d = 0.2 + rng.normal(0, 0.02, (3, 24, 24))  # a year of weather moved every patch about as far
+    change = np.full(d.shape, -0.01)
+    d[1, :8, :10] += 0.3  # a drought moved a landscape further and browned it
+    change[1, :8, :10] = -0.2
+    d[1, 16, 16] += 0.3  # one field harvested earlier than last year: alone
+    d[1, 12:18, :6] += 0.3  # last year's drought is over: greener than a year before
+    change[1, 12:18, :6] = 0.2
+    d[2, :, 2:] = np.nan  # a cloudy date: 48 clear patches
+    times = np.datetime64("2022-06-01") + np.arange(3).astype("timedelta64[D]")
+    coords = {"time": times}
+    da, ch = (xr.DataArray(a, dims=("time", "py", "px"), coords=coords) for a in (d, change))
+    z = departure_score(da, ch).values
+    assert (z[1, 2:6, 2:8] > 8).all()  # inside the drought (its edges: half the neighbourhood)
+    assert z[1, 16, 16] < 3 and np.nanmax(z[1, 12:18, :6]) < 3 and np.nanmax(np.abs(z[0])) < 5
+    raw = departure_score(da, neighbourhood=1).values  # the z alone, unsigned
+    assert raw[1, 16, 16] > 8 and (raw[1, 12:18, :6] > 8).all()
+    assert np.isnan(z[2, :, 2:]).all() and np.isfinite(z[2, :, :2]).all()
+    assert np.isnan(departure_score(da, min_patches=49).values[2]).all()  # too few clear patches: no score
+
+
+def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
+    """With no lag the departure is a patch's distance to its own latent (0); a wider window can only bring
+    a nearer latent."""
+    t0 = "2021-08-01"
+    same = surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=0,
+                    departure_window_days=0)
+    ok = np.isfinite(same["surprise"].values)
+    assert ok.mean() > 0.2
+    np.testing.assert_allclose(same["departure"].values[ok], 0.0, atol=1e-5)
+    assert not np.isfinite(same["departure"].values[~ok]).any()
+    np.testing.assert_allclose(same["ndvi_change"].values[ok], 0.0, atol=1e-5)  # the patch's own NDVI
+    narrow, wide = (surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=30,
+                             departure_window_days=w)["departure"].values for w in (5, 20))
+    both = np.isfinite(narrow) & np.isfinite(wide)
+    assert both.mean() > 0.1 and (wide[both] <= narrow[both] + 1e-6).all() and (wide[both] < narrow[both]).any()
+    assert np.nanmax(wide) <= 2 and np.nanmin(wide) >= -1e-5
+    np.testing.assert_array_equal(narrow.shape, same["surprise"].shape)
 
 
 def test_normalise_against_own_history():
