@@ -125,7 +125,8 @@ def forecast_flow(cube: str, model: str, store: str, init: str | None = None, le
 def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, state_dir: str | None = None,
                   catalog: str | None = None, leads: list[float] | None = None, members: int = 4,
                   history_days: float = 365.0, threshold: float = 5.0, confirm_threshold: float = 4.0,
-                  confirmations: int = 2, tile_px: int | None = None, ingest_scheduler: str | None = None,
+                  confirmations: int = 2, min_area_ha: float = 1.0, tile_px: int | None = None,
+                  ingest_scheduler: str | None = None,
                   device: str = "cpu") -> dict:
     """One tick: new scenes of ``source`` -> cube -> forecast -> anomaly scores -> alerts -> STAC catalog.
 
@@ -137,7 +138,8 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         catalog: STAC catalog folder (default ``catalog`` beside the cube).
         leads: forecast lead times in days; members: ensemble size.
         history_days: days before the first new acquisition scored as each patch's history.
-        threshold, confirm_threshold, confirmations: alert rule (robust z units; geowm.alerts.AlertRules).
+        threshold, confirm_threshold, confirmations, min_area_ha: alert rule (robust z units, hectares;
+            geowm.alerts.AlertRules).
         tile_px: forecast tile size in pixels (default: the cube's tile size).
 
     Returns the run's ledger record: ``scenes`` processed (ids) and their ``dates``, ``init``,
@@ -176,7 +178,7 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         score_task = t.score_anomalies.with_options(result_storage=results)
         scores = score_task(cube, state["snapshot"], str(model), t.model_key(model), start, history_days, device)
         published = t.publish_alerts(scores, alerts, cube, state["snapshot"], threshold, confirm_threshold,
-                                     confirmations)
+                                     confirmations, min_area_ha)
         cat = t.update_stac(str(catalog or default_catalog(cube)), cube, source)
         record.update(scenes=[s["id"] for s in todo], dates=[s["datetime"] for s in todo], init=init,
                       snapshot=state["snapshot"], forecast_commit=commit, tiles=n_tiles, tiles_cached=cached,

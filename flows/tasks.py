@@ -272,7 +272,7 @@ def merge_scores(old: xr.Dataset | None, new: xr.Dataset, where: str) -> xr.Data
 
 @task(name="publish-alerts", **IO)
 def publish_alerts(scores: xr.Dataset, alerts_dir: str, cube: str, snapshot: str, threshold: float,
-                   confirm_threshold: float, confirmations: int = 2) -> dict:
+                   confirm_threshold: float, confirmations: int = 2, min_area_ha: float = 1.0) -> dict:
     """Merge the new scores into ``alerts_dir/scores.zarr`` and rewrite the alerts of the whole record.
 
     Alerts are recomputed from every score since the pipeline began (confirmation needs the
@@ -294,7 +294,8 @@ def publish_alerts(scores: xr.Dataset, alerts_dir: str, cube: str, snapshot: str
     t0 = merged["time"].values[0] - np.timedelta64(120, "D")  # the type guess looks up to 120 days back
     obs = ds[["reflectance", "valid"]].sel(time=slice(t0, None))
     crs = ds["spatial_ref"].attrs.get("crs_wkt")
-    rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold, confirmations=confirmations)
+    rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold, confirmations=confirmations,
+                       min_area_ha=min_area_ha)
     alerts = alerts_from_scores(merged["score"], crs, rules, obs=obs)
     write_scores(merged.rename(y="py", x="px"), path)
     write_alerts(alerts, out)

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from geowm.anomaly import detect
+from geowm.anomaly import ALERT_RULES, detect
 from geowm.baselines import BASELINES, ndvi
 from geowm.forecast import _as_dataset, forecast, region
 from geowm.inference import WorldModel
@@ -163,7 +163,8 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
     """Confirmed alerts of a change-detecting baseline (with ``breaks``: harmonic, bfast) from its pixel scores
     averaged per patch, ``patch_scores`` (time, py, px) on the grid of ``like`` (a DataArray with coords
     ``time``, ``py``, ``px``), through :func:`geowm.alerts.alerts_from_scores` with the baseline's change
-    rule: threshold = confirm threshold = ``break_k``, ``break_consecutive - 1`` confirmations."""
+    rule: threshold = confirm threshold = ``break_k``, ``break_consecutive - 1`` confirmations, and the
+    model's minimum mapping unit."""
     import xarray as xr
 
     from geowm.alerts import AlertRules, alerts_from_scores
@@ -171,7 +172,7 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
     grid = xr.DataArray(patch_scores, dims=("time", "y", "x"), coords={
         "time": like["time"].values, "y": like["py"].values, "x": like["px"].values})
     rules = AlertRules(threshold=baseline.break_k, confirm_threshold=baseline.break_k,
-                       confirmations=baseline.break_consecutive - 1)
+                       confirmations=baseline.break_consecutive - 1, min_area_ha=ALERT_RULES["min_area_ha"])
     return alerts_from_scores(grid, crs, rules)
 
 

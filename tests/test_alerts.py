@@ -57,6 +57,17 @@ def test_persistent_jump_gives_one_confirmed_alert():
     assert gdf.to_crs(CRS).geometry.iloc[0].area == pytest.approx(10_000, rel=1e-3)
 
 
+def test_geowm_rule_has_a_one_hectare_minimum_mapping_unit():
+    from geowm.anomaly import ALERT_RULES
+
+    s = scores()
+    s[2:, 5:15, 5:15] = 8.0  # 100 px = 1 ha: kept
+    s[2:, 25:34, 25:34] = 8.0  # 81 px = 0.81 ha: dropped
+    gdf = alerts_from_scores(as_da(s), CRS, AlertRules(**ALERT_RULES))
+    assert gdf["area_ha"].tolist() == pytest.approx([1.0])
+    assert len(alerts_from_scores(as_da(s), CRS, AlertRules(**{**ALERT_RULES, "min_area_ha": 0.5}))) == 2
+
+
 def test_single_spike_is_not_confirmed():
     s = scores()
     s[3, 20:30, 20:30] = 8.0
