@@ -97,7 +97,7 @@ def _td(days: float) -> np.timedelta64:
 @torch.no_grad()
 def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lead_days: float = LEAD_DAYS,
              batch_size: int = 32, departure_lag_days: float | None = DEPARTURE_LAG_DAYS,
-             departure_window_days: float = DEPARTURE_WINDOW_DAYS,
+             departure_window_days: float = DEPARTURE_WINDOW_DAYS, departure_from=None,
              progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
     """Per-patch surprise and seasonal departure at every cube date in [start, end] (default: all dates).
 
@@ -107,8 +107,9 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     ``t - departure_lag_days``, NaN where none is clear or the patch is not clear at ``t``; omitted when
     ``departure_lag_days`` is None), ``ndvi_change`` (time, py, px; the patch's mean NDVI minus its mean
     over those reference dates; with ``departure`` where the cube has red and near-infrared bands) and
-    ``clear_fraction`` (time, py, px; share of valid pixels), with the
-    cube's ``spatial_ref``. The acquisitions a year before [start, end] are encoded too (not predicted for).
+    ``clear_fraction`` (time, py, px; share of valid pixels), with the cube's ``spatial_ref``.
+    ``departure_from`` (default ``start``): the departure is computed for the dates from it on (NaN before);
+    the acquisitions a year before those are encoded too.
     """
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
     ds, name = _as_dataset(cube)
@@ -121,13 +122,15 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     if not scored.any():
         raise ValueError(f"{name}: no acquisition between {lo} and {hi} (cube {times[0]} .. {times[-1]})")
     enc = scored.copy()
+    dep_from = lo if departure_from is None else max(lo, np.datetime64(departure_from, "s"))
     if departure_lag_days is not None:
         lag, w = _td(departure_lag_days), _td(departure_window_days)
-        enc |= (times >= lo - lag - w) & (times <= hi - lag + w)
+        enc |= (times >= dep_from - lag - w) & (times <= hi - lag + w)
     enc_times = times[enc]
     nxt = np.minimum(np.searchsorted(enc_times, times), len(enc_times) - 1)  # the next encoded date of each date
     need = np.flatnonzero((enc_times[nxt] >= times) & (enc_times[nxt] - times <= _td(lookback_days(wm))))
     at = np.flatnonzero(scored[enc])  # the scored dates among the encoded ones
+    dep_rows = np.flatnonzero(enc_times[at] >= dep_from)  # the scored dates that get a departure
     H, W = ds.sizes["y"], ds.sizes["x"]
     Hp, Wp = H // p, W // p
     out = np.full((len(at), Hp, Wp), np.nan, np.float32)
@@ -141,10 +144,11 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         win = (slice(None), slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
         out[win], clear[win] = s[at], c[at]
         if departure_lag_days is not None:
-            dep[win], change = departure(lat, ok, enc_times, at, departure_lag_days, departure_window_days, green)
+            d, change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days, departure_window_days, green)
+            dep[dep_rows, win[1], win[2]] = d
             signed = signed and change is not None
             if change is not None:
-                dgreen[win] = change
+                dgreen[dep_rows, win[1], win[2]] = change
         if progress:
             progress(n + 1, n_tiles)
     y, x = ds["y"].values, ds["x"].values
@@ -408,7 +412,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     start_t = np.datetime64(start, "s")
     hist0 = start_t - np.timedelta64(int(history_days * 86400), "s")
     sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress,
-                   departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None)
+                   departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t)
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"],
                   recurrence_margin=RECURRENCE_MARGIN if recurrence else None)
     parts = {"surprise_score": z.rename("surprise_score")}

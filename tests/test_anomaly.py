@@ -104,6 +104,12 @@ def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
     np.testing.assert_allclose(same["departure"].values[ok], 0.0, atol=1e-5)
     assert not np.isfinite(same["departure"].values[~ok]).any()
     np.testing.assert_allclose(same["ndvi_change"].values[ok], 0.0, atol=1e-5)  # the patch's own NDVI
+    later = surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=0,
+                     departure_window_days=0, departure_from="2021-10-01")  # as detect: none for the history
+    before = (later.time < np.datetime64("2021-10-01")).values
+    assert before.any() and (~before).any() and not np.isfinite(later["departure"].values[before]).any()
+    np.testing.assert_array_equal(later["departure"].values[~before], same["departure"].values[~before])
+    np.testing.assert_array_equal(later["surprise"].values, same["surprise"].values)
     narrow, wide = (surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=30,
                              departure_window_days=w)["departure"].values for w in (5, 20))
     both = np.isfinite(narrow) & np.isfinite(wide)
