@@ -79,7 +79,7 @@ ALERT_RULES = {"threshold": 5.0, "confirm_threshold": 4.0, "confirmations": 2, "
 # Seasonal departure (see the module doc). Measured on three held-out synthetic regions (tiny model, 400 steps,
 # scored for a year from the end of training, history 365 days): patch AUROC with the surprise score alone ->
 # with max(surprise score, departure score): A 0.997 -> 0.995, B 0.989 -> 0.985, C (a drought's last days in
-# the held-out period) 0.433 -> 0.941 (drought 0.293 -> 0.932); alerts 15 -> 15, 159 -> 163, 67 -> 70. On
+# the held-out period) 0.433 -> 0.942 (drought 0.293 -> 0.931); alerts 15 -> 15, 159 -> 163, 67 -> 70. On
 # cached latents, the departure's z alone (no NDVI sign, no neighbourhood median) added 160-230 alerts on A
 # and C, mostly grassland a year after A's 2021 drought (greener than last year) and fields harvested at
 # other dates; the mean of the year-ago latents in place of the nearest, or a z within k-means clusters of
