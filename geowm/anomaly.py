@@ -140,7 +140,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     clear = np.zeros((len(at), Hp, Wp), np.float32)
     n_tiles = -(-H // TILE) * -(-W // TILE)
     for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
-        s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size)
+        s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=scored[enc])
         win = (slice(None), slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
         out[win], clear[win] = s[at], c[at]
         if departure_lag_days is not None:
@@ -197,10 +197,12 @@ def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray
     return out, change
 
 
-def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int):
+def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int,
+                   predict: np.ndarray | None = None):
     """For one in-memory tile and each of ``score_times``: surprise (Ts, hp, wp), patch clear fraction
     (Ts, hp, wp), the observed unit latents (Ts, hp, wp, D) float32, where they are clear (Ts, hp, wp) and
-    the patch NDVI (Ts, hp, wp; None without red and near-infrared bands)."""
+    the patch NDVI (Ts, hp, wp; None without red and near-infrared bands). ``predict`` (Ts bool, default all):
+    the dates that get a surprise; the others (the departure's year-ago references) are only encoded."""
     p, win = wm.cfg.patch, wm.window
     H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
     sub = sub.isel(y=slice(0, H), x=slice(0, W))
@@ -221,7 +223,8 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             patch_ndvi = np.nanmean(ndvi(sub).values.reshape(len(times), H // p, p, W // p, p), axis=(2, 4))
     except ValueError:  # no red / near-infrared band: departures are not signed
         patch_ndvi = None
-    jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+    predict = np.ones(len(score_times), bool) if predict is None else np.asarray(predict, bool)
+    jobs: dict[tuple[int, bool], list[tuple[int, int, np.ndarray]]] = {}
     for k, t in enumerate(score_times):
         ti = int(np.searchsorted(times, t))
         if ti >= len(times) or times[ti] != t:
@@ -230,11 +233,10 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
         if patch_ndvi is not None:
             green[k] = patch_ndvi[ti]
         for b in range(len(blocks)):
-            init = t - np.timedelta64(int(lead_days * 86400), "s")
-            past = context_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], init, t, wm)
+            past = context_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], t - _td(lead_days), t, wm)
             if len(past) >= 2 and frac[ti, b] > 0:
-                jobs.setdefault(len(past), []).append((k, b, np.append(past, ti)))
-    for _, group in sorted(jobs.items()):
+                jobs.setdefault((len(past), bool(predict[k])), []).append((k, b, np.append(past, ti)))
+    for (_, with_pred), group in sorted(jobs.items()):
         for g0 in range(0, len(group), batch_size):
             chunk = group[g0: g0 + batch_size]
             sl = [(slice(blocks[b][0], blocks[b][0] + bh), slice(blocks[b][1], blocks[b][1] + bw)) for _, b, _ in chunk]
@@ -244,10 +246,13 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
             lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
             obs, obs_ok = lat[:, -1].float(), ok[:, -1]  # the acquisition at t, seen in its window
-            ctx = {key: val[:, :-1] for key, val in batch.items()}
-            pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
-            d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
             obs_ok = obs_ok.cpu().numpy()
+            if with_pred:
+                ctx = {key: val[:, :-1] for key, val in batch.items()}
+                pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
+                d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
+            else:
+                d = np.full(obs_ok.shape, np.nan, np.float32)
             d[~obs_ok] = np.nan
             unit = torch.nn.functional.normalize(obs, dim=-1).cpu().numpy()
             for j, (k, b, _) in enumerate(chunk):
@@ -410,7 +415,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
     ds, name = _as_dataset(cube)
     start_t = np.datetime64(start, "s")
-    hist0 = start_t - np.timedelta64(int(history_days * 86400), "s")
+    hist0 = start_t - _td(history_days)
     sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress,
                    departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t)
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"],

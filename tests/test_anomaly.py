@@ -14,6 +14,7 @@ from geowm.anomaly import departure, departure_score, normalise, regional_residu
 from geowm.cli import app
 from geowm.forecast import forecast
 from geowm.forecast_store import write_forecasts
+from geowm.inference import WorldModel
 
 runner = CliRunner()
 
@@ -116,6 +117,32 @@ def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
     assert both.mean() > 0.1 and (wide[both] <= narrow[both] + 1e-6).all() and (wide[both] < narrow[both]).any()
     assert np.nanmax(wide) <= 2 and np.nanmin(wide) >= -1e-5
     np.testing.assert_array_equal(narrow.shape, same["surprise"].shape)
+
+
+def test_year_ago_references_are_encoded_not_predicted(synth_cube, tiny_run):
+    """The departure's reference dates only need the observed latent: the predictor runs for the scored
+    dates alone, as many times as without the departure."""
+    wm = WorldModel(str(tiny_run))
+    calls = {"encode": 0, "predict": 0}
+    encode, predict = wm.model.encode, wm.model.predict
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += len(args[0]["pixels"] if isinstance(args[0], dict) else args[0])
+            return fn(*args, **kwargs)
+        return call
+
+    wm.model.encode, wm.model.predict = counted("encode", encode), counted("predict", predict)
+    runs = {}
+    for lag in (None, 60):
+        calls.update(encode=0, predict=0)
+        runs[lag] = (surprise(str(synth_cube), wm, start="2021-10-01", lead_days=20, departure_lag_days=lag,
+                              departure_window_days=20), dict(calls))
+    (plain, n_plain), (dep, n_dep) = runs[None], runs[60]
+    assert n_dep["encode"] > n_plain["encode"] > 0  # the references are encoded
+    assert n_dep["predict"] == n_plain["predict"] == n_plain["encode"]  # and not predicted
+    np.testing.assert_allclose(dep["surprise"].values, plain["surprise"].values, atol=1e-6)
+    assert np.isfinite(dep["departure"].values).mean() > 0.1
 
 
 def test_normalise_against_own_history():
