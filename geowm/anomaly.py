@@ -19,7 +19,9 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
    ago. Its **score** (:func:`departure_score`) is a robust z against the other clear patches of the same
    date, kept only where the patch's NDVI fell below last year's, then the median over the 9 x 9 patches
    around it (a drought browns a landscape; a field harvested earlier than last year browns alone). The
-   anomaly **score** is the larger of the surprise and departure scores;
+   surprise score, too, counts vegetation loss only: it is at most 0 where the patch is greener than a year
+   before (:func:`vegetation_loss_only`). The anomaly **score** is the larger of the surprise and departure
+   scores;
 4. **alerts** (:mod:`geowm.alerts`): a score above the threshold starts a candidate, a second clear
    observation above the confirm threshold confirms it (as forest-alert systems confirm), and
    confirmed patches are merged into polygons.
@@ -370,13 +372,24 @@ def departure_score(dep: xr.DataArray, ndvi_change: xr.DataArray | None = None,
         floor = max(0.5 * float(np.median(mad)), 1e-4)
         z[use] = (v[use] - med[:, None, None]) / np.maximum(mad, floor)[:, None, None]
     if ndvi_change is not None:
-        greener = ndvi_change.values >= 0  # NaN (no NDVI): not gated
-        z = np.where(greener, np.minimum(z, 0.0), z)
+        z = vegetation_loss_only(z, ndvi_change.values)
     if neighbourhood > 1:
         z = np.stack([_nan_median_filter(zk, neighbourhood) if np.isfinite(zk).any() else zk for zk in z])
     return xr.DataArray(z.astype(np.float32), dims=dep.dims, coords=dep.coords, name="departure_score",
                         attrs={"long_name": "seasonal departure score: robust z against the date's clear patches, "
                                             "vegetation loss only, neighbourhood median", "units": "1"})
+
+
+def vegetation_loss_only(score, ndvi_change):
+    """``score`` capped at 0 where ``ndvi_change`` (same shape; the patch's NDVI minus its mean a year before,
+    :func:`surprise`) is >= 0: the events geowm reports (clear-cut, fire, flood, drought, crop failure) all lose
+    vegetation, while a patch greener than a year before is most often normal land use a few weeks off last
+    year's dates (earlier emergence, regrowth) or last year's own anomaly. NaN change (no clear reference a year
+    before, no red / near-infrared band): the score is kept. Works on arrays and DataArrays alike."""
+    greener = ndvi_change >= 0
+    if isinstance(score, xr.DataArray):
+        return score.where(~greener, np.minimum(score, 0.0))
+    return np.where(greener, np.minimum(score, 0.0), score)
 
 
 def _nan_median_filter(a: np.ndarray, k: int, rows_per_chunk: int = 64) -> np.ndarray:
@@ -405,8 +418,9 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     as the median of a partly cloudy scene's few clear patches adds noise to every score).
     ``recurrence``: cap the scores of change the patch already showed in the same season a year or more
     before (:func:`normalise`; the history must then reach a year back, ``history_days >= 365``).
-    ``seasonal``: the score is the larger of the surprise score and the seasonal departure score
-    (:func:`departure_score`); off: the surprise score alone.
+    ``seasonal``: the surprise score is capped at 0 where the patch is greener than a year before
+    (:func:`vegetation_loss_only`) and the score is the larger of it and the seasonal departure score
+    (:func:`departure_score`); off: the surprise score alone, unsigned.
     Returns (scores Dataset on the patch grid with ``surprise``, ``surprise_score``, ``departure``,
     ``departure_score`` (with ``seasonal``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326).
     """
@@ -420,6 +434,8 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
                    departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t)
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"],
                   recurrence_margin=RECURRENCE_MARGIN if recurrence else None)
+    if seasonal and "ndvi_change" in sur:
+        z = vegetation_loss_only(z, sur["ndvi_change"])
     parts = {"surprise_score": z.rename("surprise_score")}
     score = z
     if seasonal:

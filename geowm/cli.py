@@ -317,7 +317,8 @@ def anomalies(
                                          "year or more before (harvest, mowing)."),
     seasonal: bool = typer.Option(True, "--seasonal/--no-seasonal",
                                   help="Also score the departure from the patch's latents a year before (slow, "
-                                       "widespread vegetation loss such as drought); needs a year of cube."),
+                                       "widespread vegetation loss such as drought), and count only vegetation "
+                                       "loss against a year before; needs a year of cube."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
 ) -> None:
     """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""

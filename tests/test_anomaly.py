@@ -10,7 +10,8 @@ import xarray as xr
 from typer.testing import CliRunner
 
 import geowm
-from geowm.anomaly import departure, departure_score, normalise, regional_residual, surprise
+from geowm import anomaly
+from geowm.anomaly import departure, departure_score, detect, normalise, regional_residual, surprise
 from geowm.cli import app
 from geowm.forecast import forecast
 from geowm.forecast_store import write_forecasts
@@ -92,6 +93,22 @@ def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region
     assert raw[1, 16, 16] > 8 and (raw[1, 12:18, :6] > 8).all()
     assert np.isnan(z[2, :, 2:]).all() and np.isfinite(z[2, :, :2]).all()
     assert np.isnan(departure_score(da, min_patches=49).values[2]).all()  # too few clear patches: no score
+
+
+def test_surprise_score_counts_vegetation_loss_only(synth_cube, tiny_run, monkeypatch):
+    """With the seasonal terms, a patch greener than its reference scores at most 0 from its surprise too;
+    the other patches keep the surprise score they have without them."""
+    monkeypatch.setattr(anomaly, "DEPARTURE_LAG_DAYS", 60.0)  # the test cube has one year: a reference 60 d back
+    kw = dict(history_days=150, lead_days=20)
+    signed, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", **kw)
+    plain, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", seasonal=False, **kw)
+    z, raw, change = signed["surprise_score"].values, plain["surprise_score"].values, signed["ndvi_change"].values
+    greener = change >= 0
+    bites = greener & (raw > 0)
+    assert bites.sum() >= 10 and (~greener & np.isfinite(raw)).sum() >= 10
+    np.testing.assert_array_equal(z[bites], 0.0)
+    np.testing.assert_array_equal(z[~bites], raw[~bites])
+    assert (signed["score"].values[greener] <= np.fmax(0, signed["departure_score"].values[greener])).all()
 
 
 def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
