@@ -8,7 +8,11 @@ Confirmation (forest-alert style, as GLAD / RADD): per cell and in time order, a
 ``score >= threshold`` opens a *candidate*; it becomes an *alert* once ``confirmations`` further clear
 observations reach ``confirm_threshold`` (cloudy dates in between are skipped, not counted against it). A
 clear observation below ``confirm_threshold`` drops the candidate; a candidate expires when its next
-supporting clear observation comes more than ``max_gap_days`` after it opened. An alert stays open while
+supporting clear observation comes more than ``max_gap_days`` after it opened. With ``neighbours`` (the
+default), a cell's confirmation also confirms the candidates connected to it through 8-neighbours that are one
+supporting observation short: a disturbance is one piece of ground, and clouds often hide part of it on the
+look that would confirm it (the forecast context soon includes the change, and its surprise fades, so a
+later look may no longer support it). An alert stays open while
 clear observations stay ``>= confirm_threshold`` and closes at the first clear one below; the cell can then
 raise a new alert later. ``first_detected`` is the date the candidate opened, not the confirmation date.
 
@@ -55,6 +59,7 @@ from shapely.ops import unary_union
 ALERT_COLUMNS = ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"]
 ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "unknown")
 DAY = np.timedelta64(1, "D")
+EIGHT = np.ones((3, 3), bool)  # 8-neighbourhood
 
 
 @dataclass
@@ -66,6 +71,9 @@ class AlertRules:
     confirmations: int = 1  # further supporting clear observations needed to confirm
     min_area_ha: float = 0.1
     max_gap_days: float = 90  # a candidate expires if not confirmed within this many days
+    # a candidate one supporting observation short of confirmation is confirmed with a confirmed 8-neighbour
+    # (the same disturbance seen through a gap in the clouds next to it)
+    neighbours: bool = True
 
 
 def grid_transform(y: np.ndarray, x: np.ndarray) -> Affine:
@@ -82,10 +90,12 @@ def _days(times) -> np.ndarray:
     return ((times - times[0]) / DAY).astype(float) if times.size else np.zeros(0)
 
 
-def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules) -> tuple[np.ndarray, np.ndarray]:
+def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules,
+           shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Run the per-cell confirmation state machine; loop over time, vectorised over cells.
 
-    s: (T, P) scores, NaN = not clear. Returns ``confirmed`` (T, P) bool (True on the confirmation date) and
+    s: (T, P) scores, NaN = not clear; ``shape``: the (ny, nx) grid of the P cells, needed for
+    ``rules.neighbours``. Returns ``confirmed`` (T, P) bool (True on the confirmation date) and
     ``episode`` (T, P) int32: the alert episode id (1, 2, ... per cell) on every date the cell is inside a
     confirmed alert (from first detection to last supporting observation), 0 elsewhere.
     """
@@ -111,6 +121,17 @@ def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules) -> tuple[np.ndarr
         conf = sup & (n_conf >= rules.confirmations)
         state[cand & clear & ~hi] = 0  # dropped
         state[conf] = 2
+        if rules.neighbours and shape is not None and conf.any():
+            near = ((state == 1) & (n_conf >= rules.confirmations - 1)  # one supporting observation short
+                    & (days[t] - start_day <= rules.max_gap_days))
+            grown = conf
+            while True:  # spread through connected candidates
+                more = near & ~grown & ndimage.binary_dilation(grown.reshape(shape), EIGHT).ravel()
+                if not more.any():
+                    break
+                grown = grown | more
+            state[grown] = 2
+            conf = grown
         keep = was_alert & hi
         mark[t, keep] = ep_id[keep]
         state[was_alert & clear & ~hi] = 0  # alert closes
@@ -146,7 +167,7 @@ def confirmed(score: xr.DataArray, rules: AlertRules = AlertRules()) -> xr.DataA
     score = score.transpose("time", "y", "x")
     T, ny, nx = score.shape
     times = score["time"].values.astype("datetime64[ns]")
-    conf, episode = _track(score.values.reshape(T, -1).astype(float), _days(times), rules)
+    conf, episode = _track(score.values.reshape(T, -1).astype(float), _days(times), rules, (ny, nx))
     first = np.full(ny * nx, np.datetime64("NaT", "ns"))
     ever = episode.any(axis=0)
     first[ever] = times[np.argmax(episode > 0, axis=0)[ever]]
@@ -243,7 +264,7 @@ def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertR
         return empty_alerts()
     times = score["time"].values.astype("datetime64[ns]")
     values = score.values.astype(float)
-    _, episode = _track(values.reshape(T, -1), _days(times), rules)
+    _, episode = _track(values.reshape(T, -1), _days(times), rules, (ny, nx))
     active = episode.reshape(T, ny, nx) > 0
     if not active.any():
         return empty_alerts()

@@ -77,7 +77,7 @@ RECURRENCE_MIN_REFERENCE = 3
 # held-out regions (with the seasonal departure): alerts 15 -> 4, 163 -> 82, 70 -> 24; precision 0.13 -> 0.50,
 # 0.06 -> 0.09, 0.09 -> 0.17; share of harvest and mowing events hit 0.015 -> 0.006, 0.149 -> 0.120, 0.015 ->
 # 0.003; every event that began in the periods still found on the same date. 2 ha lost events on B and C.
-ALERT_RULES = {"threshold": 5.0, "confirm_threshold": 4.0, "confirmations": 2, "min_area_ha": 1.0}
+ALERT_RULES = {"threshold": 5.0, "confirm_threshold": 4.0, "confirmations": 2, "min_area_ha": 1.0, "neighbours": True}
 # Seasonal departure (see the module doc). Measured on three held-out synthetic regions (tiny model, 400 steps,
 # scored for a year from the end of training, history 365 days): patch AUROC with the surprise score alone ->
 # with max(surprise score, departure score): A 0.997 -> 0.995, B 0.989 -> 0.985, C (a drought's last days in

@@ -310,6 +310,9 @@ def anomalies(
     confirm_threshold: float = typer.Option(4.0, help="Score the following clear observations need to confirm it."),
     confirmations: int = typer.Option(2, help="Further clear observations at the confirm score that confirm it."),
     min_area_ha: float = typer.Option(1.0, help="Smallest alert kept (hectares; the minimum mapping unit)."),
+    neighbours: bool = typer.Option(True, "--neighbours/--no-neighbours",
+                                    help="A confirmation also confirms the connected neighbouring candidates one "
+                                         "observation short (parts of the same change hidden by clouds)."),
     regional_residual: bool = typer.Option(False, help="Subtract each date's regional median surprise first "
                                                        "(scene-wide haze or illumination shifts)."),
     recurrence: bool = typer.Option(True, "--recurrence/--no-recurrence",
@@ -345,7 +348,7 @@ def anomalies(
         if first > times[-1]:
             raise CubeError(f"{cube}: no acquisition after {first} (last is {times[-1]})")
         rules = AlertRules(threshold=threshold, confirm_threshold=confirm_threshold, confirmations=confirmations,
-                           min_area_ha=min_area_ha)
+                           min_area_ha=min_area_ha, neighbours=neighbours)
         with _progress() as bar:
             task = bar.add_task("score tiles", total=None)
             scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox,

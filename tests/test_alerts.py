@@ -68,6 +68,32 @@ def test_geowm_rule_has_a_one_hectare_minimum_mapping_unit():
     assert len(alerts_from_scores(as_da(s), CRS, AlertRules(**{**ALERT_RULES, "min_area_ha": 0.5}))) == 2
 
 
+def test_a_candidate_next_to_a_confirmed_cell_is_confirmed_with_it():
+    """A clear-cut seen three times on two of its parts, twice on the part between them (a cloud over it the
+    third time): one alert over the whole cut, first detected at the first look. Without the neighbour rule the
+    two parts are confirmed apart, each under the minimum mapping unit."""
+    from geowm.anomaly import ALERT_RULES
+
+    s = scores()
+    s[3:6, 5:15, 5:25] = 8.0  # 10 x 20 px cut, seen at dates 3, 4 and 5
+    s[5, 5:15, 10:20] = np.nan  # the third look: clouds over its middle
+    s[6:, 5:15, 5:25] = 0.0  # the model has seen the cut: no more surprise
+    s[3:5, 30:34, 5:30] = 8.0  # a candidate with two looks ...
+    s[5:, 30:34, 5:30] = 0.0  # ... dropped at the third: nothing next to it confirmed
+    s[4, 15:17, 5:25] = 8.0  # opened the date before the cut's confirmation: one look, too few
+    s[5, 15:17, 5:25] = np.nan
+    rules = AlertRules(**ALERT_RULES)
+    assert rules.neighbours
+    conf = confirmed(as_da(s), rules).values
+    assert conf[5, 5:15, 5:25].all() and not conf[:, 15:].any()  # the cloudy middle too; not the late opener
+    gdf = alerts_from_scores(as_da(s), CRS, rules)
+    assert len(gdf) == 1 and gdf["area_ha"].iloc[0] == pytest.approx(2.0)
+    assert gdf["first_detected"].iloc[0] == TIMES[3]
+    alone = AlertRules(**{**ALERT_RULES, "neighbours": False})
+    assert not confirmed(as_da(s), alone).values[:, 5:15, 10:20].any()
+    assert len(alerts_from_scores(as_da(s), CRS, alone)) == 0  # two 0.5 ha pieces under the 1 ha minimum
+
+
 def test_single_spike_is_not_confirmed():
     s = scores()
     s[3, 20:30, 20:30] = 8.0
