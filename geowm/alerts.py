@@ -91,11 +91,11 @@ def _days(times) -> np.ndarray:
 
 
 def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules,
-           shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Run the per-cell confirmation state machine; loop over time, vectorised over cells.
 
-    s: (T, P) scores, NaN = not clear; ``shape``: the (ny, nx) grid of the P cells, needed for
-    ``rules.neighbours``. Returns ``confirmed`` (T, P) bool (True on the confirmation date) and
+    s: (T, P) scores, NaN = not clear; ``shape``: the (ny, nx) grid of the P cells (for
+    ``rules.neighbours``). Returns ``confirmed`` (T, P) bool (True on the confirmation date) and
     ``episode`` (T, P) int32: the alert episode id (1, 2, ... per cell) on every date the cell is inside a
     confirmed alert (from first detection to last supporting observation), 0 elsewhere.
     """
@@ -121,7 +121,7 @@ def _track(s: np.ndarray, days: np.ndarray, rules: AlertRules,
         conf = sup & (n_conf >= rules.confirmations)
         state[cand & clear & ~hi] = 0  # dropped
         state[conf] = 2
-        if rules.neighbours and shape is not None and conf.any():
+        if rules.neighbours and conf.any():
             near = ((state == 1) & (n_conf >= rules.confirmations - 1)  # one supporting observation short
                     & (days[t] - start_day <= rules.max_gap_days))
             grown = conf

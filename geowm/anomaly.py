@@ -382,16 +382,13 @@ def departure_score(dep: xr.DataArray, ndvi_change: xr.DataArray | None = None,
                                             "vegetation loss only, neighbourhood median", "units": "1"})
 
 
-def vegetation_loss_only(score, ndvi_change):
+def vegetation_loss_only(score: np.ndarray, ndvi_change: np.ndarray) -> np.ndarray:
     """``score`` capped at 0 where ``ndvi_change`` (same shape; the patch's NDVI minus its mean a year before,
     :func:`surprise`) is >= 0: the events geowm reports (clear-cut, fire, flood, drought, crop failure) all lose
     vegetation, while a patch greener than a year before is most often normal land use a few weeks off last
     year's dates (earlier emergence, regrowth) or last year's own anomaly. NaN change (no clear reference a year
-    before, no red / near-infrared band): the score is kept. Works on arrays and DataArrays alike."""
-    greener = ndvi_change >= 0
-    if isinstance(score, xr.DataArray):
-        return score.where(~greener, np.minimum(score, 0.0))
-    return np.where(greener, np.minimum(score, 0.0), score)
+    before, no red / near-infrared band): the score is kept."""
+    return np.where(ndvi_change >= 0, np.minimum(score, 0.0), score)
 
 
 def _nan_median_filter(a: np.ndarray, k: int, rows_per_chunk: int = 64) -> np.ndarray:
@@ -437,7 +434,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"],
                   recurrence_margin=RECURRENCE_MARGIN if recurrence else None)
     if seasonal and "ndvi_change" in sur:
-        z = vegetation_loss_only(z, sur["ndvi_change"])
+        z = z.copy(data=vegetation_loss_only(z.values, sur["ndvi_change"].values))
     parts = {"surprise_score": z.rename("surprise_score")}
     score = z
     if seasonal:

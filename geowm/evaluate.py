@@ -164,7 +164,7 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
     averaged per patch, ``patch_scores`` (time, py, px) on the grid of ``like`` (a DataArray with coords
     ``time``, ``py``, ``px``), through :func:`geowm.alerts.alerts_from_scores` with the baseline's change
     rule: threshold = confirm threshold = ``break_k``, ``break_consecutive - 1`` confirmations, and the
-    model's minimum mapping unit."""
+    model's minimum mapping unit and neighbour rule."""
     import xarray as xr
 
     from geowm.alerts import AlertRules, alerts_from_scores
@@ -172,7 +172,8 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
     grid = xr.DataArray(patch_scores, dims=("time", "y", "x"), coords={
         "time": like["time"].values, "y": like["py"].values, "x": like["px"].values})
     rules = AlertRules(threshold=baseline.break_k, confirm_threshold=baseline.break_k,
-                       confirmations=baseline.break_consecutive - 1, min_area_ha=ALERT_RULES["min_area_ha"])
+                       confirmations=baseline.break_consecutive - 1, min_area_ha=ALERT_RULES["min_area_ha"],
+                       neighbours=ALERT_RULES["neighbours"])
     return alerts_from_scores(grid, crs, rules)
 
 
