@@ -317,7 +317,8 @@ def anomalies(
                                                        "(scene-wide haze or illumination shifts)."),
     recurrence: bool = typer.Option(True, "--recurrence/--no-recurrence",
                                     help="Cap the scores of change a patch already showed in the same season a "
-                                         "year or more before (harvest, mowing)."),
+                                         "year or more before, in any earlier year of the cube (harvest, "
+                                         "mowing)."),
     seasonal: bool = typer.Option(True, "--seasonal/--no-seasonal",
                                   help="Also score the departure from the patch's latents a year before (slow, "
                                        "widespread vegetation loss such as drought), and count only vegetation "

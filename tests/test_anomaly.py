@@ -197,6 +197,66 @@ def test_recurring_seasonal_change_is_capped_a_new_one_is_not():
     np.testing.assert_array_equal(z[early], plain[early])  # no reference a year or more back yet: unchanged
 
 
+def test_recurrence_cap_looks_back_over_every_earlier_year():
+    """The normalisation keeps to its history span; the recurrence cap also sees the years before it, so a
+    harvest hidden by clouds last year is still known from the year before."""
+    rng = np.random.default_rng(2)
+    times = np.datetime64("2021-01-01") + np.arange(0, 1095, 5).astype("timedelta64[D]")
+    s = rng.gamma(2.0, 0.01, (len(times), 4, 4))
+    doy = (times - times.astype("datetime64[Y]")).astype(int)
+    year = times.astype("datetime64[Y]").astype(int) + 1970
+    harvest = (doy >= 200) & (doy < 215)
+    s[harvest & (year != 2022), 1, 1] += 0.4  # 2021 and 2023; in 2022 clouds hid it
+    s[(year == 2022) & (doy >= 180) & (doy < 240), 1, 1] = np.nan
+    s[harvest & (year == 2023), 2, 3] += 0.4  # new in 2023
+    da = xr.DataArray(s, dims=("time", "py", "px"), coords={"time": times})
+    z = normalise(da, reference_from="2022-01-01").values
+    late = year >= 2022
+    one_year = np.full_like(z, np.nan)
+    one_year[late] = normalise(da[late]).values  # without 2021
+    third = harvest & (year == 2023)
+    assert (one_year[third, 1, 1] > 10).all()  # a year back the harvest was not seen: it alerts
+    assert (z[third, 1, 1] < 4).all()  # two years back it was
+    assert (z[third, 2, 3] > 10).all() and (one_year[third, 2, 3] > 10).all()  # new change: alerts either way
+    plain = normalise(da, reference_from="2022-01-01", recurrence_margin=None).values
+    np.testing.assert_allclose(plain[late], normalise(da[late], recurrence_margin=None).values)  # z: one year
+    assert not np.isfinite(z[~late]).any()  # the earlier years are reference only
+
+
+def test_recurrence_dates_are_earlier_seasons_of_the_scored_dates():
+    times = np.datetime64("2021-01-01") + np.arange(0, 1095, 5).astype("timedelta64[D]")
+    got = anomaly.recurrence_dates(times, "2023-07-01", "2023-07-31", "2022-07-01").astype("datetime64[D]")
+    doy = (got - got.astype("datetime64[Y]")).astype(int)
+    assert len(got) and (got < np.datetime64("2022-07-01")).all()
+    assert ((doy >= 181 - anomaly.SEASON_DAYS - 1) & (doy <= 211 + anomaly.SEASON_DAYS + 1)).all()
+    assert {int(str(g)[:4]) for g in got} == {2021, 2022}  # every earlier year
+    assert len(anomaly.recurrence_dates(times, "2021-03-01", "2021-04-01", "2021-02-01")) == 0  # none a year back
+
+
+def test_detect_caps_with_the_seasons_before_its_history(synth_cube, tiny_run, monkeypatch):
+    """detect scores the acquisitions before its history that are in the season of a scored one and old
+    enough, and hands them to the normalisation as the recurrence cap's reference only."""
+    monkeypatch.setattr(anomaly, "RECURRENCE_AGE_DAYS", 30)  # the test cube has one year
+    seen = {}
+    normalise = anomaly.normalise
+
+    def spy(surp, **kw):
+        seen.update(surp=surp, **kw)
+        return normalise(surp, **kw)
+
+    monkeypatch.setattr(anomaly, "normalise", spy)
+    scores, _ = detect(str(synth_cube), str(tiny_run), "2021-11-01", history_days=30, lead_days=20, seasonal=False)
+    hist0 = np.datetime64("2021-10-02")
+    times = seen["surp"]["time"].values
+    earlier = times[times < hist0].astype("datetime64[s]")
+    cube_times = geowm.open_cube(str(synth_cube))["time"].values
+    expect = anomaly.recurrence_dates(cube_times, "2021-11-01", cube_times[-1], hist0)
+    assert len(expect) >= 4 and set(earlier) == set(expect)  # September, and nothing else before the history
+    assert np.isfinite(seen["surp"].sel(time=earlier).values).sum() > 100
+    assert seen["reference_from"] == hist0 and seen["recurrence_margin"] == anomaly.RECURRENCE_MARGIN
+    assert scores["time"].values.min() >= np.datetime64("2021-11-01")  # reference only: not in the output
+
+
 def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     store = tmp_path / "fc"
     write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10, 20), members=1), store)
