@@ -104,6 +104,18 @@ def _td(days: float) -> np.timedelta64:
     return np.timedelta64(int(round(days * 86400)), "s")
 
 
+def _day_doy(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Day number (days since 1970-01-01) and day of year (0-based) of datetime64 ``times``."""
+    d = np.asarray(times).astype("datetime64[D]")
+    return d.astype(np.int64), (d - d.astype("datetime64[Y]")).astype(np.int64)
+
+
+def _doy_distance(a: np.ndarray, b) -> np.ndarray:
+    """Days between days of year ``a`` and ``b`` across the turn of the year."""
+    dd = np.abs(a - b)
+    return np.minimum(dd, 365 - dd)
+
+
 @torch.no_grad()
 def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lead_days: float = LEAD_DAYS,
              batch_size: int = 32, departure_lag_days: float | None = DEPARTURE_LAG_DAYS,
@@ -292,8 +304,7 @@ def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_rece
     """
     s = surp.values.astype(np.float64)
     t = surp["time"].values.astype("datetime64[D]")
-    day = t.astype(np.int64)
-    doy = (t - t.astype("datetime64[Y]")).astype(np.int64)
+    day, doy = _day_doy(t)
     span = np.ones(len(t), bool) if reference_from is None else t >= np.datetime64(reference_from, "D")
     z = np.full_like(s, np.nan)
     with np.errstate(all="ignore"), warnings.catch_warnings():
@@ -304,8 +315,7 @@ def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_rece
             past = span & (day < day[k] - exclude_recent_days)
             if not past.any() or not np.isfinite(s[k]).any():
                 continue
-            dd = np.abs(doy - doy[k])
-            in_season = np.minimum(dd, 365 - dd) <= season_days
+            in_season = _doy_distance(doy, doy[k]) <= season_days
             season = past & in_season
             med, mad = _med_mad(s[season])
             few = np.isfinite(s[season]).sum(axis=0) < min_reference
@@ -481,11 +491,9 @@ def recurrence_dates(times: np.ndarray, start, end, before) -> np.ndarray:
     scored, cand = times[(times >= lo) & (times <= hi)], times[times < before]
     if len(scored) == 0 or len(cand) == 0:
         return cand[:0]
-    day = lambda t: t.astype("datetime64[D]").astype(np.int64)  # noqa: E731
-    doy = lambda t: (t.astype("datetime64[D]") - t.astype("datetime64[Y]")).astype(np.int64)  # noqa: E731
-    dd = np.abs(doy(cand)[:, None] - doy(scored)[None])
-    old = day(cand)[:, None] < day(scored)[None] - RECURRENCE_AGE_DAYS
-    return cand[(old & (np.minimum(dd, 365 - dd) <= SEASON_DAYS)).any(axis=1)]
+    (cday, cdoy), (sday, sdoy) = _day_doy(cand), _day_doy(scored)
+    old = cday[:, None] < sday[None] - RECURRENCE_AGE_DAYS
+    return cand[(old & (_doy_distance(cdoy[:, None], sdoy[None]) <= SEASON_DAYS)).any(axis=1)]
 
 
 def write_scores(scores: xr.Dataset, path) -> None:
