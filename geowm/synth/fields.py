@@ -20,7 +20,6 @@ STREAMS: dict[str, int] = {
     "noise": 51,
     "events": 61,
     "phenology": 71,
-    "rotation": 72,
 }
 
 

@@ -24,7 +24,7 @@ from .clouds import (
 )
 from .events import Event, plan_events
 from .fields import stream
-from .landscape import BANDS, CLASSES, crop_map, make_landscape
+from .landscape import BANDS, CLASSES, make_landscape
 from .phenology import make_phenology
 from .render import SurfaceRenderer
 from .weather import make_weather, plan_droughts
@@ -39,7 +39,7 @@ from .writer import (
 
 MIN_SIZE, MAX_SIZE = 64, 20000
 SCENE_PREFIX = "S2SYN_"
-VERSION = 2  # 2: crops rotate (croptype.tif), month-scale weather regimes
+VERSION = 1
 
 
 def _parse_date(value: str, name: str) -> date:
@@ -148,13 +148,9 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
         if progress is not None:
             progress(i + 1, len(schedule))
 
-    # The land-cover map is the record's last year (crops rotate); croptype.tif has one band per year.
-    write_landcover(out / "landcover.tif", crop_map(land, pheno.class_at(last)), grid)
-    year_days = [(y, max(first, _day(date(y, 1, 1)))) for y in range(d0.year, d1.year + 1)]
-    write_landcover(out / "croptype.tif", np.stack([crop_map(land, pheno.class_at(d)) for _, d in year_days]),
-                    grid, names=tuple(str(y) for y, _ in year_days))
+    write_landcover(out / "landcover.tif", land.landcover, grid)
     write_weather(out / "weather.zarr", weather, np.datetime64(d0), np.datetime64(d1), grid.crs)
-    normal = [Event(0, kind, d, d, parcel=p, land_cover=CLASSES[int(pheno.class_at(d)[p])])
+    normal = [Event(0, kind, d, d, parcel=p, land_cover=CLASSES[int(land.parcel_class[p])])
               for kind, p, d in pheno.normal_change(first, last)]
     normal.sort(key=lambda e: (e.start, e.parcel))
     for k, e in enumerate(normal, start=len(events) + 1):
@@ -164,8 +160,7 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     write_stac(out / "stac", scenes, grid)
 
     paths = {"scenes": str(scenes_dir), "stac": str(out / "stac" / "catalog.json"),
-             "landcover": str(out / "landcover.tif"), "croptype": str(out / "croptype.tif"),
-             "weather": str(out / "weather.zarr"),
+             "landcover": str(out / "landcover.tif"), "weather": str(out / "weather.zarr"),
              "events": str(out / "events.geojson"), "synth": str(out / "synth.json")}
     summary: dict[str, Any] = {
         "n_acquisitions": len(scenes), "n_fully_cloudy": int(n_full), "crs": grid.crs,
