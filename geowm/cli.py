@@ -149,7 +149,8 @@ def train(
                                                       "held out for evaluation."),
     config: Path | None = typer.Option(None, help="JSON file with training config keys (see geowm.train."
                                                   "TrainConfig); command-line options override it."),
-    landcover: str | None = typer.Option(None, help="Land-cover raster for the land-cover probe."),
+    landcover: str | None = typer.Option(None, help="Land-cover raster for the land-cover probe: one band, or one "
+                                                     "band per year named by its year (e.g. croptype.tif)."),
     seed: int | None = typer.Option(None, help="Random seed (default 0)."),
     workers: int | None = typer.Option(None, help="DataLoader worker processes (default 1)."),
     evaluate: bool = typer.Option(True, help="After training, fit the probes and score held-out forecasts."),
@@ -171,6 +172,14 @@ def train(
             cfg.preset = preset
     except RunError as exc:
         _fail(ValueError(f"{config or 'options'}: {exc}"))
+    if landcover and evaluate:  # a label raster that cannot be read fails now, not after the training
+        from geowm.cube.reader import ReadError, read_labels
+        from geowm.cube.store import read_state
+
+        try:
+            read_labels(landcover, read_state(cube).grid)
+        except (ReadError, CubeError) as exc:
+            _fail(exc)
     import os
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -382,6 +391,7 @@ def evaluate(
                                                     "(0: no blend, scored from --from)."),
 ) -> None:
     """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
+    from geowm.cube.reader import ReadError
     from geowm.cube.store import CubeError
     from geowm.evaluate import evaluate as run_evaluate
     from geowm.evaluate import table
@@ -397,7 +407,7 @@ def evaluate(
             report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
                                   history_days=history_days, landcover=landcover, calibrate_days=calibrate_days,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
-    except (ForecastError, CubeError, RunError, ValueError) as exc:
+    except (ForecastError, CubeError, RunError, ReadError, ValueError) as exc:
         _fail(exc)
     if out_json:
         out_json.write_text(json.dumps(report, indent=1, default=str))

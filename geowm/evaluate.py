@@ -34,6 +34,7 @@ import numpy as np
 
 from geowm.anomaly import ALERT_RULES, detect
 from geowm.baselines import BASELINES, ndvi
+from geowm.cube.reader import Labels
 from geowm.forecast import _as_dataset, forecast, region
 from geowm.inference import WorldModel
 from geowm.metrics import alert_scores, auroc, load_events, patch_labels
@@ -52,13 +53,15 @@ def _patch_mean(a: np.ndarray, p: int) -> np.ndarray:
         return np.nanmean(a[:, : H // p * p, : W // p * p].reshape(T, H // p, p, W // p, p), axis=(2, 4))
 
 
-def similar_landcover_share(ds, wm: WorldModel, classes: np.ndarray, start, n_dates: int = 4, n_queries: int = 300,
-                            k: int = 5, purity: float = 0.9, seed: int = 0) -> dict:
+def similar_landcover_share(ds, wm: WorldModel, classes: Labels | np.ndarray, start, n_dates: int = 4,
+                            n_queries: int = 300, k: int = 5, purity: float = 0.9, seed: int = 0) -> dict:
     """Share of nearest latent neighbours (cosine, other places, any of ``n_dates`` clear dates from ``start``)
     with the query patch's land-cover class.
 
-    ``classes`` is the land-cover raster on ``ds``'s pixel grid (y, x). Patches count when at least
-    ``purity`` of their pixels share one class and the encoder marks them clear. Returns ``share`` (mean over
+    ``classes`` is the land cover on ``ds``'s pixel grid: :class:`~geowm.cube.reader.Labels` (a patch on a date
+    takes the class of the map of that date's year; dates no map covers are not picked) or one map (y, x).
+    Patches count when at least ``purity`` of their pixels share one class and the encoder marks them clear.
+    Returns ``share`` (mean over
     ``n_queries`` queries of the same-class share among their ``k`` neighbours), ``chance`` (probability that
     two random counted patches share a class), ``n_queries``, ``k``, ``dates``.
     """
@@ -68,17 +71,21 @@ def similar_landcover_share(ds, wm: WorldModel, classes: np.ndarray, start, n_da
         return {"share": None, "chance": None, "n_queries": 0, "k": k, "dates": []}
     times = ds["time"].values.astype("datetime64[s]")
     clear = ds["valid"].isel(y=slice(0, H), x=slice(0, W)).mean(("y", "x")).values
-    cand = [i for i in np.flatnonzero(times >= np.datetime64(start, "s")) if i >= tf - 1]
+    if not isinstance(classes, Labels):
+        classes = Labels(np.asarray(classes)[None], None, {})
+    band = classes.band_of(times)
+    cand = [i for i in np.flatnonzero(times >= np.datetime64(start, "s")) if i >= tf - 1 and band[i] >= 0]
     picks: list[int] = []
     for i in sorted(cand, key=lambda i: -clear[i]):  # the clearest dates, at least 20 days apart
         if len(picks) < n_dates and all(abs((times[i] - times[j]).astype(np.int64)) > 20 * 86400 for j in picks):
             picks.append(i)
     picks.sort()
     lat, place, cls = [], [], []
-    lc = classes[:H, :W].reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3).reshape(H // p, W // p, -1)
-    maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
-    pure = (lc == maj[..., None]).mean(-1) >= purity
     for i in picks:
+        lc = classes.maps[band[i], :H, :W].reshape(H // p, p, W // p, p).transpose(0, 2, 1, 3)
+        lc = lc.reshape(H // p, W // p, -1)
+        maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
+        pure = (lc == maj[..., None]).mean(-1) >= purity
         for y0 in range(0, H, size):
             for x0 in range(0, W, size):
                 win = ds.isel(time=slice(i - tf + 1, i + 1), y=slice(y0, y0 + size), x=slice(x0, x0 + size))
@@ -250,13 +257,13 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
             base_alerts[key] = {**_jsonable(alert_scores(found, ev, since=start_t)), "n_alerts": int(len(found))}
     similar = None
     if landcover:
-        from geowm.cube.reader import read_to_grid
+        from geowm.cube.reader import read_labels
         from geowm.cube.store import read_state
 
-        lc, _ = read_to_grid(landcover, read_state(name).grid)
+        lc = read_labels(landcover, read_state(name).grid)
         iy = int(np.argmin(np.abs(full["y"].values - ds["y"].values[0])))
         ix = int(np.argmin(np.abs(full["x"].values - ds["x"].values[0])))
-        similar = similar_landcover_share(ds, wm, lc[iy: iy + ds.sizes["y"], ix: ix + ds.sizes["x"]], start_t)
+        similar = similar_landcover_share(ds, wm, lc.crop(iy, ix, ds.sizes["y"], ds.sizes["x"]), start_t)
     if progress:
         progress(len(inits) + 1, len(inits) + 1)
     return {

@@ -7,7 +7,8 @@ after training on tokens of training windows and scored on tokens of held-out wi
   normalised pixel values of its patch (C x p x p) and to its per-pixel NDVI (p x p);
 * **land cover**: multinomial logistic regression from the latent to the patch's majority class,
   compared with the same classifier on the raw pixels of the same patch and date (the baseline a
-  representation must beat);
+  representation must beat); with a per-year map (:class:`geowm.cube.reader.Labels`), the class of the
+  year of the window's last date, since rotated fields grow another crop each year;
 * **change decoder** (for forecasts): ridge regression from a patch's forecast latent and its last
   observed latent to the change of its pixels and NDVI between the last clear context date and the
   target date, fitted on the predictor's own outputs (context = the first dates of a training window,
@@ -33,15 +34,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geowm.bands import ndvi_bands
+from geowm.cube.reader import Labels
 from geowm.data import CubeWindows
 from geowm.model import JEPA
 
 
 @torch.no_grad()
 def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: torch.device,
-                   landcover: np.ndarray | None = None, batch_size: int = 8) -> dict[str, np.ndarray]:
+                   landcover: Labels | None = None, batch_size: int = 8) -> dict[str, np.ndarray]:
     """Per valid token of the given windows: latent (n, dim), raw patch pixels (n, C p p, normalised),
-    NDVI per pixel (n, p p) if red/NIR are known, land-cover majority class (n,) if given, window id (n,) and
+    NDVI per pixel (n, p p) if red/NIR are known, land-cover majority class (n,) if given (of the map that holds
+    at the window's last date, the date its forecast targets; -1 where no map covers it), window id (n,) and
     place id (n,): the same for every frame of one patch of one window."""
     cfg = model.cfg
     p = cfg.patch
@@ -72,11 +75,16 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
         out["window"].append(np.broadcast_to(wid, kept.shape)[kept])
         out["place"].append(np.broadcast_to(wid * (Hp * Wp) + np.arange(Hp * Wp).reshape(Hp, Wp), kept.shape)[kept])
         if landcover is not None:
+            # the land cover of the window's last date: a place's class in the year it is seen (crops rotate)
+            band = landcover.band_of(ds.reader.times[[int(it["t_index"].max()) for it in items]])
             yx = np.stack([it["yx"].numpy() for it in items])
             for j in range(B):
                 y0, x0 = yx[j]
-                lc = landcover[y0: y0 + H, x0: x0 + W].reshape(Hp, p, Wp, p).transpose(0, 2, 1, 3).reshape(Hp, Wp, -1)
-                maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
+                maj = np.full((Hp, Wp), -1, np.int64)
+                if band[j] >= 0:
+                    lc = landcover.maps[band[j], y0: y0 + H, x0: x0 + W]
+                    lc = lc.reshape(Hp, p, Wp, p).transpose(0, 2, 1, 3).reshape(Hp, Wp, -1)
+                    maj = np.array([[np.bincount(c).argmax() for c in row] for row in lc])
                 out["landcover"].append(np.broadcast_to(maj, kept[j].shape)[kept[j]])
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
@@ -203,6 +211,12 @@ def r2(y: np.ndarray, pred: np.ndarray) -> float:
     return float(1.0 - ((y - pred) ** 2).sum() / max(((y - y.mean(0)) ** 2).sum(), 1e-12))
 
 
+def _labelled(tok: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The tokens whose land-cover class is known (``tok["landcover"] >= 0``)."""
+    keep = tok["landcover"] >= 0
+    return {k: v[keep] for k, v in tok.items()}
+
+
 def place_features(x: np.ndarray, tok: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Token features ``x`` (n, d) pooled per place (``tok["place"]``): the mean and the standard deviation over
     its clear frames (m, 2 d), and the place's land-cover class (m,)."""
@@ -278,7 +292,7 @@ def _fit_season(trc: dict, tec: dict, key: str, w: np.ndarray, b: np.ndarray, sc
 
 
 def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Path, device: torch.device,
-               landcover: np.ndarray | None = None, class_names: dict[int, str] | None = None,
+               landcover: Labels | None = None, class_names: dict[int, str] | None = None,
                n_windows: int = 64, seed: int = 0) -> dict:
     """Fit the probes on ``train_ds`` windows, score them on ``test_ds`` windows, save them in ``run``."""
     rng = np.random.default_rng(seed)
@@ -318,7 +332,9 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
                 continue
             _fit_season(trc, tec, key, w, b, scores, tensors)
         scores["change_gap_days_median"] = float(np.median(tec["gap_days"]))
-    if landcover is not None and "landcover" in tr:
+    if landcover is not None and "landcover" in tr:  # tokens at dates no land-cover map covers are left out
+        tr, te = _labelled(tr), _labelled(te)
+    if landcover is not None and "landcover" in tr and len(tr["landcover"]) and len(te["landcover"]):
         n_classes = int(max(tr["landcover"].max(), te["landcover"].max())) + 1
         for name, key in (("latent", "latent"), ("raw_pixels", "pixels")):
             wc, bc, mu, sigma = fit_logistic(tr[key], tr["landcover"], n_classes, seed=seed)

@@ -392,7 +392,7 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
     Held-out windows are those after the run's ``train_until`` date (all windows, if nothing is
     after it, with the training ones excluded by index parity). Writes ``eval.json`` in the run.
     """
-    from geowm.cube.reader import read_to_grid
+    from geowm.cube.reader import read_labels
     from geowm.cube.store import read_state
     from geowm.probes import fit_probes
     from geowm.skill import forecast_vs_copy_last
@@ -416,7 +416,8 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
         test_ds = train_ds
     lc, classes = None, None
     if landcover:
-        lc, classes = read_to_grid(landcover, read_state(data["cube"]).grid)
+        lc = read_labels(landcover, read_state(data["cube"]).grid)
+        classes = lc.classes
     rng = np.random.default_rng(0)
     held = sorted(rng.choice(len(test_ds), min(n_windows, len(test_ds)), replace=False).tolist())
     skill = forecast_vs_copy_last(model, test_ds, held, k=min(2, window.frames // (2 * model.cfg.t_frames)),

@@ -196,6 +196,54 @@ def test_place_features_pool_a_places_frames():
     np.testing.assert_allclose(feat[order[2]], [8.0, 1.0, 1.0, 0.0])
 
 
+def test_per_year_labels_follow_the_windows_year(tiny_run, synth_cube, tif, tmp_path):
+    """A crop-type map per year (bands named by year, as the USDA Cropland Data Layer or geowm's croptype.tif):
+    the probe labels a window's tokens with the map of the window's year, not another year's; years no band
+    covers give no label; a multi-band raster whose bands are not named by years is refused, naming the file."""
+    import json
+
+    import torch
+
+    from geowm.cube.reader import ReadError, read_labels
+    from geowm.cube.store import read_state
+    from geowm.data import CubeWindows, WindowConfig
+    from geowm.inference import WorldModel
+    from geowm.probes import token_features
+
+    grid = read_state(synth_cube).grid
+    ones = np.ones((grid.height, grid.width), np.uint8)
+    classes = json.dumps({"1": "forest", "3": "crop_summer", "4": "grassland"})
+    path = tif(tmp_path / "croptype.tif", np.stack([ones * 3, ones * 4]), crs=grid.crs, transform=grid.transform,
+               descriptions=["2020", "2021"], tags={"CLASSES": classes})
+    labels = read_labels(str(path), grid)
+    assert labels.years == (2020, 2021) and labels.maps.shape == (2, grid.height, grid.width)
+    assert labels.classes[4] == "grassland"
+    dates = np.array(["2020-07-01", "2021-01-01T00:00", "2021-12-31T23:59", "2022-03-01"], "datetime64[s]")
+    assert labels.band_of(dates).tolist() == [0, 1, 1, -1]
+
+    wm = WorldModel(tiny_run, device="cpu")
+    conf = wm.config
+    ds = CubeWindows(str(synth_cube), WindowConfig(**conf["train"]["window"]), conf["data"]["stats"])
+    tok = token_features(wm.model, ds, [0, len(ds) // 2, len(ds) - 1], torch.device("cpu"), labels)
+    assert len(tok["landcover"]) > 0 and set(tok["landcover"].tolist()) == {4}  # the session cube is 2021
+
+    other = read_labels(str(tif(tmp_path / "old.tif", np.stack([ones, ones * 3]), crs=grid.crs,
+                                transform=grid.transform, descriptions=["2018", "2019"])), grid)
+    tok = token_features(wm.model, ds, [0, len(ds) - 1], torch.device("cpu"), other)
+    assert set(tok["landcover"].tolist()) == {-1}  # no map for 2021: no label
+
+    single = read_labels(str(tif(tmp_path / "lc.tif", ones * 3, crs=grid.crs, transform=grid.transform)), grid)
+    assert single.years is None and single.band_of(dates).tolist() == [0, 0, 0, 0]
+    for name, desc in (("unnamed.tif", None), ("twice.tif", ["2021", "2021"])):
+        bad = tif(tmp_path / name, np.stack([ones, ones]), crs=grid.crs, transform=grid.transform, descriptions=desc)
+        with pytest.raises(ReadError, match=rf"{name}.*not distinct years"):
+            read_labels(str(bad), grid)
+    # from the command line: refused before any training, nothing written
+    res = CliRunner().invoke(app, ["train", "--cube", str(synth_cube), "--out", str(tmp_path / "run"), "--steps",
+                                   "1", "--landcover", str(tmp_path / "unnamed.tif")])
+    assert res.exit_code != 0 and "unnamed.tif" in res.output and not (tmp_path / "run").exists(), res.output
+
+
 def test_year_ago_slot_and_blend_weights():
     """The year-ago anchor is the observed tubelet nearest ``target - lag`` within ``tol``; the blend weight of
     two forecasts with independent errors is the inverse-variance one, and it follows the lead."""

@@ -160,14 +160,68 @@ def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, t
 def read_to_grid(path: str, grid: CubeGrid, band: int = 1) -> tuple[np.ndarray, dict[int, str]]:
     """A categorical raster (e.g. land cover) on the cube grid (nearest neighbour), with its class names
     from the GeoTIFF tag ``CLASSES`` (JSON ``{code: name}``) when present. Raises ``ReadError``."""
+    labels = read_labels(path, grid, bands=[band])
+    return labels.maps[0], labels.classes
+
+
+@dataclass(frozen=True)
+class Labels:
+    """A categorical raster on the cube grid: one map for every date, or one map per year.
+
+    ``maps`` (L, H, W); ``years`` (L,) calendar years of the maps, or None for a single map that holds at every
+    date; ``classes`` ``{code: name}``. A per-year product (a crop-type map such as the USDA Cropland Data Layer,
+    geowm's synthetic ``croptype.tif``) is a multi-band GeoTIFF whose band descriptions are the years: cropland
+    rotates, so a field's class is a property of a place *and* a year."""
+
+    maps: np.ndarray
+    years: tuple[int, ...] | None
+    classes: dict[int, str]
+
+    def band_of(self, times) -> np.ndarray:
+        """Index of the map that holds at each of ``times`` (datetime64): the map of its calendar year; -1 where
+        no map covers that year."""
+        t = np.asarray(times, "datetime64[s]")
+        if self.years is None:
+            return np.zeros(t.shape, np.int64)
+        year = t.astype("datetime64[Y]").astype(np.int64) + 1970
+        lookup = {y: i for i, y in enumerate(self.years)}
+        return np.array([lookup.get(int(y), -1) for y in year.ravel()], np.int64).reshape(t.shape)
+
+    def crop(self, y0: int, x0: int, height: int, width: int) -> Labels:
+        return Labels(self.maps[:, y0: y0 + height, x0: x0 + width], self.years, self.classes)
+
+
+def _year_of(description: str | None) -> int | None:
+    d = (description or "").strip()
+    return int(d) if d.isdigit() and len(d) == 4 else None
+
+
+def read_labels(path: str, grid: CubeGrid, bands: Sequence[int] | None = None) -> Labels:
+    """A categorical raster read onto the cube grid (nearest neighbour): :class:`Labels`.
+
+    One band: one map for every date. Several bands: one map per year, the band descriptions naming the years
+    (``2021``, ``2022``, ...); a multi-band raster whose bands are not named by distinct years is an error, as
+    geowm cannot tell which band holds when. Class names come from the GeoTIFF tag ``CLASSES`` (JSON
+    ``{code: name}``) when present. Raises ``ReadError`` naming the file."""
     import json
 
     try:
         with rasterio.open(path) as src:
-            out = np.zeros((grid.height, grid.width), src.dtypes[band - 1])
-            reproject(source=rasterio.band(src, band), destination=out, dst_transform=grid.transform,
-                      dst_crs=grid.crs, resampling=Resampling.nearest)
+            use = list(bands) if bands is not None else list(range(1, src.count + 1))
+            years = None
+            if len(use) > 1:
+                named = [_year_of(src.descriptions[b - 1]) for b in use]
+                if None in named or len(set(named)) != len(named):
+                    raise ReadError(
+                        f"{path}: {len(use)} bands, but their descriptions {list(src.descriptions)} are not distinct "
+                        "years; a per-year label raster names each band by its year (e.g. 2021, 2022), a "
+                        "single-band raster holds at every date")
+                years = tuple(int(y) for y in named)
+            out = np.zeros((len(use), grid.height, grid.width), src.dtypes[use[0] - 1])
+            for i, b in enumerate(use):
+                reproject(source=rasterio.band(src, b), destination=out[i], dst_transform=grid.transform,
+                          dst_crs=grid.crs, resampling=Resampling.nearest)
             classes = json.loads(src.tags().get("CLASSES", "{}"))
     except (rasterio.errors.RasterioError, OSError, ValueError) as exc:
         raise ReadError(f"{path}: cannot read it onto the cube grid ({exc})") from None
-    return out, {int(k): v for k, v in classes.items()}
+    return Labels(out, years, {int(k): v for k, v in classes.items()})
