@@ -61,6 +61,9 @@ def synth(
     start: str = typer.Option("2021-01-01", help="First acquisition date (YYYY-MM-DD)."),
     end: str = typer.Option("2022-12-31", help="Last possible acquisition date (YYYY-MM-DD)."),
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same region."),
+    crop_rotation: bool = typer.Option(False, help="Arable fields rotate winter and summer crops between years "
+                                                   "(croptype.tif has each year's map)."),
+    weather_regimes: bool = typer.Option(False, help="Month-scale warm/cold and wet/dry weather regimes."),
 ) -> None:
     """Generate a realistic synthetic Sentinel-2-like region: COGs, SCL masks, STAC, land cover, weather, events."""
     from geowm.synth import generate
@@ -68,7 +71,8 @@ def synth(
     with _progress() as bar:
         task = bar.add_task("synth", total=None)
         try:
-            summary = generate(out_dir, size=size, start=start, end=end, seed=seed,
+            summary = generate(out_dir, size=size, start=start, end=end, seed=seed, crop_rotation=crop_rotation,
+                               weather_regimes=weather_regimes,
                                progress=lambda done, total: bar.update(task, completed=done, total=total))
         except ValueError as exc:
             _fail(exc)

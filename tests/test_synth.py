@@ -329,6 +329,116 @@ def test_weather_zarr(synth_region: Path) -> None:
     assert ds.temperature.std(("y", "x")).mean() < 2.0  # spatially smooth
 
 
+def _three_years(seed: int = 11):
+    from geowm.synth.landscape import make_landscape
+    from geowm.synth.phenology import make_phenology
+    from geowm.synth.weather import make_weather
+
+    land = make_landscape(256, seed)
+    weather = make_weather(256, 10.0, land.grid.x0, land.grid.y0, seed, 2021, 2023, [], regimes=True)
+    return land, weather, make_phenology(land, weather, seed, rotation=True)
+
+
+def test_crops_rotate_between_years() -> None:
+    """Arable parcels alternate winter and summer crops (a few stay in monoculture), grassland is permanent,
+    a winter crop is sown after the summer crop before it, and a field's cover runs on across the new year."""
+    from geowm.synth.landscape import CROP_SUMMER, CROP_WINTER, GRASSLAND
+
+    land, _, ph = _three_years()
+    k = ph.klass
+    assert k.shape == (3, land.n_parcels)
+    assert np.array_equal(k[0], land.parcel_class)
+    arable = (k[0] == CROP_WINTER) | (k[0] == CROP_SUMMER)
+    assert arable.sum() > 50
+    changed = (k[1] != k[0])[arable].mean(), (k[2] != k[1])[arable].mean()
+    assert all(0.5 < c < 0.9 for c in changed), changed
+    assert 0.05 < (k == k[0]).all(axis=0)[arable].mean() < 0.3  # monoculture
+    assert np.isin(k[:, arable], (CROP_WINTER, CROP_SUMMER)).all()
+    assert (k[:, k[0] == GRASSLAND] == GRASSLAND).all()
+    for y in (0, 1):
+        day = int(np.datetime64(f"{2022 + y}-01-01").astype(np.int64))
+        to_winter = (k[y] == CROP_SUMMER) & (k[y + 1] == CROP_WINTER)
+        to_summer = (k[y] == CROP_WINTER) & (k[y + 1] == CROP_SUMMER)
+        assert to_winter.sum() > 5 and to_summer.sum() > 5
+        # next year's winter crop is sown after this year's summer harvest; no sowing before a summer crop
+        assert (ph.autumn_sow[y][to_winter] >= ph.harvest[y][to_winter] + 10).all()
+        assert (ph.autumn_sow[y][k[y + 1] != CROP_WINTER] == -1).all()
+        # in December, a field that becomes a winter crop is green, one that becomes a summer crop is bare
+        dec = ph.parcel_cover(day - 20)
+        assert np.median(dec[to_winter]) > 0.12 and np.median(dec[to_summer]) < 0.08
+        jump = np.abs(ph.parcel_cover(day) - ph.parcel_cover(day - 1))[arable]
+        assert np.percentile(jump, 99) < 0.1, np.percentile(jump, 99)
+
+
+def test_without_rotation_every_field_keeps_its_crop(synth_region: Path) -> None:
+    """The default: no rotation and no weather regimes (version 1's landscape and weather); croptype.tif is
+    still written, one band per year, equal to landcover.tif."""
+    from geowm.synth.landscape import CROP_WINTER, make_landscape
+    from geowm.synth.phenology import make_phenology
+    from geowm.synth.weather import make_weather
+
+    land = make_landscape(128, 5)
+    weather = make_weather(128, 10.0, land.grid.x0, land.grid.y0, 5, 2021, 2023, [])
+    ph = make_phenology(land, weather, 5)
+    assert (ph.klass == land.parcel_class[None]).all()
+    wheat = land.parcel_class == CROP_WINTER
+    assert (ph.autumn_sow[:, wheat] >= 0).all() and (ph.autumn_sow[:, ~wheat] == -1).all()
+    regimes = make_weather(128, 10.0, land.grid.x0, land.grid.y0, 5, 2021, 2023, [], regimes=True)
+    assert not np.allclose(regimes.t_mean, weather.t_mean)
+    meta = json.loads((synth_region / "synth.json").read_text())
+    assert meta["parameters"]["crop_rotation"] is False and meta["parameters"]["weather_regimes"] is False
+    with rasterio.open(synth_region / "croptype.tif") as ct, rasterio.open(synth_region / "landcover.tif") as lc:
+        assert ct.descriptions == ("2021",) and np.array_equal(ct.read(1), lc.read(1))
+
+
+def test_crop_rotation_in_ground_truth(tmp_path: Path) -> None:
+    """croptype.tif has each year's crops, landcover.tif is the last year's, and every harvest event names the
+    crop harvested that year."""
+    from geowm.synth.landscape import CLASSES
+
+    generate(tmp_path / "r", size=128, start="2021-03-01", end="2022-11-30", seed=4, crop_rotation=True)
+    with rasterio.open(tmp_path / "r" / "croptype.tif") as src:
+        assert src.descriptions == ("2021", "2022")
+        crops = src.read()
+        assert json.loads(src.tags()["CLASSES"])["2"] == "crop_winter"
+    with rasterio.open(tmp_path / "r" / "landcover.tif") as src:
+        assert np.array_equal(src.read(1), crops[1])
+    assert (crops[0] != crops[1]).mean() > 0.1
+    fc = json.loads((tmp_path / "r" / "events.geojson").read_text())
+    harvests = [f for f in _by_type(fc, "harvest")]
+    assert len(harvests) > 10
+    st = {"lc": crops[0], "transform": rasterio.open(tmp_path / "r" / "croptype.tif").transform}
+    agree = []
+    for f in harvests:
+        band = int(f["properties"]["start"][:4]) - 2021
+        m = _mask(f, st)
+        codes = np.bincount(crops[band][m], minlength=8)
+        agree.append(CLASSES[int(codes.argmax())] == f["properties"]["land_cover"])
+    assert np.mean(agree) > 0.95, np.mean(agree)
+    assert {f["properties"]["land_cover"] for f in harvests} == {"crop_winter", "crop_summer"}
+
+
+def test_weather_has_month_scale_regimes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wet and dry months: the 30-day wet-day share varies more than day-to-day rain persistence alone makes it,
+    and the temperature anomaly keeps a memory a month on."""
+    from geowm.synth import weather as W
+
+    def series(**patch):
+        for k, v in patch.items():
+            monkeypatch.setattr(W, k, v)
+        w = W.make_weather(64, 10.0, 500000.0, 5400000.0, 9, 2000, 2019, [], regimes=True)
+        wet = (w.p_mean > 0.5).astype(float)
+        share = np.convolve(wet, np.ones(30) / 30, "valid")[::30]
+        anom = w.t_mean - W._t_clim(W._doy(w.days))
+        month = anom[: anom.size // 30 * 30].reshape(-1, 30).mean(axis=1)
+        return share.std(), np.corrcoef(month[:-1], month[1:])[0, 1]
+
+    sd, r = series()
+    sd0, r0 = series(REGIME_WET=0.0, REGIME_T_SD=0.0)
+    assert sd > 1.2 * sd0, (sd, sd0)
+    assert r > r0 + 0.07, (r, r0)  # lag-one-month correlation of monthly mean temperature anomalies
+
+
 # ------------------------------------------------------------------------------------ API behaviour
 
 

@@ -20,6 +20,7 @@ STREAMS: dict[str, int] = {
     "noise": 51,
     "events": 61,
     "phenology": 71,
+    "rotation": 72,
 }
 
 

@@ -24,7 +24,7 @@ from .clouds import (
 )
 from .events import Event, plan_events
 from .fields import stream
-from .landscape import BANDS, CLASSES, make_landscape
+from .landscape import BANDS, CLASSES, crop_map, make_landscape
 from .phenology import make_phenology
 from .render import SurfaceRenderer
 from .weather import make_weather, plan_droughts
@@ -39,7 +39,7 @@ from .writer import (
 
 MIN_SIZE, MAX_SIZE = 64, 20000
 SCENE_PREFIX = "S2SYN_"
-VERSION = 1
+VERSION = 2  # 2: croptype.tif, options crop_rotation and weather_regimes (both off: version 1's pixels)
 
 
 def _parse_date(value: str, name: str) -> date:
@@ -77,7 +77,8 @@ def _day(d: date | datetime) -> int:
 
 
 def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", end: str = "2022-12-31",
-             seed: int = 0, progress: Callable[[int, int], None] | None = None) -> dict:
+             seed: int = 0, progress: Callable[[int, int], None] | None = None, crop_rotation: bool = False,
+             weather_regimes: bool = False) -> dict:
     """Generate a synthetic Sentinel-2-like region with weather drivers and ground-truth events.
 
     Writes, under ``out_dir``: ``scenes/S2SYN_<YYYYMMDD>T<HHMMSS>.tif`` (4-band uint16 COG,
@@ -91,6 +92,11 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
         start, end: first and last day of the record (ISO dates, end > start).
         seed: non-negative random seed; same arguments give byte-identical pixels.
         progress: optional ``progress(done, total)`` called after each acquisition is written.
+        crop_rotation: arable fields rotate winter and summer crops from year to year, as real cropland does
+            (:func:`geowm.synth.phenology.rotations`); ``croptype.tif`` then differs between years, and
+            ``landcover.tif`` is the last year's map. Off: every field grows the same crop every year.
+        weather_regimes: month-scale warm/cold and wet/dry regimes in the weather (AR(1), 40-day e-folding
+            time), which make the coming month partly predictable from the last one.
 
     Returns:
         summary dict: ``n_acquisitions``, ``n_fully_cloudy``, ``crs``, ``transform``, ``events``
@@ -109,9 +115,9 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     schedule = make_schedule(seed, datetime(d0.year, d0.month, d0.day), datetime(d1.year, d1.month, d1.day))
     acq_days = np.array([_day(w) for w in schedule], np.int64)
     droughts = plan_droughts(seed, np.datetime64(d0), np.datetime64(d1), force)
-    weather = make_weather(size, grid.res, grid.x0, grid.y0, seed, d0.year, d1.year, droughts)
+    weather = make_weather(size, grid.res, grid.x0, grid.y0, seed, d0.year, d1.year, droughts, weather_regimes)
     events, forced_clear = plan_events(land, weather, acq_days, first, last, seed, force)
-    pheno = make_phenology(land, weather, seed)
+    pheno = make_phenology(land, weather, seed, crop_rotation)
     latent = weather.cloud_latent(seed)
     lat_acq = np.array([latent[weather.index(int(d))] for d in acq_days], np.float32)
     fractions = plan_cloud_fractions(lat_acq, forced_clear, seed)
@@ -148,9 +154,13 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
         if progress is not None:
             progress(i + 1, len(schedule))
 
-    write_landcover(out / "landcover.tif", land.landcover, grid)
+    # The land-cover map is the record's last year (crops rotate); croptype.tif has one band per year.
+    write_landcover(out / "landcover.tif", crop_map(land, pheno.class_at(last)), grid)
+    year_days = [(y, max(first, _day(date(y, 1, 1)))) for y in range(d0.year, d1.year + 1)]
+    write_landcover(out / "croptype.tif", np.stack([crop_map(land, pheno.class_at(d)) for _, d in year_days]),
+                    grid, names=tuple(str(y) for y, _ in year_days))
     write_weather(out / "weather.zarr", weather, np.datetime64(d0), np.datetime64(d1), grid.crs)
-    normal = [Event(0, kind, d, d, parcel=p, land_cover=CLASSES[int(land.parcel_class[p])])
+    normal = [Event(0, kind, d, d, parcel=p, land_cover=CLASSES[int(pheno.class_at(d)[p])])
               for kind, p, d in pheno.normal_change(first, last)]
     normal.sort(key=lambda e: (e.start, e.parcel))
     for k, e in enumerate(normal, start=len(events) + 1):
@@ -160,7 +170,8 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     write_stac(out / "stac", scenes, grid)
 
     paths = {"scenes": str(scenes_dir), "stac": str(out / "stac" / "catalog.json"),
-             "landcover": str(out / "landcover.tif"), "weather": str(out / "weather.zarr"),
+             "landcover": str(out / "landcover.tif"), "croptype": str(out / "croptype.tif"),
+             "weather": str(out / "weather.zarr"),
              "events": str(out / "events.geojson"), "synth": str(out / "synth.json")}
     summary: dict[str, Any] = {
         "n_acquisitions": len(scenes), "n_fully_cloudy": int(n_full), "crs": grid.crs,
@@ -169,7 +180,8 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     }
     meta = {
         "generator": "geowm.synth", "version": VERSION,
-        "parameters": {"size": size, "start": d0.isoformat(), "end": d1.isoformat(), "seed": seed},
+        "parameters": {"size": size, "start": d0.isoformat(), "end": d1.isoformat(), "seed": seed,
+                       "crop_rotation": bool(crop_rotation), "weather_regimes": bool(weather_regimes)},
         "crs": grid.crs, "transform": list(grid.transform)[:6], "bounds": list(grid.bounds),
         "bands": list(BANDS), "scale": 0.0001, "nodata": 0,
         "classes": {str(k): v for k, v in CLASSES.items()},

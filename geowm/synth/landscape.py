@@ -69,9 +69,10 @@ class Landscape:
 
     Attributes:
         grid: the pixel grid.
-        landcover: uint8 ``(H, W)`` class codes (see :data:`CLASSES`).
+        landcover: uint8 ``(H, W)`` class codes (see :data:`CLASSES`), crops as in the record's first year.
         parcel: int32 ``(H, W)`` agricultural parcel index, -1 outside crop/grassland.
-        parcel_class: uint8 ``(n_parcels,)`` land-cover code of each parcel.
+        parcel_class: uint8 ``(n_parcels,)`` land-cover code of each parcel in the record's first year (crops
+            rotate: :attr:`geowm.synth.phenology.Phenology.klass` has every year's).
         parcel_size: int64 ``(n_parcels,)`` pixel count of each parcel.
         decid: float32 ``(H, W)`` deciduous share of forest pixels (0 evergreen .. 1 deciduous).
         cover: float32 ``(H, W)`` static vegetation cover of urban/bare/water pixels (0..1).
@@ -227,3 +228,12 @@ def make_landscape(size: int, seed: int) -> Landscape:
     dry_soil = smooth_field(rng, shape, max(size / 5.0, 20.0))
     return Landscape(grid, lc, parcel, parcel_class, parcel_size, decid, cover, fc_scale, soil, veg,
                      dist_water, dry_soil)
+
+
+def crop_map(land: Landscape, parcel_class: np.ndarray) -> np.ndarray:
+    """The land-cover map with every agricultural parcel set to ``parcel_class`` (its crop in some year):
+    uint8 ``(H, W)``."""
+    lc = land.landcover.copy()
+    ag = land.parcel >= 0
+    lc[ag] = parcel_class[land.parcel[ag]]
+    return lc

@@ -135,13 +135,32 @@ def plan_droughts(seed: int, start: np.datetime64, end: np.datetime64, force: bo
     return out
 
 
+REGIME_DAYS = 40.0  # e-folding time of the warm/cold and wet/dry regimes, days
+REGIME_T_SD = 1.0  # degC: a warm regime's temperature anomaly (one standard deviation)
+REGIME_WET = 0.12  # change of the daily wet-day probability per standard deviation of the wet regime
+
+
+def _regimes(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two independent standard-normal AR(1) series ``(n,)`` with an e-folding time of REGIME_DAYS."""
+    rng = stream(seed, "weather", 3)
+    phi = math.exp(-1.0 / REGIME_DAYS)
+    eps = rng.standard_normal((2, n))
+    out = np.zeros((2, n))
+    out[:, 0] = eps[:, 0]
+    for i in range(1, n):
+        out[:, i] = phi * out[:, i - 1] + math.sqrt(1.0 - phi * phi) * eps[:, i]
+    return out[0], out[1]
+
+
 def make_weather(size: int, res: float, x0: float, y0: float, seed: int, first_year: int, last_year: int,
-                 droughts: list[tuple[int, int]]) -> Weather:
+                 droughts: list[tuple[int, int]], regimes: bool = False) -> Weather:
     """Generate daily weather for whole years ``first_year .. last_year`` on >= 4 x 4 cells of <= 1 km.
 
     Temperature = seasonal cycle + year offset + AR(1) synoptic anomaly + static smooth cell offset;
     precipitation = Markov wet/dry occurrence x gamma amounts x smooth spatial factor. Dry spells
-    (``droughts``, absolute day numbers) force zero rain and +4 degC, preceded by a drier month.
+    (``droughts``, absolute day numbers) force zero rain and +4 degC, preceded by a drier month. With
+    ``regimes``, a month-scale warm/cold regime adds to the temperature and a wet/dry one shifts the wet-day
+    probability (:func:`_regimes`); without, the weather forgets in about five days.
     """
     rng = stream(seed, "weather")
     days = np.arange(np.datetime64(f"{first_year}-01-01"), np.datetime64(f"{last_year + 1}-01-01"))
@@ -164,12 +183,16 @@ def make_weather(size: int, res: float, x0: float, y0: float, seed: int, first_y
     for first, last in droughts:
         ramp = np.clip((ddays - first + 5) / 10.0, 0, 1) * np.clip((last + 10 - ddays) / 10.0, 0, 1)
         block = np.maximum(block, ramp)
-    t_dom = _t_clim(doy) + yoff + anom * sd * (1.0 - 0.7 * block) + 4.0 * block
+    # Month-scale regimes (persistent circulation, soil-moisture feedback): a warm/cold and a wet/dry index,
+    # each AR(1) with a REGIME_DAYS e-folding time, standard normal.
+    warm, moist = _regimes(seed, n) if regimes else (np.zeros(n), np.zeros(n))
+    t_dom = (_t_clim(doy) + yoff + anom * sd * (1.0 - 0.7 * block) + 4.0 * block
+             + REGIME_T_SD * warm * (1.0 - block))
 
     wet = np.zeros(n, bool)
     u = rng.random(n)
     for i in range(1, n):
-        wet[i] = u[i] < (0.65 if wet[i - 1] else 0.30)
+        wet[i] = u[i] < (0.65 if wet[i - 1] else 0.30) + REGIME_WET * moist[i]
     amount = rng.gamma(0.8, 5.0, n) * wet
     t_dom = t_dom - 1.2 * wet * (doy > 120) * (doy < 270)
 

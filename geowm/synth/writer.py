@@ -79,10 +79,12 @@ def datetime_tags(when: datetime) -> dict[str, str]:
             "ACQUISITION_DATETIME": when.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def write_landcover(path: Path, landcover: np.ndarray, grid: Grid) -> None:
-    """uint8 land-cover COG with the class table as JSON in the ``CLASSES`` tag."""
-    write_cog(path, landcover[None], grid, ("landcover",),
-              {"CLASSES": json.dumps({str(k): v for k, v in CLASSES.items()})}, resampling="nearest")
+def write_landcover(path: Path, landcover: np.ndarray, grid: Grid, names: tuple[str, ...] = ("landcover",)) -> None:
+    """uint8 land-cover COG, ``(H, W)`` or one band per name ``(len(names), H, W)``, with the class table as
+    JSON in the ``CLASSES`` tag."""
+    data = landcover[None] if landcover.ndim == 2 else landcover
+    write_cog(path, data, grid, names, {"CLASSES": json.dumps({str(k): v for k, v in CLASSES.items()})},
+              resampling="nearest")
 
 
 def _to_wgs84(grid: Grid) -> Transformer:
@@ -128,7 +130,7 @@ def write_events(path: Path, events: list[Event], grid: Grid, parcel: np.ndarray
     for e in events:
         if e.parcel >= 0:
             geom, area = polys.get(e.parcel), float(parcel_size[e.parcel]) * px_ha
-            cover = parcel_names[e.parcel]
+            cover = e.land_cover or parcel_names[e.parcel]
         else:
             m = np.zeros(size * size, bool)
             m[e.idx] = True
