@@ -87,13 +87,14 @@ class Phenology:
         # After this year's harvest: stubble, then bare soil, or next year's winter crop sown at a.
         stubble = 0.03 + 0.08 * (1.0 - np.exp(-np.maximum(t - h, 0) / 25.0)) * (t < h + 35)
         emerg = self.winter_base * np.clip(1.0 - np.exp(-np.maximum(t - a - 10.0, 0) / 18.0), 0, 1)
-        after = np.where((a >= 0) & (t >= a), np.maximum(np.float32(0.03), emerg), stubble)
+        sown = (a >= 0) & (t >= a)  # next year's winter crop is in the ground
+        after = np.where(sown, np.maximum(np.float32(0.03), emerg), stubble)
         # Winter crop: emerged in autumn (base), green-up, senescence, harvest.
         season = b + (pk - b) * logistic((t - g) / 7.0) - (pk - fl) * logistic((t - s) / 8.0)
         winter = np.where(t < h, season, after)
         # Summer crop: bare until sowing (w), green-up, senescence, harvest.
         grow = 0.03 + (pk - 0.03) * logistic((t - g) / 8.0) - (pk - fl) * logistic((t - s) / 9.0)
-        summer = np.where(t < w, 0.03, np.where(t < h, grow, np.where((a >= 0) & (t >= a), after, np.float32(0.04))))
+        summer = np.where(t < w, 0.03, np.where(t < h, grow, np.where(sown, after, np.float32(0.04))))
         # Grassland: seasonal curve, mown on the mow dates with regrowth over a few weeks.
         curve = b + (pk - b) * (logistic((t - g) / 10.0) - logistic((t - s) / 15.0))
         cuts = self.mow[y]
