@@ -157,13 +157,6 @@ def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, t
     return data, valid, has_data
 
 
-def read_to_grid(path: str, grid: CubeGrid, band: int = 1) -> tuple[np.ndarray, dict[int, str]]:
-    """A categorical raster (e.g. land cover) on the cube grid (nearest neighbour), with its class names
-    from the GeoTIFF tag ``CLASSES`` (JSON ``{code: name}``) when present. Raises ``ReadError``."""
-    labels = read_labels(path, grid, bands=[band])
-    return labels.maps[0], labels.classes
-
-
 @dataclass(frozen=True)
 class Labels:
     """A categorical raster on the cube grid: one map for every date, or one map per year.
@@ -196,7 +189,7 @@ def _year_of(description: str | None) -> int | None:
     return int(d) if d.isdigit() and len(d) == 4 else None
 
 
-def read_labels(path: str, grid: CubeGrid, bands: Sequence[int] | None = None) -> Labels:
+def read_labels(path: str, grid: CubeGrid) -> Labels:
     """A categorical raster read onto the cube grid (nearest neighbour): :class:`Labels`.
 
     One band: one map for every date. Several bands: one map per year, the band descriptions naming the years
@@ -207,7 +200,7 @@ def read_labels(path: str, grid: CubeGrid, bands: Sequence[int] | None = None) -
 
     try:
         with rasterio.open(path) as src:
-            use = list(bands) if bands is not None else list(range(1, src.count + 1))
+            use = list(range(1, src.count + 1))
             years = None
             if len(use) > 1:
                 named = [_year_of(src.descriptions[b - 1]) for b in use]
