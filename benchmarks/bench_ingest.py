@@ -50,10 +50,11 @@ def source_region(workdir: Path, size: int, start: str, end: str, seed: int) -> 
 
     out = workdir / "source" / f"s{size}_{start}_{end}_seed{seed}"
     meta = out / "synth.json"
-    want = {"size": size, "start": start, "end": end, "seed": seed}
+    off = {"crop_rotation": False, "weather_regimes": False}  # the generator's options; older regions lack them
+    want = {"size": size, "start": start, "end": end, "seed": seed, **off}
     if meta.exists() and (out / "stac" / "catalog.json").exists():
         try:
-            if json.loads(meta.read_text()).get("parameters") == want:
+            if {**off, **json.loads(meta.read_text()).get("parameters", {})} == want:
                 return out, None
         except ValueError:
             pass

@@ -44,24 +44,28 @@ class ArchiveScene:
 
 
 def make_archive(archive: str | Path, size: int = 256, start: str = "2021-01-01", end: str = "2021-12-31",
-                 seed: int = 0) -> Path:
-    """Generate the synthetic record into ``archive`` once (deterministic in size/start/end/seed).
+                 seed: int = 0, crop_rotation: bool = False, weather_regimes: bool = False) -> Path:
+    """Generate the synthetic record into ``archive`` once (deterministic in its parameters; see
+    :func:`geowm.synth.generate`).
 
-    An existing archive made with other parameters is refused (it would replay another region).
+    An existing archive made with other parameters is refused (it would replay another region). An archive
+    from before the generator's options were recorded was made with them off.
     """
     archive = Path(archive)
     meta = archive / "synth.json"
+    options = {"crop_rotation": bool(crop_rotation), "weather_regimes": bool(weather_regimes)}
     if meta.exists():
-        have = json.loads(meta.read_text()).get("parameters", {})
+        have = {"crop_rotation": False, "weather_regimes": False,
+                **json.loads(meta.read_text()).get("parameters", {})}
         want = {"size": size, "start": str(date.fromisoformat(start)), "end": str(date.fromisoformat(end)),
-                "seed": seed}
+                "seed": seed, **options}
         if have != want:
             raise SimulatorError(f"{archive}: archive was generated with {have}, not {want}; "
                                  "use another archive folder")
         return archive
     from geowm.synth import generate
 
-    generate(archive, size=size, start=start, end=end, seed=seed)
+    generate(archive, size=size, start=start, end=end, seed=seed, **options)
     return archive
 
 

@@ -152,3 +152,18 @@ def test_skill_and_efficiency_files(smoke_results: Path) -> None:
         assert doc["figures"] == [png]
         _png_ok(smoke_results / png)
         assert f"]({png})" in readme
+
+
+def test_benchmark_regions_are_reused(tmp_path):
+    """A synthetic source region a benchmark already generated is reused, not generated again (the generator
+    records its options in synth.json; the benchmarks' regions have them off), and one generated with other
+    parameters is replaced."""
+    from benchmarks.bench_ingest import source_region
+
+    out, gen_s = source_region(tmp_path, 64, "2021-01-01", "2021-02-28", 5)
+    assert gen_s is not None and (out / "synth.json").exists()
+    assert source_region(tmp_path, 64, "2021-01-01", "2021-02-28", 5) == (out, None)
+    meta = json.loads((out / "synth.json").read_text())
+    meta["parameters"]["crop_rotation"] = True
+    (out / "synth.json").write_text(json.dumps(meta))
+    assert source_region(tmp_path, 64, "2021-01-01", "2021-02-28", 5)[1] is not None

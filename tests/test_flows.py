@@ -58,6 +58,24 @@ def test_release_is_dated_atomic_and_idempotent(synth_region, tmp_path):
         advance(synth_region, watched, days=5, until="2021-04-01")
 
 
+def test_archive_parameters_include_the_generator_options(tmp_path):
+    """An archive records the generator's options: one from before they existed was made with them off and is
+    replayed; one made with crop rotation is refused for a request without it (it is another region)."""
+    from flows.simulator import SimulatorError, make_archive
+
+    params = {"size": 64, "start": "2021-01-01", "end": "2021-03-31", "seed": 1}
+    old, rotated = tmp_path / "old", tmp_path / "rotated"
+    for folder, extra in ((old, {}), (rotated, {"crop_rotation": True, "weather_regimes": False})):
+        folder.mkdir()
+        (folder / "synth.json").write_text(json.dumps({"parameters": {**params, **extra}}))
+    assert make_archive(old, **params) == old
+    with pytest.raises(SimulatorError, match="crop_rotation"):
+        make_archive(rotated, **params)
+    assert make_archive(rotated, **params, crop_rotation=True) == rotated
+    with pytest.raises(SimulatorError, match="archive was generated with"):
+        make_archive(old, **params, weather_regimes=True)
+
+
 def test_simulate_command(synth_region, tmp_path):
     from typer.testing import CliRunner
 
