@@ -61,9 +61,8 @@ def similar_landcover_share(ds, wm: WorldModel, classes: Labels | np.ndarray, st
     ``classes`` is the land cover on ``ds``'s pixel grid: :class:`~geowm.cube.reader.Labels` (a patch on a date
     takes the class of the map of that date's year; dates no map covers are not picked) or one map (y, x).
     Patches count when at least ``purity`` of their pixels share one class and the encoder marks them clear.
-    Returns ``share`` (mean over
-    ``n_queries`` queries of the same-class share among their ``k`` neighbours), ``chance`` (probability that
-    two random counted patches share a class), ``n_queries``, ``k``, ``dates``.
+    Returns ``share`` (mean over ``n_queries`` queries of the same-class share among their ``k`` neighbours),
+    ``chance`` (probability that two random counted patches share a class), ``n_queries``, ``k``, ``dates``.
     """
     p, size, tf = wm.cfg.patch, wm.window.size, wm.cfg.t_frames
     H, W = ds.sizes["y"] // size * size, ds.sizes["x"] // size * size

@@ -333,7 +333,7 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
             _fit_season(trc, tec, key, w, b, scores, tensors)
         scores["change_gap_days_median"] = float(np.median(tec["gap_days"]))
     if landcover is not None and "landcover" in tr:  # tokens at dates no land-cover map covers are left out
-        tr, te = _labelled(tr), _labelled(te)
+        tr, te = _labelled(tr), _labelled(te)  # (the probes above are fitted; only land cover follows)
     if landcover is not None and "landcover" in tr and len(tr["landcover"]) and len(te["landcover"]):
         n_classes = int(max(tr["landcover"].max(), te["landcover"].max())) + 1
         for name, key in (("latent", "latent"), ("raw_pixels", "pixels")):
