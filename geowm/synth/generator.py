@@ -83,8 +83,8 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
 
     Writes, under ``out_dir``: ``scenes/S2SYN_<YYYYMMDD>T<HHMMSS>.tif`` (4-band uint16 COG,
     reflectance x 10000, nodata 0) and ``..._SCL.tif`` (uint8 scene classification),
-    ``stac/catalog.json``, ``landcover.tif``, ``weather.zarr``, ``events.geojson`` and
-    ``synth.json``. One acquisition is held in memory at a time.
+    ``stac/catalog.json``, ``landcover.tif``, ``croptype.tif`` (one band per calendar year, named by year),
+    ``weather.zarr``, ``events.geojson`` and ``synth.json``. One acquisition is held in memory at a time.
 
     Args:
         out_dir: output directory; must not exist or be empty.
