@@ -46,15 +46,15 @@ def source_region(workdir: Path, size: int, start: str, end: str, seed: int) -> 
 
     Returns (folder, generation seconds or None when reused).
     """
-    from geowm.synth import generate
+    from geowm.synth import generate, recorded_parameters
+    from geowm.synth.generator import OPTIONS
 
     out = workdir / "source" / f"s{size}_{start}_{end}_seed{seed}"
     meta = out / "synth.json"
-    off = {"crop_rotation": False, "weather_regimes": False}  # the generator's options; older regions lack them
-    want = {"size": size, "start": start, "end": end, "seed": seed, **off}
+    want = {"size": size, "start": start, "end": end, "seed": seed, **OPTIONS}  # the options at their defaults
     if meta.exists() and (out / "stac" / "catalog.json").exists():
         try:
-            if {**off, **json.loads(meta.read_text()).get("parameters", {})} == want:
+            if recorded_parameters(json.loads(meta.read_text())) == want:
                 return out, None
         except ValueError:
             pass

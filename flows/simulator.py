@@ -51,20 +51,19 @@ def make_archive(archive: str | Path, size: int = 256, start: str = "2021-01-01"
     An existing archive made with other parameters is refused (it would replay another region). An archive
     from before the generator's options were recorded was made with them off.
     """
+    from geowm.synth import generate, recorded_parameters
+
     archive = Path(archive)
     meta = archive / "synth.json"
     options = {"crop_rotation": bool(crop_rotation), "weather_regimes": bool(weather_regimes)}
     if meta.exists():
-        have = {"crop_rotation": False, "weather_regimes": False,
-                **json.loads(meta.read_text()).get("parameters", {})}
+        have = recorded_parameters(json.loads(meta.read_text()))
         want = {"size": size, "start": str(date.fromisoformat(start)), "end": str(date.fromisoformat(end)),
                 "seed": seed, **options}
         if have != want:
             raise SimulatorError(f"{archive}: archive was generated with {have}, not {want}; "
                                  "use another archive folder")
         return archive
-    from geowm.synth import generate
-
     generate(archive, size=size, start=start, end=end, seed=seed, **options)
     return archive
 

@@ -4,7 +4,7 @@
 >>> summary = generate("region", size=256, start="2021-01-01", end="2021-12-31", seed=3)  # doctest: +SKIP
 """
 
-from .generator import generate
+from .generator import generate, recorded_parameters
 from .landscape import BANDS, CLASSES
 
-__all__ = ["generate", "BANDS", "CLASSES"]
+__all__ = ["generate", "recorded_parameters", "BANDS", "CLASSES"]

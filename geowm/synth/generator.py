@@ -42,6 +42,15 @@ SCENE_PREFIX = "S2SYN_"
 VERSION = 2  # 2: croptype.tif, options crop_rotation and weather_regimes (both off: version 1's pixels)
 
 
+OPTIONS = {"crop_rotation": False, "weather_regimes": False}  # generate()'s options, with their defaults
+
+
+def recorded_parameters(meta: dict) -> dict:
+    """The generation parameters a ``synth.json`` (loaded: ``meta``) records. An option the record predates
+    was off: those regions were made without it."""
+    return {**OPTIONS, **meta.get("parameters", {})}
+
+
 def _parse_date(value: str, name: str) -> date:
     if isinstance(value, datetime):
         return value.date()

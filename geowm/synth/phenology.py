@@ -5,8 +5,8 @@ spring advances green-up and harvest; amplitude is reduced by water stress. Crop
 sowing and harvest dates (bare soil after harvest), grassland is mown 2-3 times a year, deciduous
 forest follows a leaf-out / leaf-fall cycle. Days are integers: days since 1970-01-01.
 
-With ``rotation``, cropland rotates, as it does in real farming: most arable parcels alternate winter and summer crops
-(a two-year rotation, or winter-winter-summer), a few keep one crop every year (:func:`rotations`).
+With ``rotation``, cropland rotates, as it does in real farming: most arable parcels alternate winter and
+summer crops (a two-year rotation, or winter-winter-summer), a few keep one crop every year (:func:`rotations`).
 A winter crop is sown in the autumn before its year, after the previous summer crop's harvest, so a
 field's key dates and its green curve depend on this year's crop and the next one's; grassland is
 permanent.
