@@ -53,13 +53,13 @@ def _patch_mean(a: np.ndarray, p: int) -> np.ndarray:
         return np.nanmean(a[:, : H // p * p, : W // p * p].reshape(T, H // p, p, W // p, p), axis=(2, 4))
 
 
-def similar_landcover_share(ds, wm: WorldModel, classes: Labels | np.ndarray, start, n_dates: int = 4,
+def similar_landcover_share(ds, wm: WorldModel, classes: Labels, start, n_dates: int = 4,
                             n_queries: int = 300, k: int = 5, purity: float = 0.9, seed: int = 0) -> dict:
     """Share of nearest latent neighbours (cosine, other places, any of ``n_dates`` clear dates from ``start``)
     with the query patch's land-cover class.
 
-    ``classes`` is the land cover on ``ds``'s pixel grid: :class:`~geowm.cube.reader.Labels` (a patch on a date
-    takes the class of the map of that date's year; dates no map covers are not picked) or one map (y, x).
+    ``classes`` is the land cover on ``ds``'s pixel grid (:class:`~geowm.cube.reader.Labels`): a patch on a date
+    takes the class of the map that holds at that date; dates no map covers are not picked.
     Patches count when at least ``purity`` of their pixels share one class and the encoder marks them clear.
     Returns ``share`` (mean over ``n_queries`` queries of the same-class share among their ``k`` neighbours),
     ``chance`` (probability that two random counted patches share a class), ``n_queries``, ``k``, ``dates``.
@@ -70,8 +70,6 @@ def similar_landcover_share(ds, wm: WorldModel, classes: Labels | np.ndarray, st
         return {"share": None, "chance": None, "n_queries": 0, "k": k, "dates": []}
     times = ds["time"].values.astype("datetime64[s]")
     clear = ds["valid"].isel(y=slice(0, H), x=slice(0, W)).mean(("y", "x")).values
-    if not isinstance(classes, Labels):
-        classes = Labels(np.asarray(classes)[None], None, {})
     band = classes.band_of(times)
     cand = [i for i in np.flatnonzero(times >= np.datetime64(start, "s")) if i >= tf - 1 and band[i] >= 0]
     picks: list[int] = []
