@@ -17,11 +17,13 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
    observed latents a year before (``t - 365 days``, +-30 days): slow change that builds up inside the
    forecast's context (drought) is no surprise at any lead, but it is far from what the patch was a year
    ago. Its **score** (:func:`departure_score`) is a robust z against the other clear patches of the same
-   date, kept only where the patch's NDVI fell below last year's, then the median over the 9 x 9 patches
+   date, kept only where the patch's NDVI fell below last year's on the same day (interpolated between the
+   clear references on each side of it; patches without one on each side are not scored: in spring, a
+   reference only after the day is greener for the season alone), then the median over the 9 x 9 patches
    around it (a drought browns a landscape; a field harvested earlier than last year browns alone). The
-   surprise score, too, counts vegetation loss only: it is at most 0 where the patch is greener than a year
-   before (:func:`vegetation_loss_only`). The anomaly **score** is the larger of the surprise and departure
-   scores;
+   surprise score, too, counts vegetation loss only: it is at most 0 where the patch is greener than its
+   mean over the references (:func:`vegetation_loss_only`). The anomaly **score** is the larger of the
+   surprise and departure scores;
 4. **alerts** (:mod:`geowm.alerts`): a score above the threshold starts a candidate, further clear
    observations above the confirm threshold confirm it (as forest-alert systems confirm), with its
    connected neighbours one observation short, and confirmed patches are merged into polygons.
@@ -129,7 +131,9 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     distance 0..2 from the nearest observed latent of the patch within ``departure_window_days`` of
     ``t - departure_lag_days``, NaN where none is clear or the patch is not clear at ``t``; omitted when
     ``departure_lag_days`` is None), ``ndvi_change`` (time, py, px; the patch's mean NDVI minus its mean
-    over those reference dates; with ``departure`` where the cube has red and near-infrared bands) and
+    over those reference dates; with ``departure`` where the cube has red and near-infrared bands),
+    ``ndvi_change_at_day`` (the patch's NDVI minus last year's on the day, linear between the nearest clear
+    references on each side of it, NaN without one on each side; with ``ndvi_change``) and
     ``clear_fraction`` (time, py, px; share of valid pixels), with the cube's ``spatial_ref``.
     ``departure_from`` (default ``start``): the departure is computed for the dates from it on (NaN before);
     the acquisitions a year before those are encoded too.
@@ -161,6 +165,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     out = np.full((len(at), Hp, Wp), np.nan, np.float32)
     dep = np.full((len(at), Hp, Wp), np.nan, np.float32)
     dgreen = np.full((len(at), Hp, Wp), np.nan, np.float32)
+    dday = np.full((len(at), Hp, Wp), np.nan, np.float32)
     signed = True
     clear = np.zeros((len(at), Hp, Wp), np.float32)
     n_tiles = -(-H // TILE) * -(-W // TILE)
@@ -169,11 +174,13 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         win = (slice(None), slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
         out[win], clear[win] = s[at], c[at]
         if departure_lag_days is not None:
-            d, change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days, departure_window_days, green)
+            d, change, day_change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days,
+                                              departure_window_days, green)
             dep[dep_rows, win[1], win[2]] = d
             signed = signed and change is not None
             if change is not None:
                 dgreen[dep_rows, win[1], win[2]] = change
+                dday[dep_rows, win[1], win[2]] = day_change
         if progress:
             progress(n + 1, n_tiles)
     y, x = ds["y"].values, ds["x"].values
@@ -187,6 +194,10 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
             data["ndvi_change"] = (dims, dgreen, {
                 "long_name": f"patch NDVI minus its mean over the clear acquisitions {departure_lag_days:g} "
                              f"+- {departure_window_days:g} days before", "units": "1"})
+            data["ndvi_change_at_day"] = (dims, dday, {
+                "long_name": f"patch NDVI minus its NDVI {departure_lag_days:g} days before, linear between the "
+                             f"nearest clear acquisitions on each side of that day within {departure_window_days:g} "
+                             "days", "units": "1"})
     res = xr.Dataset(
         data, coords={"time": times[scored].astype("datetime64[ns]"), "py": y.reshape(-1, p).mean(1),
                       "px": x.reshape(-1, p).mean(1)},
@@ -199,14 +210,24 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
 
 
 def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray, lag_days: float,
-              window_days: float, green: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+              window_days: float, green: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Seasonal departure (len(at), hp, wp): cosine distance of the unit latents ``lat[at]`` (T, hp, wp, D)
     from the nearest clear (``ok``, (T, hp, wp)) latent of the same patch at dates within ``window_days`` of
-    ``t - lag_days``; NaN where ``ok`` is False at ``t`` or no such date is clear. With ``green`` (T, hp, wp)
-    patch NDVI, also its change: ``green[t]`` minus its mean over those clear reference dates (else None)."""
+    ``t - lag_days``; NaN where ``ok`` is False at ``t`` or no such date is clear.
+
+    With ``green`` (T, hp, wp) patch NDVI, also two NDVI changes (else None):
+
+    * ``change``: ``green[t]`` minus its mean over those clear reference dates;
+    * ``day_change``: ``green[t]`` minus last year's NDVI on the day itself (``t - lag_days``), linear between
+      the nearest clear reference before it and the nearest after it; NaN unless there is one on each side.
+      A mean over the references that all lie on one side of the day is biased by the season's own change
+      (only references after it, in spring: greener than last year on that day).
+    """
     day = times.astype("datetime64[s]").astype(np.int64) / 86400.0
     out = np.full((len(at), *lat.shape[1:3]), np.nan, np.float32)
     change = None if green is None else np.full_like(out, np.nan)
+    day_change = None if green is None else np.full_like(out, np.nan)
     for j, k in enumerate(at):
         ref = np.flatnonzero(np.abs(day - (day[k] - lag_days)) <= window_days)
         if len(ref) == 0:
@@ -214,12 +235,22 @@ def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray
         dist = 1 - np.einsum("rhwd,hwd->rhw", lat[ref], lat[k])
         dist = np.where(ok[ref], dist, np.inf).min(axis=0)
         out[j] = np.where(ok[k] & np.isfinite(dist), dist, np.nan)
-        if change is not None:
-            g = np.where(ok[ref], green[ref], np.nan)
-            n = np.isfinite(g).sum(axis=0)
-            mean = np.where(n > 0, np.nansum(g, axis=0) / np.maximum(n, 1), np.nan)
-            change[j] = np.where(np.isfinite(out[j]), green[k] - mean, np.nan)
-    return out, change
+        if green is None:
+            continue
+        g = np.where(ok[ref], green[ref], np.nan)
+        n = np.isfinite(g).sum(axis=0)
+        mean = np.where(n > 0, np.nansum(g, axis=0) / np.maximum(n, 1), np.nan)
+        change[j] = np.where(np.isfinite(out[j]), green[k] - mean, np.nan)
+        off = np.broadcast_to((day[ref] - (day[k] - lag_days))[:, None, None], g.shape)  # days from the day
+        seen = np.isfinite(g)
+        before = np.where(seen & (off <= 0), off, -np.inf).argmax(axis=0)[None]  # the nearest on each side
+        after = np.where(seen & (off >= 0), off, np.inf).argmin(axis=0)[None]
+        both = (seen & (off <= 0)).any(axis=0) & (seen & (off >= 0)).any(axis=0)
+        gb, ga = np.take_along_axis(g, before, 0)[0], np.take_along_axis(g, after, 0)[0]
+        db, da = -np.take_along_axis(off, before, 0)[0], np.take_along_axis(off, after, 0)[0]
+        at_day = np.where(db + da > 0, (gb * da + ga * db) / np.maximum(db + da, 1e-9), gb)
+        day_change[j] = np.where(np.isfinite(out[j]) & both, green[k] - at_day, np.nan)
+    return out, change, day_change
 
 
 def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int,
@@ -377,14 +408,18 @@ def departure_score(dep: xr.DataArray, ndvi_change: xr.DataArray | None = None,
        the same date: weather moves the whole region's phenology away from last year's, an event moves its
        patches further. The MAD is floored by half the median over dates of the dates' MADs; dates with fewer
        than ``min_patches`` values get NaN;
-    2. with ``ndvi_change``, a patch whose NDVI did not fall below last year's scores at most 0: the events
-       geowm reports all lose vegetation, and a patch greener than a year before is most often last year's
-       own anomaly (a drought the year before) or normal land use a few weeks off last year's dates;
+    2. with ``ndvi_change`` (:func:`surprise`'s ``ndvi_change_at_day``), a patch whose NDVI did not fall below
+       last year's scores at most 0: the events geowm reports all lose vegetation, and a patch greener than a
+       year before is most often last year's own anomaly (a drought the year before) or normal land use a few
+       weeks off last year's dates. A patch without a change (no clear reference on each side of last year's
+       day) is not scored, and does not count in step 1;
     3. the median of those scores over the clear patches of the ``neighbourhood`` x ``neighbourhood`` window
        around each clear patch: a drought moves a landscape, a field harvested earlier than last year moves
        alone (abrupt events are what the surprise score is for).
     """
     v = dep.values.astype(np.float64)
+    if ndvi_change is not None:
+        v = np.where(np.isfinite(ndvi_change.values), v, np.nan)
     flat = v.reshape(v.shape[0], -1)
     n = np.isfinite(flat).sum(axis=1)
     z = np.full_like(v, np.nan)
@@ -466,7 +501,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     parts = {"surprise_score": z.rename("surprise_score")}
     score = z
     if seasonal:
-        parts["departure_score"] = departure_score(sur["departure"], sur.get("ndvi_change"))
+        parts["departure_score"] = departure_score(sur["departure"], sur.get("ndvi_change_at_day"))
         score = np.fmax(z, parts["departure_score"]).rename("score")
         score.attrs.update(long_name="anomaly score: the larger of the surprise and seasonal departure scores",
                            units="1")

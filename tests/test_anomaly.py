@@ -58,7 +58,9 @@ def test_departure_is_the_distance_to_the_nearest_clear_latent_a_year_before():
     ok[1, 0, 0] = False  # a cloudy reference is not a reference
     ok[5, 1, 2] = False  # a cloudy date has no departure
     at = np.array([4, 5, 6, 7])
-    got, change = departure(lat, ok, times, at, 365.0, 15.0, green)
+    ok[2, 1, 1] = False  # ... so for day 400 this patch has a reference after the day (40) but none before
+    got, change, day_change = departure(lat, ok, times, at, 365.0, 15.0, green)
+    n_interp = 0
     for j, k in enumerate(at):
         day = (times - times[k]).astype(int) + 365  # the reference dates: within 15 days of t - 365
         for i in range(2):
@@ -68,9 +70,24 @@ def test_departure_is_the_distance_to_the_nearest_clear_latent_a_year_before():
                 np.testing.assert_allclose(got[j, i, m], want, rtol=1e-6, atol=1e-6)
                 want = green[k, i, m] - np.mean([green[r, i, m] for r in ref]) if ref and ok[k, i, m] else np.nan
                 np.testing.assert_allclose(change[j, i, m], want, rtol=1e-6, atol=1e-6)
+                # last year's NDVI on the day itself: linear between the nearest clear reference on each side
+                before = [r for r in ref if day[r] <= 0]
+                after = [r for r in ref if day[r] >= 0]
+                want = np.nan
+                if before and after and ok[k, i, m]:
+                    b, a = max(before, key=lambda r: day[r]), min(after, key=lambda r: day[r])
+                    if a == b:
+                        then = green[b, i, m]
+                    else:
+                        then = green[b, i, m] + (green[a, i, m] - green[b, i, m]) * (0 - day[b]) / (day[a] - day[b])
+                        n_interp += 1
+                    want = green[k, i, m] - then
+                np.testing.assert_allclose(day_change[j, i, m], want, rtol=1e-6, atol=1e-6)
+    assert n_interp >= 6  # day 400 (references on days 20 and 40) and the cloudy reference of day 375
     assert np.isnan(got[3]).all()  # day 460: nothing within 15 days of day 95
     assert np.isfinite(got[0]).all() and np.isnan(got[1, 1, 2])
-    assert departure(lat, ok, times, at, 365.0, 15.0)[1] is None  # no NDVI: no change
+    assert np.isfinite(got[2, 1, 1]) and np.isnan(day_change[2, 1, 1])  # a reference on one side only
+    assert departure(lat, ok, times, at, 365.0, 15.0)[1:] == (None, None)  # no NDVI: no change
 
 
 def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region():
@@ -93,6 +110,11 @@ def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region
     assert raw[1, 16, 16] > 8 and (raw[1, 12:18, :6] > 8).all()
     assert np.isnan(z[2, :, 2:]).all() and np.isfinite(z[2, :, :2]).all()
     assert np.isnan(departure_score(da, min_patches=49).values[2]).all()  # too few clear patches: no score
+    # no NDVI a year before on each side of the day: that patch is not scored and does not count as clear
+    ch.values[2, :, 1] = np.nan
+    z2 = departure_score(da, ch).values
+    assert np.isnan(z2[2, :, 1]).all() and np.isfinite(z2[2, :, 0]).all()
+    assert np.isnan(departure_score(da, ch, min_patches=25).values[2]).all()  # 24 patches left
 
 
 def test_surprise_score_counts_vegetation_loss_only(synth_cube, tiny_run, monkeypatch):
