@@ -56,9 +56,9 @@ def test_departure_is_the_distance_to_the_nearest_clear_latent_a_year_before():
     green = rng.uniform(0.2, 0.8, (len(times), 2, 3))
     ok = np.ones(lat.shape[:3], bool)
     ok[1, 0, 0] = False  # a cloudy reference is not a reference
+    ok[2, 1, 1] = False  # ... so for day 400 this patch has a reference after the day (40) but none before
     ok[5, 1, 2] = False  # a cloudy date has no departure
     at = np.array([4, 5, 6, 7])
-    ok[2, 1, 1] = False  # ... so for day 400 this patch has a reference after the day (40) but none before
     got, change, day_change = departure(lat, ok, times, at, 365.0, 15.0, green)
     n_interp = 0
     for j, k in enumerate(at):
