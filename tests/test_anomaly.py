@@ -117,19 +117,34 @@ def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region
     assert np.isnan(departure_score(da, ch, min_patches=25).values[2]).all()  # 24 patches left
 
 
+def test_vegetation_loss_only_scales_a_positive_score_by_the_ndvi_lost():
+    score = np.array([6.0, 6.0, 6.0, 6.0, 6.0, -2.0, -2.0, 6.0])
+    change = np.array([0.02, 0.0, -0.025, -0.05, -0.3, 0.1, -0.05, np.nan])
+    np.testing.assert_allclose(anomaly.vegetation_loss_only(score, change, full=0.1),
+                               [0.0, 0.0, 1.5, 3.0, 6.0, -2.0, -2.0, 6.0])
+    np.testing.assert_allclose(anomaly.vegetation_loss_only(score, change),  # full 0: the sign alone
+                               [0.0, 0.0, 6.0, 6.0, 6.0, -2.0, -2.0, 6.0])
+
+
 def test_surprise_score_counts_vegetation_loss_only(synth_cube, tiny_run, monkeypatch):
-    """With the seasonal terms, a patch greener than its reference scores at most 0 from its surprise too;
-    the other patches keep the surprise score they have without them."""
+    """With the seasonal terms, a patch's positive surprise score is scaled by its NDVI loss against a year
+    before (0 where it is greener, in full from a loss of VEGETATION_LOSS_FULL); the other patches keep the
+    surprise score they have without them."""
     monkeypatch.setattr(anomaly, "DEPARTURE_LAG_DAYS", 60.0)  # the test cube has one year: a reference 60 d back
     kw = dict(history_days=150, lead_days=20)
     signed, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", **kw)
     plain, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", seasonal=False, **kw)
     z, raw, change = signed["surprise_score"].values, plain["surprise_score"].values, signed["ndvi_change"].values
+    full = anomaly.VEGETATION_LOSS_FULL
     greener = change >= 0
     bites = greener & (raw > 0)
-    assert bites.sum() >= 10 and (~greener & np.isfinite(raw)).sum() >= 10
+    scaled = (change < 0) & (change > -full) & (raw > 0)  # lost less than in full: a part of the score
+    assert bites.sum() >= 10 and scaled.sum() >= 10 and (~greener & np.isfinite(raw)).sum() >= 10
     np.testing.assert_array_equal(z[bites], 0.0)
-    np.testing.assert_array_equal(z[~bites], raw[~bites])
+    np.testing.assert_allclose(z[scaled], raw[scaled] * -change[scaled] / full, rtol=1e-5)
+    assert (z[scaled] < raw[scaled]).all()
+    kept = ~bites & ~scaled
+    np.testing.assert_array_equal(z[kept], raw[kept])
     assert (signed["score"].values[greener] <= np.fmax(0, signed["departure_score"].values[greener])).all()
 
 
