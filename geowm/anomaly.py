@@ -459,10 +459,8 @@ def vegetation_loss_only(score: np.ndarray, ndvi_change: np.ndarray, full: float
     score is scaled by ``clip(-ndvi_change / full, 0, 1)``: it counts in proportion to the vegetation lost, in
     full from a loss of ``full`` (:data:`VEGETATION_LOSS_FULL` for the surprise score); ``full`` = 0: the sign
     alone. NaN change (no clear reference a year before, no red / near-infrared band): the score is kept."""
-    if full <= 0:
-        return np.where(ndvi_change >= 0, np.minimum(score, 0.0), score)
     with np.errstate(invalid="ignore"):
-        weight = np.clip(-ndvi_change / full, 0.0, 1.0)
+        weight = (ndvi_change < 0) if full <= 0 else np.clip(-ndvi_change / full, 0.0, 1.0)
         return np.where(np.isfinite(ndvi_change) & (score > 0), score * weight, score)
 
 
