@@ -28,7 +28,7 @@ demo: $(STAMP)
 	  --init 2022-07-01 --leads 5,10,20,30 --members 4
 	$(VENV)/bin/geowm anomalies --cube $(DEMO)/cube --forecasts $(DEMO)/forecasts --out $(DEMO)/alerts --history-days 365
 	@echo "demo outputs in $(DEMO)/: synthetic scenes (synth/, ground truth synth/events.geojson), cube (cube/),"
-	@echo "STAC catalog (catalog/catalog.json), trained tiny model with probes and held-out scores (runs/tiny/eval.json),"
+	@echo "STAC catalog of scenes, cube, forecasts and alerts (catalog/catalog.json), trained tiny model with probes and held-out scores (runs/tiny/eval.json),"
 	@echo "forecast store (forecasts/), alerts (alerts/alerts.geojson, alerts.parquet) and score raster (alerts/scores.zarr)."
 	@echo "Python: import geowm; geowm.open_forecasts('$(DEMO)/forecasts'); geowm.open_alerts('$(DEMO)/alerts')"
 	@echo "Dashboard: $(VENV)/bin/geowm dashboard --workdir $(DEMO)   (then open http://127.0.0.1:8501)"

@@ -3,7 +3,8 @@
 ``pipeline_flow`` is one tick of the living system::
 
     discover new scenes -> ingest -> forecast (init = the cube's last date, one task per tile on Dask)
-    -> anomaly scores of the new acquisitions -> alerts of the whole record -> STAC catalog
+    -> anomaly scores of the new acquisitions -> alerts of the whole record
+    -> STAC catalog (the new scenes, the cube, the forecast store's inits, the alerts and score raster)
 
 Nothing is processed twice: the ledger (:mod:`flows.ledger`) records the scenes a run finished,
 ingest skips scenes already in the cube, the forecast store replaces an init that is written again,
@@ -104,8 +105,9 @@ def _forecast_tiles(cube: str, snapshot: str, model: str, init: str, leads: list
 @flow(name=FORECAST_FLOW, task_runner=DaskTaskRunner(**dask_runner_options()))
 def forecast_flow(cube: str, model: str, store: str, init: str | None = None, leads: list[float] | None = None,
                   members: int = 4, tile_px: int | None = None, state_dir: str | None = None,
-                  device: str = "cpu") -> dict:
-    """Forecast one init (default: the cube's last date) tile by tile and write it to the forecast store.
+                  device: str = "cpu", catalog: str | None = None) -> dict:
+    """Forecast one init (default: the cube's last date) tile by tile, write it to the forecast store and
+    add the store's inits to the STAC catalog (default: ``catalog`` beside a local cube).
 
     Tiles are ``tile_px`` squares (default: the cube's tile size); a tile's forecast is cached on
     (cube snapshot, model fingerprint, init, leads, members), so a re-run only recomputes missing tiles.
@@ -118,7 +120,12 @@ def forecast_flow(cube: str, model: str, store: str, init: str | None = None, le
     fc, n_tiles, cached = _forecast_tiles(cube, state["snapshot"], model, init, list(leads or DEFAULT_LEADS),
                                           members, tile_px, device, results)
     commit = t.write_forecast(fc, store)
-    return {"init": init, "tiles": n_tiles, "tiles_cached": cached, "commit": commit, "store": store}
+    from catalog.stac import default_catalog_dir
+
+    cat_dir = catalog or default_catalog_dir(cube)  # none beside a cube on object storage unless given
+    cat = t.update_stac(str(cat_dir), store=store) if cat_dir else None
+    return {"init": init, "tiles": n_tiles, "tiles_cached": cached, "commit": commit, "store": store,
+            "catalog": cat}
 
 
 @flow(name=PIPELINE_FLOW, task_runner=DaskTaskRunner(**dask_runner_options()))
@@ -179,7 +186,7 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         scores = score_task(cube, state["snapshot"], str(model), t.model_key(model), start, history_days, device)
         published = t.publish_alerts(scores, alerts, cube, state["snapshot"], threshold, confirm_threshold,
                                      confirmations, min_area_ha)
-        cat = t.update_stac(str(catalog or default_catalog(cube)), cube, source)
+        cat = t.update_stac(str(catalog or default_catalog(cube)), cube, source, store, alerts)
         record.update(scenes=[s["id"] for s in todo], dates=[s["datetime"] for s in todo], init=init,
                       snapshot=state["snapshot"], forecast_commit=commit, tiles=n_tiles, tiles_cached=cached,
                       scored_from=start, n_alerts=published["n_alerts"], new_alert_ids=published["new_ids"],

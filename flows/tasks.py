@@ -148,11 +148,22 @@ def ingest_scenes(source: str, cube: str, scheduler: str = "local", tile_size: i
 
 
 @task(name="update-catalog", **IO)
-def update_stac(catalog: str, cube: str, source: str) -> str:
-    """Add the cube's new scenes and its current state to the STAC catalog; returns catalog.json."""
-    from catalog.stac import update_catalog
+def update_stac(catalog: str, cube: str | None = None, source: str | None = None, store: str | None = None,
+                alerts: str | None = None) -> str:
+    """Keep the STAC catalog current: the cube's new scenes and its state (``cube``), the inits of a forecast
+    store (``store``), the alerts and score raster of an alerts folder (``alerts``); returns catalog.json."""
+    from catalog.stac import add_alerts, add_forecasts, update_catalog
 
-    return str(update_catalog(catalog, cube, source))
+    root = None
+    if cube is not None:
+        root = update_catalog(catalog, cube, source)
+    if store is not None:
+        root = add_forecasts(catalog, store)
+    if alerts is not None:
+        root = add_alerts(catalog, alerts)
+    if root is None:
+        raise ValueError("update_stac: nothing to catalogue (give a cube, a forecast store or an alerts folder)")
+    return str(root)
 
 
 # ------------------------------------------------------------------------------------------ forecasts

@@ -46,6 +46,27 @@ def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
     return vals
 
 
+def _catalog(catalog: Path | None, no_catalog: bool, cube: str, add) -> None:
+    """Keep the STAC catalog current (``--catalog``, default ``catalog`` beside a local cube) with ``add(dir)``."""
+    if no_catalog:
+        return
+    from catalog.stac import default_catalog_dir
+
+    cat_dir = catalog or default_catalog_dir(cube)
+    if cat_dir is None:
+        err.print(f"STAC catalog not updated: {cube} is on object storage; give --catalog DIR")
+        return
+    try:
+        add(cat_dir)
+    except (OSError, ValueError) as exc:
+        _fail(ValueError(f"{cat_dir}: the STAC catalog could not be updated ({exc}); the outputs above are "
+                         "written"))
+    err.print(f"STAC catalog: {cat_dir / 'catalog.json'}")
+
+
+CATALOG_HELP = "STAC catalog folder to keep current (default: a folder named 'catalog' beside the cube)."
+
+
 def _lead_days(leads: str) -> list[float]:
     """``--leads`` as days (comma-separated numbers); a clear error and exit 2 otherwise."""
     try:
@@ -95,8 +116,7 @@ def ingest(
     resampling: str = typer.Option("bilinear", help="Resampling for sources not on the cube grid (masks: nearest)."),
     scheduler: str = typer.Option("local", help="local (dask LocalCluster), threads, synchronous, or a dask "
                                                 "scheduler address (tcp://host:8786)."),
-    catalog: Path | None = typer.Option(None, help="STAC catalog folder to keep current (default: a folder "
-                                                   "named 'catalog' beside the cube)."),
+    catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not update the STAC catalog."),
     replace: bool = typer.Option(False, "--replace", help="Overwrite dates already in the cube with the scenes "
                                                           "given (default: refuse a date or scene that differs)."),
@@ -131,12 +151,9 @@ def ingest(
             err.print(f"replaced {len(report.replaced_times)} date(s): {', '.join(report.replaced_times)}")
     else:
         err.print(f"nothing new: {len(report.skipped_scenes)} scene(s) already in {cube}")
-    if not no_catalog:
-        from catalog.stac import update_catalog
+    from catalog.stac import update_catalog
 
-        cat_dir = catalog or Path(cube).parent / "catalog"
-        update_catalog(cat_dir, cube, source)
-        err.print(f"STAC catalog: {cat_dir / 'catalog.json'}")
+    _catalog(catalog, no_catalog, cube, lambda d: update_catalog(d, cube, source))
 
 
 @app.command()
@@ -276,6 +293,8 @@ def forecast(
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     climatology: bool = typer.Option(True, help="Blend the decoded forecast with each pixel's climatology by "
                                                 "the run's lead-dependent weight (its calibration.json)."),
+    catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
+    no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not add the forecast to the STAC catalog."),
 ) -> None:
     """Forecast latents at each lead, decode them to bands/NDVI with p10/p50/p90, write the forecast store."""
     from geowm.cube.store import CubeError
@@ -308,6 +327,9 @@ def forecast(
     init_t = str(fc["init_time"].values[0])[:19]
     err.print(f"forecast init {init_t}, leads {[round(d, 2) for d in lead_days] if vts is None else 'valid times'}"
               f", {fc.sizes['y']} x {fc.sizes['x']} px, {members} members -> {out_store} (commit {commit})")
+    from catalog.stac import add_forecasts
+
+    _catalog(catalog, no_catalog, cube, lambda d: add_forecasts(d, out_store))
 
 
 @app.command()
@@ -337,6 +359,8 @@ def anomalies(
                                        "widespread vegetation loss such as drought), and count only vegetation "
                                        "loss against a year before; needs a year of cube."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
+    no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not add the alerts to the STAC catalog."),
 ) -> None:
     """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
     from geowm.alerts import AlertRules, write_alerts
@@ -375,6 +399,9 @@ def anomalies(
     paths = write_alerts(alerts, out_dir)
     err.print(f"{len(alerts)} alert(s) from {scores.sizes['time']} acquisition(s) since {first}: "
               f"{paths['geojson']}, {paths['parquet']}, {out_dir / 'scores.zarr'}")
+    from catalog.stac import add_alerts
+
+    _catalog(catalog, no_catalog, cube, lambda d: add_alerts(d, out_dir))
 
 
 @app.command()

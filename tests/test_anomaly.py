@@ -300,7 +300,7 @@ def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10, 20), members=1), store)
     out = tmp_path / "alerts"
     res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out),
-                              "--history-days", "60"])
+                              "--history-days", "60", "--catalog", str(tmp_path / "cat")])
     assert res.exit_code == 0, res.output
     alerts = gpd.read_parquet(out / "alerts.parquet")
     assert alerts.crs.to_epsg() == 4326
@@ -308,6 +308,11 @@ def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     gpd.read_file(out / "alerts.geojson")
     scores = xr.open_zarr(out / "scores.zarr")
     assert scores.score.dims == ("time", "y", "x") and scores.time.values[0] >= np.datetime64("2021-08-01")
+    import pystac  # the CLI keeps the catalog current: an item per alert and one for the score raster
+
+    cat = pystac.Catalog.from_file(str(tmp_path / "cat" / "catalog.json"))
+    assert {it.properties["geowm:alert_id"] for it in cat.get_child("alerts").get_items()} == set(alerts["id"])
+    assert len(list(cat.get_child("anomaly-scores").get_items())) == 1
 
 
 def test_cli_anomalies_bad_input(synth_cube, tiny_run, tmp_path):
@@ -319,8 +324,10 @@ def test_cli_anomalies_bad_input(synth_cube, tiny_run, tmp_path):
     other = other.assign_coords(x=other.x + 5.0)  # as if made on another cube's grid
     write_forecasts(other, store)
     out = tmp_path / "alerts"
-    res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out)])
+    res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out),
+                              "--catalog", str(tmp_path / "cat")])
     assert res.exit_code == 2 and "another cube grid" in res.output.replace("\n", " ") and not out.exists()
+    assert not (tmp_path / "cat").exists()
     res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(tmp_path / "nope"),
                               "--out", str(out)])
     assert res.exit_code == 2 and "no forecast store" in res.output and not out.exists()

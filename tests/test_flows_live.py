@@ -193,6 +193,14 @@ def test_scheduled_pipeline_on_a_real_prefect_server(small_archive, tiny_run, tm
         doc = json.loads((p["pipeline"] / "ledger.json").read_text())
         assert sorted(doc["processed"]) == sorted(batch1 + batch2)
         assert [len(r["scenes"]) for r in doc["runs"]] == [len(batch1), len(batch2)]
+        import pystac  # the runs kept the STAC catalog current: every scene, both inits, the alerts
+
+        cat = pystac.Catalog.from_file(str(p["catalog"] / "catalog.json"))
+        assert len(list(cat.get_child("sources").get_items())) == len(times)
+        assert sorted(it.properties["forecast:reference_datetime"] for it in cat.get_child("forecasts").get_items()) \
+            == [str(t) + "Z" for t in inits]
+        assert {it.properties["geowm:alert_id"] for it in cat.get_child("alerts").get_items()} == \
+            set(open_alerts(p["alerts"])["id"])
         with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name("geowm-pipeline/pipeline")
             assert dep.schedules and dep.schedules[0].schedule.interval.total_seconds() == 10

@@ -114,18 +114,22 @@ def test_bad_input_leaves_the_store_alone(fc, synth_cube, tiny_run, tmp_path):
     assert tree_digest(store) == before
     fresh = tmp_path / "never"
     res = runner.invoke(app, ["forecast", "--cube", str(synth_cube), "--model", str(tiny_run), "--out", str(fresh),
-                              "--init", "2019-01-01"])
-    assert res.exit_code == 2 and not fresh.exists()
+                              "--init", "2019-01-01", "--catalog", str(tmp_path / "cat")])
+    assert res.exit_code == 2 and not fresh.exists() and not (tmp_path / "cat").exists()
 
 
 def test_cli_forecast_writes_the_store(synth_cube, tiny_run, tmp_path):
     store = tmp_path / "fc"
     res = runner.invoke(app, ["forecast", "--cube", str(synth_cube), "--model", str(tiny_run), "--out", str(store),
-                              "--init", INIT, "--leads", "10,20", "--members", "2"])
+                              "--init", INIT, "--leads", "10,20", "--members", "2", "--catalog", str(tmp_path / "cat")])
     assert res.exit_code == 0, res.output
     ds = open_forecasts(store)
     assert ds.sizes["init_time"] == 1 and ds.sizes["lead_time"] == 2
     assert str(ds.init_time.values[0])[:10] == INIT
+    import pystac
+
+    (item,) = pystac.Catalog.from_file(str(tmp_path / "cat" / "catalog.json")).get_child("forecasts").get_items()
+    assert item.properties["forecast:reference_datetime"].startswith(INIT)  # the CLI keeps the catalog current
 
 
 def test_change_decoder_adds_its_change_to_the_last_clear_observation(synth_cube, tiny_run):
