@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from geowm.data import CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader
+from geowm.data import WINDOW_CACHE_MB, CubeReader, CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader
 from geowm.model import JEPA, ModelConfig, build_model
 
 
@@ -219,8 +219,6 @@ def prepare(cube: str, run: Path, cfg: TrainConfig, resume: bool) -> dict:
         raise RunError(f"{cube}: {len(train_idx)} dates up to {str(until)[:10]}, fewer than one window of "
                        f"{cfg.window.frames} frames")
     model_cfg = ModelConfig.preset(cfg.preset, in_chans=len(state.bands), **cfg.model)
-    from geowm.data import CubeReader
-
     stats = band_stats(CubeReader(cube), train_idx, seed=cfg.seed)
     g = state.grid
     import geowm
@@ -407,11 +405,11 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
     model.eval()
     data, window = conf["data"], WindowConfig(**conf["train"]["window"])
     until = np.datetime64(data["train_until"])
-    train_ds = CubeWindows(data["cube"], window, data["stats"], (None, until), snapshot=data["snapshot"],
-                           seasonal=model.cfg.seasonal)
+    reader = CubeReader(data["cube"], data["snapshot"], WINDOW_CACHE_MB)  # one copy in memory for both sets
+    train_ds = CubeWindows(reader, window, data["stats"], (None, until), seasonal=model.cfg.seasonal)
     try:
-        test_ds = CubeWindows(data["cube"], window, data["stats"], (until + np.timedelta64(1, "s"), None),
-                              snapshot=data["snapshot"], seasonal=model.cfg.seasonal)
+        test_ds = CubeWindows(reader, window, data["stats"], (until + np.timedelta64(1, "s"), None),
+                              seasonal=model.cfg.seasonal)
     except ValueError:
         test_ds = train_ds
     lc, classes = None, None

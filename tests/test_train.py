@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from geowm import data
 from geowm.cli import app
 from geowm.cube import IngestOptions, ingest
 from geowm.cube.store import tree_digest
@@ -41,6 +42,30 @@ def test_windows_have_real_dates_and_enough_clear_sky(synth_cube):
         assert torch.all(it["pixels"][~it["valid"][:, None].expand_as(it["pixels"])] == 0)
     gaps = np.concatenate([np.diff(ds[i]["days"].numpy()) for i in range(0, len(ds), 7)])
     assert gaps.max() > 5.5  # irregular series reach the model as irregular gaps
+
+
+def test_windows_from_memory_equal_the_zarr_reads(synth_cube):
+    """A cube that fits in the reader's memory limit is read once and windows are cut from memory, with the same
+    values; one that does not fit is read block by block; a loader worker gets the limit with the reader."""
+    import pickle
+
+    stats = band_stats(CubeReader(str(synth_cube)), range(10))
+    cfg = WindowConfig(frames=4, size=32, seasonal_frames=2)
+    on_disk = CubeWindows(CubeReader(str(synth_cube)), cfg, stats)
+    reader = CubeReader(str(synth_cube), memory_mb=1024)
+    in_memory = CubeWindows(reader, cfg, stats)
+    assert on_disk.windows[5][2].tolist() == in_memory.windows[5][2].tolist() and len(on_disk) > 50
+    for i in range(0, len(on_disk), max(1, len(on_disk) // 25)):
+        a, b = on_disk[i], in_memory[i]
+        assert all(torch.equal(a[k], b[k]) for k in a), i
+    assert isinstance(reader._memory[0], np.ndarray) and reader._memory[0].shape == reader.shape
+    assert on_disk.reader._memory is None  # no limit: never loaded whole
+    too_small = CubeReader(str(synth_cube), memory_mb=(reader.refl.nbytes + reader.valid.nbytes) / 1e6 * 0.99)
+    too_small.read([0, 1], slice(0, 8), slice(0, 8))
+    assert too_small._memory is None
+    copy = pickle.loads(pickle.dumps(reader))  # as a spawned loader worker receives it: the limit, not the arrays
+    assert copy.memory_mb == 1024 and copy._memory is None and len(pickle.dumps(reader)) < 10_000
+    assert CubeWindows(str(synth_cube), cfg, stats).reader.memory_mb == data.WINDOW_CACHE_MB > 0
 
 
 def test_normalisation_and_time_range(synth_cube):
