@@ -64,10 +64,23 @@ def seasonal_index(series: np.ndarray, day: np.ndarray, first_day: float, last_d
 
 
 GAP_READ = 16  # dates: CubeReader.read reads separately across gaps wider than this
-# Training windows: a cube whose raw arrays take at most this much memory is read once and windows are cut
-# from memory (a window's dates lie in several time chunks, each decompressed whole for a 64 px corner; on the
-# demo cube, 285 MB + 36 MB, this takes the loader from about 0.2 s to a few ms per batch of 8).
-WINDOW_CACHE_MB = float(os.environ.get("GEOWM_WINDOW_CACHE_MB", "1024"))
+WINDOW_CACHE_MB = 1024.0  # default of $GEOWM_WINDOW_CACHE_MB (see window_cache_mb)
+
+
+def window_cache_mb() -> float:
+    """MB of memory a cube's raw arrays may take to be read once for training windows (``$GEOWM_WINDOW_CACHE_MB``,
+    default ``WINDOW_CACHE_MB``; 0 turns it off). A window's dates lie in several time chunks, each decompressed
+    whole for a 64 px corner: on the demo cube (285 MB + 36 MB) memory takes the loader from about 0.2 s to a few
+    ms per batch of 8. Raises ValueError naming the variable when it is not a number >= 0."""
+    raw = os.environ.get("GEOWM_WINDOW_CACHE_MB", str(WINDOW_CACHE_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not mb >= 0:
+        raise ValueError(f"GEOWM_WINDOW_CACHE_MB={raw!r}: give the memory for a cube's training windows in MB "
+                         "(a number >= 0; 0 turns the cache off)")
+    return mb
 
 
 class CubeReader:
@@ -183,13 +196,13 @@ class CubeWindows(torch.utils.data.Dataset):
 
     ``time_range`` = (first, last) datetime64 bounds (inclusive) that every date of a window must lie
     in (train on the past, evaluate on a held-out future). ``stats`` from :func:`band_stats`. A cube given
-    by path is read whole into memory when it fits in ``WINDOW_CACHE_MB`` (see :class:`CubeReader`).
+    by path is read whole into memory when it fits in :func:`window_cache_mb` (see :class:`CubeReader`).
     """
 
     def __init__(self, cube: str | CubeReader, cfg: WindowConfig, stats: dict[str, list[float]],
                  time_range: tuple[np.datetime64 | None, np.datetime64 | None] = (None, None),
                  snapshot: str | None = None, seasonal: tuple[float, float, int] = (365.0, 30.0, 1)):
-        self.reader = cube if isinstance(cube, CubeReader) else CubeReader(str(cube), snapshot, WINDOW_CACHE_MB)
+        self.reader = cube if isinstance(cube, CubeReader) else CubeReader(str(cube), snapshot, window_cache_mb())
         self.cfg = cfg
         self.seasonal = seasonal  # (lag days, tolerance days, frames per tubelet) of the seasonal memory
         self.mean = np.asarray(stats["mean"], np.float32)[:, None, None]

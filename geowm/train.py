@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from geowm.data import WINDOW_CACHE_MB, CubeReader, CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader
+from geowm.data import CubeReader, CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader, window_cache_mb
 from geowm.model import JEPA, ModelConfig, build_model
 
 
@@ -250,6 +250,7 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.steps is None and cfg.minutes is None:
         raise RunError("give --steps or --minutes")
+    window_cache_mb()  # a bad $GEOWM_WINDOW_CACHE_MB fails here, before the run directory is written
     conf = prepare(cube, run, cfg, resume)
     torch.manual_seed(cfg.seed)
     model = build_model(ModelConfig.from_dict(conf["model"])).to(device)  # the JEPA, or the pixel baseline
@@ -405,7 +406,7 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
     model.eval()
     data, window = conf["data"], WindowConfig(**conf["train"]["window"])
     until = np.datetime64(data["train_until"])
-    reader = CubeReader(data["cube"], data["snapshot"], WINDOW_CACHE_MB)  # one copy in memory for both sets
+    reader = CubeReader(data["cube"], data["snapshot"], window_cache_mb())  # one copy in memory for both sets
     train_ds = CubeWindows(reader, window, data["stats"], (None, until), seasonal=model.cfg.seasonal)
     try:
         test_ds = CubeWindows(reader, window, data["stats"], (until + np.timedelta64(1, "s"), None),

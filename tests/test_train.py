@@ -68,6 +68,17 @@ def test_windows_from_memory_equal_the_zarr_reads(synth_cube):
     assert CubeWindows(str(synth_cube), cfg, stats).reader.memory_mb == data.WINDOW_CACHE_MB > 0
 
 
+def test_bad_window_cache_setting_fails_before_the_run_exists(synth_cube, tmp_path, monkeypatch):
+    monkeypatch.setenv("GEOWM_WINDOW_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="GEOWM_WINDOW_CACHE_MB='lots'"):
+        train(str(synth_cube), tmp_path / "run", TrainConfig(steps=2, **FAST))
+    assert not (tmp_path / "run").exists()
+    res = runner.invoke(app, ["train", "--cube", str(synth_cube), "--out", str(tmp_path / "run"), "--steps", "2"])
+    assert res.exit_code == 2 and "GEOWM_WINDOW_CACHE_MB" in res.output and not (tmp_path / "run").exists()
+    monkeypatch.setenv("GEOWM_WINDOW_CACHE_MB", "0")
+    assert data.window_cache_mb() == 0.0
+
+
 def test_normalisation_and_time_range(synth_cube):
     reader = CubeReader(str(synth_cube))
     stats = band_stats(reader, range(len(reader.times)))
