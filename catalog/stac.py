@@ -45,7 +45,10 @@ EPOCH_EXTENT = pystac.Extent(pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]
 def _open_or_create(catalog_dir: Path) -> pystac.Catalog:
     root = catalog_dir / "catalog.json"
     if root.exists():
-        return pystac.Catalog.from_file(str(root))
+        try:
+            return pystac.Catalog.from_file(str(root))
+        except (pystac.STACError, pystac.STACTypeError, ValueError) as exc:  # ValueError: not JSON
+            raise ValueError(f"{root}: not a STAC catalog this can add to ({exc}); left as it is") from exc
     return pystac.Catalog(CATALOG_ID, "geowm: source scenes, data cubes, forecasts and alerts",
                           title="geowm catalog")
 

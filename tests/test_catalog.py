@@ -152,7 +152,7 @@ def test_alerts_are_catalogued_and_follow_the_alert_set(dashboard_workdir, tmp_p
     assert validate_catalog(root) == []
 
 
-def test_bad_products_leave_the_catalog_alone(synth_cube, tmp_path):
+def test_bad_products_leave_the_catalog_alone(synth_cube, dashboard_workdir, tmp_path):
     from geowm.forecast_store import ForecastStoreError
 
     cat_dir = tmp_path / "catalog"
@@ -168,3 +168,8 @@ def test_bad_products_leave_the_catalog_alone(synth_cube, tmp_path):
     with pytest.raises(Exception, match="alerts.geojson"):
         add_alerts(cat_dir, tmp_path / "broken")
     assert {p: p.read_bytes() for p in cat_dir.rglob("*.json")} == before
+    for text in ('{"type": "Feature"}', "not json"):  # a catalog.json that is not a catalog: named, left alone
+        (cat_dir / "catalog.json").write_text(text)
+        with pytest.raises(ValueError, match="catalog.json: not a STAC catalog"):
+            add_forecasts(cat_dir, dashboard_workdir / "forecasts")
+        assert (cat_dir / "catalog.json").read_text() == text
