@@ -114,10 +114,7 @@ def _cube_item(cube: str) -> pystac.Item:
     dc.dimensions = {
         "time": Dimension({"type": DimensionType.TEMPORAL, "extent": [first.isoformat(), last.isoformat()]}),
         "band": Dimension({"type": "bands", "values": s["bands"]}),
-        "y": Dimension({"type": DimensionType.SPATIAL, "axis": "y", "extent": [bottom, top], "step": -res,
-                        "reference_system": epsg or s["crs"]}),
-        "x": Dimension({"type": DimensionType.SPATIAL, "axis": "x", "extent": [left, right], "step": res,
-                        "reference_system": epsg or s["crs"]}),
+        **_spatial_dims([left, bottom, right, top], res, epsg, s["crs"]),
     }
     dc.variables = {
         "reflectance": Variable({"dimensions": ["time", "band", "y", "x"], "type": VariableType.DATA,

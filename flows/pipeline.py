@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect_dask import DaskTaskRunner
 
+from catalog.stac import default_catalog_dir
 from flows import ledger
 from flows import tasks as t
 from flows.settings import FORECAST_FLOW, INGEST_FLOW, PIPELINE_FLOW, SIMULATE_FLOW, TRAIN_FLOW, dask_runner_options
@@ -51,8 +52,11 @@ def default_state_dir(cube: str) -> Path:
 
 
 def default_catalog(cube: str) -> Path:
-    """The STAC catalog beside a local cube (as ``geowm ingest`` does)."""
-    return _local(cube, "catalog") / "catalog"
+    """The STAC catalog beside a local cube (``catalog.stac.default_catalog_dir``, as ``geowm ingest`` uses)."""
+    path = default_catalog_dir(cube)
+    if path is None:
+        raise ValueError(f"{cube}: give a local --catalog folder for cubes on object storage")
+    return path
 
 
 @flow(name=INGEST_FLOW)
@@ -120,8 +124,6 @@ def forecast_flow(cube: str, model: str, store: str, init: str | None = None, le
     fc, n_tiles, cached = _forecast_tiles(cube, state["snapshot"], model, init, list(leads or DEFAULT_LEADS),
                                           members, tile_px, device, results)
     commit = t.write_forecast(fc, store)
-    from catalog.stac import default_catalog_dir
-
     cat_dir = catalog or default_catalog_dir(cube)  # none beside a cube on object storage unless given
     cat = t.update_stac(str(cat_dir), store=store) if cat_dir else None
     return {"init": init, "tiles": n_tiles, "tiles_cached": cached, "commit": commit, "store": store,
