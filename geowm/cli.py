@@ -112,7 +112,9 @@ def ingest(
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL when present)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (SCL default: "
-                                                     "4,5,6,7; add 11 to keep snow)."),
+                                                     "4,5,6; add 7 to keep unclassified, 11 to keep snow)."),
+    mask_buffer: float = typer.Option(0.0, help="Metres around every flagged mask pixel (cloud, shadow, ...) that "
+                                                "are not clear either (cloud edges the mask missed)."),
     resampling: str = typer.Option("bilinear", help="Resampling for sources not on the cube grid (masks: nearest)."),
     scheduler: str = typer.Option("local", help="local (dask LocalCluster), threads, synchronous, or a dask "
                                                 "scheduler address (tcp://host:8786)."),
@@ -132,7 +134,8 @@ def ingest(
     opts = IngestOptions(
         crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
         time_chunk=time_chunk, bands=bands.split(",") if bands else None, mask_band=mask_band,
-        mask_clear=[int(v) for v in mask_clear.split(",")] if mask_clear else None, resampling=resampling,
+        mask_clear=[int(v) for v in mask_clear.split(",")] if mask_clear else None, mask_buffer=mask_buffer,
+        resampling=resampling,
         scheduler=scheduler, replace=replace, max_pixels=max_pixels,
     )
     with _progress() as bar:

@@ -58,14 +58,56 @@ def raw(cube: Path) -> xr.Dataset:
     return xr.open_zarr(store, consolidated=False, mask_and_scale=False).load()
 
 
-def test_snow_is_masked_by_default_and_kept_with_mask_clear(tmp_path):
+def test_snow_and_unclassified_are_masked_by_default_and_kept_with_mask_clear(tmp_path):
     src = tmp_path / "src"
-    written = make_scene(src, days(1)[0], 0)
-    snow = written["scl"] == 11
+    d = days(1)[0]
+    written = make_scene(src, d, 0)
+    scl = written["scl"]
+    scl[25:28, 40:50] = 7  # unclassified: Sen2Cor's cloud edges and thin cloud
+    write_tif(src / f"S2T_{d:%Y%m%d}T103021_SCL.tif", scl, nodata=0, descriptions=["SCL"],
+              tags={"ACQUISITION_DATETIME": f"{d:%Y-%m-%d}T10:30:21Z"})
     ingest(src, tmp_path / "default", IngestOptions(**OPTS))
     ingest(src, tmp_path / "keep", IngestOptions(**OPTS, mask_clear=[4, 5, 6, 7, 11]))
-    assert not raw(tmp_path / "default").valid.isel(time=0).values[snow].any()
-    assert raw(tmp_path / "keep").valid.isel(time=0).values[snow].all()
+    for value in (11, 7):
+        assert not raw(tmp_path / "default").valid.isel(time=0).values[scl == value].any()
+        assert raw(tmp_path / "keep").valid.isel(time=0).values[scl == value].all()
+
+
+def test_mask_buffer_grows_the_mask_across_tiles_and_a_bad_buffer_is_refused(tmp_path):
+    from scipy import ndimage
+
+    from geowm.cube import IngestError, cube_checksum
+    from geowm.cube.grid import CubeGrid
+    from geowm.cube.ingest import buffer_pixels
+
+    src = tmp_path / "src"
+    d = days(1)[0]
+    written = make_scene(src, d, 0)
+    scl = written["scl"].copy()
+    scl[2:6, 28:31] = 8  # a cloud 2 px short of the tile edge at column 32: its buffer lies in the next tile
+    scl[60, 33] = 7  # unclassified (cloud edges): masked by default, so grown too
+    write_tif(src / f"S2T_{d:%Y%m%d}T103021_SCL.tif", scl, nodata=0, descriptions=["SCL"],
+              tags={"ACQUISITION_DATETIME": f"{d:%Y-%m-%d}T10:30:21Z"})
+    ingest(src, tmp_path / "b0", IngestOptions(**OPTS))
+    ingest(src, tmp_path / "b20", IngestOptions(**OPTS, mask_buffer=20.0))  # 10 m pixels: 2 px
+    v0 = raw(tmp_path / "b0").valid.isel(time=0).values
+    v2 = raw(tmp_path / "b20").valid.isel(time=0).values
+    flagged = ~np.isin(scl, [4, 5, 6])  # cloud, shadow, snow, unclassified (0, no data, is not in the mask)
+    dist = ndimage.distance_transform_edt(~flagged)
+    np.testing.assert_array_equal(v0, np.isin(scl, [4, 5, 6]) & (written["data"] > 0).all(0))
+    np.testing.assert_array_equal(v2, v0 & (dist > 2))
+    assert v0[4, 32] and not v2[4, 32] and v2[4, 33]  # across the tile edge: 2 px from the cloud, then 3
+    assert not v0[60, 33] and v0[60, 31] and not v2[60, 31] and v2[60, 30]
+
+    before = cube_checksum(tmp_path / "b0")
+    for bad in (-10.0, float("nan"), 1e9):
+        with pytest.raises(IngestError, match="--mask-buffer"):
+            ingest(src, tmp_path / "b0", IngestOptions(**OPTS, mask_buffer=bad))
+    assert cube_checksum(tmp_path / "b0") == before
+    utm = CubeGrid("EPSG:32633", Affine(10, 0, 500000, 0, -10, 5400000), 64, 64)
+    geo = CubeGrid("EPSG:4326", Affine(0.0001, 0, 10, 0, -0.0001, 50), 64, 64)
+    assert [buffer_pixels(utm, m) for m in (0, 5, 20, 25)] == [0, 1, 2, 3]
+    assert buffer_pixels(geo, 20) == 2  # 0.0001 degree: 11.1 m at the equator
 
 
 def test_round_trip_exact_values_and_mask(tmp_path):
@@ -78,7 +120,7 @@ def test_round_trip_exact_values_and_mask(tmp_path):
     assert ds.sizes == {"time": 5, "band": 4, "y": SIZE, "x": SIZE}
     for i, d in enumerate(days(5)):
         np.testing.assert_array_equal(ds.reflectance.isel(time=i).values, written[d]["data"])
-        expected_valid = np.isin(written[d]["scl"], [4, 5, 6, 7]) & (written[d]["data"] > 0).all(0)
+        expected_valid = np.isin(written[d]["scl"], [4, 5, 6]) & (written[d]["data"] > 0).all(0)
         np.testing.assert_array_equal(ds.valid.isel(time=i).values, expected_valid)
     assert str(ds.time.values[0])[:19] == "2021-03-01T10:30:21"
     # decoded view: fill -> NaN, the CRS and transform readable by rioxarray

@@ -46,6 +46,8 @@ from geowm.cube.store import (
 from geowm.sources import Scene, discover, file_fingerprints, natural_key
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
+MAX_MASK_BUFFER_M = 5000.0  # a cloud-mask buffer wider than this would mask whole scenes around any cloud
+METRES_PER_DEGREE = 111_320.0  # at the equator: a geographic grid's pixel size in metres, for the mask buffer
 # what an Icechunk repository holds on local disk (a first ingest killed early leaves some of it, no cube yet)
 ICECHUNK_ENTRIES = {"snapshots", "refs", "manifests", "chunks", "transactions", "config.yaml", "repo", "overwritten"}
 
@@ -66,6 +68,7 @@ class IngestOptions:
     bands: Sequence[str] | None = None
     mask_band: str | None = None
     mask_clear: Sequence[int] | None = None
+    mask_buffer: float = 0.0  # metres: pixels this close to a flagged mask pixel (cloud, shadow, ...) are not clear
     resampling: str = "bilinear"
     scheduler: str = "local"  # "local" (LocalCluster of processes), "threads", "synchronous", or an address
     max_pixels: int = MAX_PIXELS_DEFAULT  # per source file and for a new cube's grid
@@ -251,8 +254,19 @@ def _encoding(infos: Sequence[FileInfo], state: CubeState | None) -> tuple[Encod
 # ------------------------------------------------------------------------------------------- workers
 
 
+def buffer_pixels(grid: CubeGrid, metres: float) -> int:
+    """The cloud-mask buffer of ``metres`` in whole pixels of ``grid`` (rounded up; a geographic grid's pixel
+    counted as its size at the equator, so the buffer is never narrower than asked)."""
+    if metres <= 0:
+        return 0
+    from rasterio.crs import CRS
+
+    size = abs(grid.resolution) * (METRES_PER_DEGREE if CRS.from_user_input(grid.crs).is_geographic else 1.0)
+    return max(1, math.ceil(metres / size - 1e-9))
+
+
 def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, bands: list[str], enc: Encoding,
-                 region: Tile, t0: int, entries: list[tuple[str, object]], resampling: str):
+                 region: Tile, t0: int, entries: list[tuple[str, object]], resampling: str, buffer_px: int = 0):
     """Build and write one block: time indexes ``t0 .. t0+len(entries)`` x ``region`` (whole tiles).
 
     ``entries`` holds ("old", index in the base snapshot) or ("new", scenes of that date). The block is
@@ -278,7 +292,8 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
     seen = set()
     for k, (kind, scenes) in enumerate(entries):
         if kind == "new":
-            data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling])
+            data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling],
+                                                             buffer_px)
             seen.update(s.id for s, yes in zip(scenes, has_data, strict=True) if yes)
     out = zarr.open_group(fork.store, mode="r+")
     out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
@@ -468,6 +483,8 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         raise IngestError(f"bad options: tile size {opts.tile_size} (>= 16) / time chunk {opts.time_chunk} (>= 1)")
     if opts.resampling not in Resampling.__members__:
         raise IngestError(f"--resampling {opts.resampling!r}: one of {', '.join(Resampling.__members__)}")
+    if not (math.isfinite(opts.mask_buffer) and 0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
+        raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
     scenes = discover(source, opts.mask_band, opts.mask_clear)
     report = IngestReport(cube=cube)
     local = "://" not in cube
@@ -619,7 +636,8 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
         row_bytes = ct * len(bands) * grid.width * np.dtype(enc.dtype).itemsize
         regions = _regions(grid, len(chunk_starts), row_bytes, executor.workers)
         calls = [(session.fork(), cube, state.snapshot if state else None, grid, bands, enc, region, t0,
-                  entries[t0: t0 + ct], opts.resampling) for t0 in chunk_starts for region in regions]
+                  entries[t0: t0 + ct], opts.resampling, buffer_pixels(grid, opts.mask_buffer))
+                 for t0 in chunk_starts for region in regions]
         window = 2 * executor.workers
         seen: set[str] = set()
         for done, (fork, has_data) in enumerate(executor.map_unordered(_build_block, calls, window), start=1):

@@ -93,11 +93,13 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
 
 
 def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
-               resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               resampling: Resampling = Resampling.bilinear,
+               buffer_px: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene in one tile: ``data`` (band, y, x) in ``enc.dtype``, ``valid`` and ``covered`` (y, x) bool.
 
     ``covered``: every band has a non-fill value; ``valid``: covered and, if the scene has a mask,
-    the mask value is one of ``scene.mask_clear``.
+    the mask value is one of ``scene.mask_clear`` and no flagged mask pixel (covered by the mask but not
+    clear: cloud, shadow, ...) lies within ``buffer_px`` pixels (read across the tile's edges).
     """
     h, w = tile.shape
     data = np.empty((len(bands), h, w), enc.dtype)
@@ -119,12 +121,28 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
             valid = covered.copy()
             if scene.mask is not None:
                 current = scene.mask.path
-                mask = np.zeros((h, w), np.int64)
-                _read_band(src_of(scene.mask), scene.mask, grid, tile, mask, 0, Resampling.nearest)
-                valid &= _clear_lookup(scene.mask_clear, mask)
+                valid &= _clear_with_buffer(src_of(scene.mask), scene, grid, tile, buffer_px)
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise ReadError(f"{current}: failed while reading pixels ({exc})") from None
     return data, valid, covered
+
+
+def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px: int) -> np.ndarray:
+    """Where the mask of ``scene`` says clear in ``tile`` and, with ``buffer_px`` > 0, no flagged pixel lies
+    within that many pixels (a disk; the mask is read ``buffer_px`` beyond the tile so tiles agree)."""
+    b = max(0, int(buffer_px))
+    big = Tile(tile.row, tile.col, slice(tile.y.start - b, tile.y.stop + b), slice(tile.x.start - b, tile.x.stop + b))
+    mask = np.zeros(big.shape, np.int64)
+    has_mask = _read_band(src, scene.mask, grid, big, mask, 0, Resampling.nearest)
+    clear = _clear_lookup(scene.mask_clear, mask)
+    if b:
+        from scipy import ndimage
+
+        r = np.arange(-b, b + 1)
+        disk = (r[:, None] ** 2 + r[None] ** 2) <= b * b
+        clear &= ~ndimage.binary_dilation(has_mask & ~clear, structure=disk)
+    h, w = tile.shape
+    return clear[b: b + h, b: b + w]
 
 
 def _clear_lookup(clear: frozenset[int], mask: np.ndarray) -> np.ndarray:
@@ -136,11 +154,13 @@ def _clear_lookup(clear: frozenset[int], mask: np.ndarray) -> np.ndarray:
 
 
 def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
-                resampling: Resampling = Resampling.bilinear) -> tuple[np.ndarray, np.ndarray, list[bool]]:
+                resampling: Resampling = Resampling.bilinear,
+                buffer_px: int = 0) -> tuple[np.ndarray, np.ndarray, list[bool]]:
     """Mosaic the scenes of one date (already in mosaic order) into ``data`` (band, y, x) and ``valid`` (y, x);
-    ``has_data`` tells, per scene, whether it covers any pixel of the tile (all its bands not fill/NaN)."""
+    ``has_data`` tells, per scene, whether it covers any pixel of the tile (all its bands not fill/NaN).
+    ``buffer_px``: the cloud-mask buffer of :func:`read_scene`."""
     if len(scenes) == 1:
-        data, valid, covered = read_scene(scenes[0], bands, grid, tile, enc, resampling)
+        data, valid, covered = read_scene(scenes[0], bands, grid, tile, enc, resampling, buffer_px)
         return data, valid, [bool(covered.any())]
     h, w = tile.shape
     data = np.full((len(bands), h, w), enc.fill, enc.dtype)
@@ -148,7 +168,7 @@ def mosaic_date(scenes: Sequence[Scene], bands: Sequence[str], grid: CubeGrid, t
     covered = np.zeros((h, w), bool)
     has_data = []
     for scene in scenes:
-        d, v, c = read_scene(scene, bands, grid, tile, enc, resampling)
+        d, v, c = read_scene(scene, bands, grid, tile, enc, resampling, buffer_px)
         take = (v & ~valid) | (c & ~covered)  # valid beats invalid; otherwise first come
         data[:, take] = d[:, take]
         valid |= v
