@@ -292,8 +292,8 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
     seen = set()
     for k, (kind, scenes) in enumerate(entries):
         if kind == "new":
-            data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling],
-                                                             buffer_px)
+            read = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling], buffer_px)
+            data[k], valid[k], has_data = read
             seen.update(s.id for s, yes in zip(scenes, has_data, strict=True) if yes)
     out = zarr.open_group(fork.store, mode="r+")
     out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
@@ -635,9 +635,9 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
         chunk_starts = list(range(start, len(merged), ct))
         row_bytes = ct * len(bands) * grid.width * np.dtype(enc.dtype).itemsize
         regions = _regions(grid, len(chunk_starts), row_bytes, executor.workers)
+        buffer_px = buffer_pixels(grid, opts.mask_buffer)
         calls = [(session.fork(), cube, state.snapshot if state else None, grid, bands, enc, region, t0,
-                  entries[t0: t0 + ct], opts.resampling, buffer_pixels(grid, opts.mask_buffer))
-                 for t0 in chunk_starts for region in regions]
+                  entries[t0: t0 + ct], opts.resampling, buffer_px) for t0 in chunk_starts for region in regions]
         window = 2 * executor.workers
         seen: set[str] = set()
         for done, (fork, has_data) in enumerate(executor.map_unordered(_build_block, calls, window), start=1):
