@@ -112,7 +112,7 @@ def ingest(
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL when present)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (SCL default: "
-                                                     "4,5,6; add 7 to keep unclassified, 11 to keep snow)."),
+                                                     "4,5,6,7; 4,5,6 also masks unclassified, add 11 to keep snow)."),
     mask_buffer: float = typer.Option(0.0, help="Metres around every flagged mask pixel (cloud, shadow, ...) that "
                                                 "are not clear either (cloud edges the mask missed)."),
     resampling: str = typer.Option("bilinear", help="Resampling for sources not on the cube grid (masks: nearest)."),

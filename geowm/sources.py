@@ -36,12 +36,12 @@ _DT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
 
 # mask bands recognised without --mask-band, and which of their values mean "clear observation"
 KNOWN_MASKS: dict[str, frozenset[int]] = {
-    # Sentinel-2 L2A: vegetation, not vegetated, water. Unclassified (7) is masked: Sen2Cor leaves cloud edges and
-    # thin cloud there, and one such pixel taken as clear is a false forecast error and a false surprise (pass
-    # --mask-clear 4,5,6,7 to keep it). Snow (11) is masked like cloud, as vegetation and disturbance products do
-    # (a snow cover says nothing about the land cover under it and is weather, not a change of state); pass
-    # --mask-clear 4,5,6,11 to keep it.
-    "SCL": frozenset({4, 5, 6}),
+    # Sentinel-2 L2A: vegetation, not vegetated, water, unclassified. Unclassified (7) holds cloud edges and thin
+    # cloud too: --mask-clear 4,5,6 masks it (better NDVI forecasts on one held-out region, worse detection on
+    # another: README, "Held-out evaluation"). Snow (11) is masked like cloud, as vegetation and disturbance
+    # products do (a snow cover says nothing about the land cover under it and is weather, not a change of
+    # state); pass --mask-clear 4,5,6,7,11 to keep it.
+    "SCL": frozenset({4, 5, 6, 7}),
 }
 
 
@@ -324,7 +324,7 @@ def discover(source: str | Path, mask_band: str | None = None,
     """Find the scenes of a folder of GeoTIFFs or of a STAC catalog/collection/item JSON file.
 
     ``mask_band`` names the quality band (default: SCL if present); ``mask_clear`` gives the mask
-    values meaning "clear" (default for SCL: 4, 5, 6: unclassified and snow masked; required for other mask bands).
+    values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked; required for other mask bands).
     Scenes come back sorted by (datetime, id). Raises :class:`SourceError` on bad input.
     """
     path = Path(source)

@@ -124,7 +124,7 @@ def test_watched_folder_ingests_like_the_stac_catalog(synth_region, synth_cube, 
         assert sorted(a.bands) == sorted(b.bands) == sorted(c.bands) == ["B02", "B03", "B04", "B08"]
         assert [a.bands[k].index for k in sorted(a.bands)] == [b.bands[k].index for k in sorted(b.bands)]
         assert a.mask.name == b.mask.name == c.mask.name == "SCL"
-        assert a.mask_clear == b.mask_clear == c.mask_clear == frozenset({4, 5, 6})
+        assert a.mask_clear == b.mask_clear == c.mask_clear == frozenset({4, 5, 6, 7})
         assert c.mask.path == a.mask.path  # the collection points at the released files
 
     cube = tmp_path / "cube"

@@ -14,7 +14,7 @@ from shapely.geometry import shape
 
 from geowm.synth import generate
 
-CLEAR = (4, 5, 6)  # what ingest keeps by default: SCL 7 (unclassified) and 11 (snow) are masked
+CLEAR = (4, 5, 6, 7)  # SCL 11 (snow) is masked by default
 CLOUD = (8, 9, 10)
 SURFACE = (4, 5, 6)  # clear and not snow / unclassified
 

@@ -194,7 +194,7 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
         "crs": grid.crs, "transform": list(grid.transform)[:6], "bounds": list(grid.bounds),
         "bands": list(BANDS), "scale": 0.0001, "nodata": 0,
         "classes": {str(k): v for k, v in CLASSES.items()},
-        "scl_clear": [4, 5, 6],
+        "scl_clear": [4, 5, 6, 7],
         "droughts": [[str(np.datetime64(a, "D")), str(np.datetime64(b, "D"))] for a, b in weather.droughts],
         "events": event_counts,
         "acquisitions": [{k: (v.isoformat().replace("+00:00", "Z") if isinstance(v, datetime)
