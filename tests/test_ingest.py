@@ -46,6 +46,12 @@ def make_scene(folder: Path, day: date, seed: int, transform: Affine | None = No
     return {"data": data, "scl": scl}
 
 
+def rewrite_scl(folder: Path, day: date, scl: np.ndarray) -> None:
+    """Replace the SCL mask :func:`make_scene` wrote for ``day``."""
+    write_tif(folder / f"S2T_{day:%Y%m%d}T103021_SCL.tif", scl, nodata=0, descriptions=["SCL"],
+              tags={"ACQUISITION_DATETIME": f"{day:%Y-%m-%d}T10:30:21Z"})
+
+
 def days(n: int, start: date = date(2021, 3, 1), step: int = 5) -> list[date]:
     return [start + timedelta(days=step * i) for i in range(n)]
 
@@ -64,8 +70,7 @@ def test_snow_is_masked_by_default_and_unclassified_with_mask_clear(tmp_path):
     written = make_scene(src, d, 0)
     scl = written["scl"]
     scl[25:28, 40:50] = 7  # unclassified: Sen2Cor's cloud edges and thin cloud
-    write_tif(src / f"S2T_{d:%Y%m%d}T103021_SCL.tif", scl, nodata=0, descriptions=["SCL"],
-              tags={"ACQUISITION_DATETIME": f"{d:%Y-%m-%d}T10:30:21Z"})
+    rewrite_scl(src, d, scl)
     ingest(src, tmp_path / "default", IngestOptions(**OPTS))
     ingest(src, tmp_path / "keep", IngestOptions(**OPTS, mask_clear=[4, 5, 6, 7, 11]))
     ingest(src, tmp_path / "strict", IngestOptions(**OPTS, mask_clear=[4, 5, 6]))
@@ -77,7 +82,7 @@ def test_snow_is_masked_by_default_and_unclassified_with_mask_clear(tmp_path):
 def test_mask_buffer_grows_the_mask_across_tiles_and_a_bad_buffer_is_refused(tmp_path):
     from scipy import ndimage
 
-    from geowm.cube import IngestError, cube_checksum
+    from geowm.cube import IngestError
     from geowm.cube.grid import CubeGrid
     from geowm.cube.ingest import buffer_pixels
 
@@ -87,8 +92,7 @@ def test_mask_buffer_grows_the_mask_across_tiles_and_a_bad_buffer_is_refused(tmp
     scl = written["scl"].copy()
     scl[2:6, 28:31] = 8  # a cloud 2 px short of the tile edge at column 32: its buffer lies in the next tile
     scl[60, 33] = 7  # unclassified: clear by default, so not grown
-    write_tif(src / f"S2T_{d:%Y%m%d}T103021_SCL.tif", scl, nodata=0, descriptions=["SCL"],
-              tags={"ACQUISITION_DATETIME": f"{d:%Y-%m-%d}T10:30:21Z"})
+    rewrite_scl(src, d, scl)
     ingest(src, tmp_path / "b0", IngestOptions(**OPTS))
     ingest(src, tmp_path / "b20", IngestOptions(**OPTS, mask_buffer=20.0))  # 10 m pixels: 2 px
     v0 = raw(tmp_path / "b0").valid.isel(time=0).values

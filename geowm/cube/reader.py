@@ -135,11 +135,12 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
     mask = np.zeros(big.shape, np.int64)
     has_mask = _read_band(src, scene.mask, grid, big, mask, 0, Resampling.nearest)
     clear = _clear_lookup(scene.mask_clear, mask)
-    flagged = has_mask & ~clear
-    if b and flagged.any():
-        from scipy import ndimage
+    if b:
+        flagged = has_mask & ~clear
+        if flagged.any():
+            from scipy import ndimage
 
-        clear &= ndimage.distance_transform_edt(~flagged) > b  # Euclidean distance to the nearest flagged pixel
+            clear &= ndimage.distance_transform_edt(~flagged) > b  # Euclidean distance to the nearest flagged pixel
     h, w = tile.shape
     return clear[b: b + h, b: b + w]
 
