@@ -12,8 +12,9 @@
   anomaly score raster of the folder.
 
 A product's items are replaced as a whole each time (an alert that merged into another disappears, with
-its item file); the items of other products are left as they are. Every object validates against the
-STAC core schemas (``validate_catalog``).
+its item file); the items of other products are left as they are. Every file is replaced whole (written
+aside, then renamed), parents after their children, so a save cut short leaves the catalog readable.
+Every object validates against the STAC core schemas (``validate_catalog``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from pystac.extensions.datacube import DatacubeExtension, Dimension, DimensionTy
 from pystac.extensions.projection import ProjectionExtension
 from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
+
+from geowm.atomic import atomic_write_text
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"
@@ -300,9 +303,21 @@ def _replace(coll: pystac.Collection, href: str, new: list[pystac.Item]) -> list
     return [Path(it.get_self_href()) for i, it in old.items() if i not in keep and it.get_self_href()]
 
 
+class _AtomicStacIO(pystac.stac_io.DefaultStacIO):
+    """Writes each JSON file of the catalog whole (:func:`geowm.atomic.atomic_write_text`)."""
+
+    def write_text_to_href(self, href: str, txt: str) -> None:
+        path = Path(pystac.utils.safe_urlparse(href).path)  # a local catalog: a path or a file:// href
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, txt)
+
+
 def _save(cat: pystac.Catalog, catalog_dir: Path, gone: list[Path] = ()) -> Path:
+    """Save the catalog, each file replaced whole. pystac writes items and children before their parents, and
+    the files of items that left are deleted last, so a save cut short (a full disk, a kill) leaves every file
+    valid and every link of the previous catalog.json resolving."""
     cat.normalize_hrefs(str(catalog_dir))
-    cat.save(pystac.CatalogType.SELF_CONTAINED)
+    cat.save(pystac.CatalogType.SELF_CONTAINED, stac_io=_AtomicStacIO())
     for f in gone:  # an item that left the catalog leaves no file behind (only files inside the catalog)
         if f.is_file() and catalog_dir.absolute() in f.absolute().parents:
             f.unlink()

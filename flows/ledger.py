@@ -21,10 +21,11 @@ import fcntl
 import json
 import os
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from geowm.atomic import atomic_write_text
 
 LEDGER = "ledger.json"
 VERSION = 1
@@ -35,9 +36,7 @@ class LedgerError(ValueError):
 
 
 def _write_atomic(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1, default=str))
 
 
 def load(state_dir: str | Path) -> dict | None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from geowm.atomic import atomic_write_text
+
 CLOCK_FILE = "clock.json"  # written beside the watched folder: <watched>.clock.json
 STAC_DIR = "stac"
 
@@ -142,9 +144,7 @@ def released(watched: str | Path) -> dict[str, Path]:
 
 
 def _write_json_atomic(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 def write_stac(archive: str | Path, watched: str | Path, scenes: list[ArchiveScene],

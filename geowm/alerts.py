@@ -40,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,8 @@ from scipy import ndimage
 from shapely import make_valid
 from shapely.geometry import shape
 from shapely.ops import unary_union
+
+from geowm.atomic import atomic_write, atomic_write_text
 
 ALERT_COLUMNS = ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"]
 ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "unknown")
@@ -311,17 +312,6 @@ def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertR
     return gdf
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_alerts(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write ``alerts.geojson`` and ``alerts.parquet`` (GeoParquet) in EPSG:4326, each atomically."""
     out = Path(out_dir)
@@ -337,11 +327,8 @@ def write_alerts(gdf: gpd.GeoDataFrame, out_dir: str | os.PathLike) -> dict[str,
         {"type": "FeatureCollection", "features": []}
     paths = {"geojson": out / "alerts.geojson", "parquet": out / "alerts.parquet"}
 
-    def write_json(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(doc))
-
-    _atomic_write(paths["geojson"], write_json)
-    _atomic_write(paths["parquet"], lambda tmp: gdf.to_parquet(tmp, index=False))
+    atomic_write_text(paths["geojson"], json.dumps(doc))
+    atomic_write(paths["parquet"], lambda tmp: gdf.to_parquet(tmp, index=False))
     return paths
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from geowm.atomic import atomic_write, atomic_write_text
 from geowm.bands import ndvi_bands
 from geowm.cube.reader import Labels
 from geowm.data import CubeWindows
@@ -354,10 +355,11 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
             scores[f"landcover_place_accuracy_{name}"] = float((predict_logistic(xte, wc, bc, mu, sigma) == yte).mean())
         scores["landcover_place_accuracy_majority_class"] = float((yte == np.bincount(ytr).argmax()).mean())
         scores["n_train_places"], scores["n_test_places"] = int(len(ytr)), int(len(yte))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(run / "probes.safetensors"))
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(run / "probes.safetensors", lambda p: save_file(tensors, str(p)))
     meta = {"scores": scores, "bands": train_ds.reader.bands, "ndvi_bands": ndvi_bands(train_ds.reader.bands),
             "patch": model.cfg.patch, "classes": class_names or {}}
-    (run / "probes.json").write_text(json.dumps(meta, indent=1))
+    atomic_write_text(run / "probes.json", json.dumps(meta, indent=1))
     return scores
 
 

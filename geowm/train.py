@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from geowm.atomic import atomic_write_text
 from geowm.data import CubeReader, CubeWindows, StepBatchSampler, WindowConfig, band_stats, loader, window_cache_mb
 from geowm.model import JEPA, ModelConfig, build_model
 
@@ -104,12 +105,6 @@ def pick_device(name: str) -> torch.device:
 # ------------------------------------------------------------------------------------- run directory
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -127,7 +122,7 @@ def save_checkpoint(run: Path, model: JEPA, opt: torch.optim.Optimizer, step: in
     save_file(state, str(weights))
     torch.save({"optimizer": opt.state_dict(), "step": step, "total_steps": total}, optim)
     meta = {"step": step, "total_steps": total, "model_sha256": _sha256(weights), "optimizer_sha256": _sha256(optim)}
-    _atomic_write(run / f"checkpoint.json{NEXT}", lambda p: p.write_text(json.dumps(meta, indent=1)))
+    atomic_write_text(run / f"checkpoint.json{NEXT}", json.dumps(meta, indent=1))
     recover_checkpoint(run)
 
 
@@ -283,7 +278,7 @@ def train(cube: str, out: str | Path, cfg: TrainConfig, resume: bool = False,
     if rank == 0:
         run.mkdir(parents=True, exist_ok=True)
         conf["total_steps"] = total
-        _atomic_write(run / "config.json", lambda p: p.write_text(json.dumps(conf, indent=1)))
+        atomic_write_text(run / "config.json", json.dumps(conf, indent=1))
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -363,7 +358,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if row.get("step", 0) <= step:
             rows.append(line + "\n")
-    _atomic_write(path, lambda p: p.write_text("".join(rows)))
+    atomic_write_text(path, "".join(rows))
 
 
 def _estimate_steps(model: JEPA, opt, ds: CubeWindows, cfg: TrainConfig, device: torch.device) -> int:
@@ -424,5 +419,5 @@ def evaluate_run(run: str | Path, landcover: str | None = None, n_windows: int =
     probes = fit_probes(model, train_ds, test_ds, run, dev, lc, classes, n_windows=n_windows)
     report = {"forecast_skill": skill, "probes": probes, "held_out_windows": len(test_ds),
               "held_out_from": str(until) if test_ds is not train_ds else None}
-    (run / "eval.json").write_text(json.dumps(report, indent=1))
+    atomic_write_text(run / "eval.json", json.dumps(report, indent=1))
     return report

@@ -4,6 +4,7 @@ stac-validator."""
 from __future__ import annotations
 
 import json
+import os
 
 import pystac
 import pytest
@@ -173,3 +174,31 @@ def test_bad_products_leave_the_catalog_alone(synth_cube, dashboard_workdir, tmp
         with pytest.raises(ValueError, match="catalog.json: not a STAC catalog"):
             add_forecasts(cat_dir, dashboard_workdir / "forecasts")
         assert (cat_dir / "catalog.json").read_text() == text
+
+
+def test_a_save_cut_short_leaves_the_catalog_as_it_was(synth_cube, dashboard_workdir, tmp_path):
+    """A catalog save that fails part-way (here a file-size limit, as a full disk would) leaves every file of
+    the catalog byte for byte as it was and no temporary file behind; the next save works."""
+    import subprocess
+    import sys
+    import textwrap
+
+    cat_dir = tmp_path / "catalog"
+    update_catalog(cat_dir, synth_cube)
+    add_forecasts(cat_dir, dashboard_workdir / "forecasts")
+    before = {p: p.read_bytes() for p in cat_dir.rglob("*") if p.is_file()}
+    limit = min(len(b) for p, b in before.items() if p.suffix == ".json") // 2  # every file it writes is larger
+    code = textwrap.dedent(f"""
+        import resource, signal
+        from catalog.stac import add_alerts
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        add_alerts({str(cat_dir)!r}, {str(dashboard_workdir / "alerts")!r})
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert res.returncode != 0 and "File too large" in res.stderr, res.stderr[-2000:]
+    assert {p: p.read_bytes() for p in cat_dir.rglob("*") if p.is_file()} == before
+    root = add_alerts(cat_dir, dashboard_workdir / "alerts")
+    assert validate_catalog(root) == []
+    assert len(list(pystac.Catalog.from_file(str(root)).get_child("alerts").get_items())) >= 3
