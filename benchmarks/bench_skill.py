@@ -1,5 +1,5 @@
-"""Held-out skill: the JEPA against persistence, climatology, harmonic regression, a BFAST-style model and a
-pixel-space generative model with the same encoder and training budget.
+"""Held-out skill: the JEPA against persistence, climatology, damped anomaly persistence, harmonic regression, a
+BFAST-style model and a pixel-space generative model with the same encoder and training budget.
 
 Set-up (``benchmarks._skill_setup``, shared with ``bench_efficiency``): a seeded synthetic region (full:
 1024 x 1024 px, 2021-2022, every disturbance type forced plus harvest / mowing as normal change), ingested;
@@ -28,8 +28,8 @@ import numpy as np
 
 from benchmarks import _skill_setup as setup
 
-METHODS = ("model", "pixel", "persistence", "climatology", "harmonic", "bfast")
-LABEL = {"model": "JEPA", "pixel": "pixel baseline"}
+METHODS = ("model", "pixel", "persistence", "climatology", "damped_anomaly", "harmonic", "bfast")
+LABEL = {"model": "JEPA", "pixel": "pixel baseline", "damped_anomaly": "damped anomaly"}
 
 
 def _num(v) -> str:
@@ -76,8 +76,8 @@ def tables(report: dict, events: dict) -> list[str]:
     for k in ("harmonic", "bfast"):
         b = (report.get("baseline_alerts") or {}).get(k, {})
         rows.append((f"{k} ({'CCDC' if k == 'harmonic' else 'BFAST'}-style)", auc.get(k), b, b.get("n_alerts")))
-    for k in ("persistence", "climatology"):
-        rows.append((k, auc.get(k), None, None))
+    for k in ("persistence", "climatology", "damped_anomaly"):
+        rows.append((LABEL.get(k, k), auc.get(k), None, None))
     out += ["", "Anomalies on the held-out period: patch AUROC against ground truth; alerts against the events "
             "(false alarms: share of normal-change events, harvest / mowing, hit by an alert):", "",
             "| detector | AUROC | alerts | precision | recall | F1 | false-alarm rate (normal change) | "

@@ -5,6 +5,7 @@ Every baseline works on per-pixel NDVI series ``(time, y, x)`` that are irregula
 
 * :class:`Persistence`: tomorrow looks like the last clear observation;
 * :class:`Climatology`: tomorrow looks like the same day of year in past years;
+* :class:`DampedAnomaly`: the climatology plus the last clear departure from it, fading with time;
 * :class:`Harmonic`: a CCDC-style per-pixel regression (intercept, linear trend, annual harmonics),
   with CCDC's change rule (:meth:`Harmonic.breaks`);
 * :class:`Bfast`: a BFAST-monitor-style season-trend model fitted on a stable history window, with a
@@ -82,12 +83,18 @@ def _robust_sigma(res: np.ndarray, floor: float, min_count: int = 3) -> np.ndarr
     return np.fmax(np.where(np.isfinite(sigma), sigma, fallback), floor)
 
 
-def _last_clear(values: np.ndarray, strict: bool) -> np.ndarray:
-    """(T, P): the last clear value at or before (``strict``: before) each time; NaN if none."""
+def _last_clear_index(values: np.ndarray, strict: bool) -> np.ndarray:
+    """(T, P): the row of the last clear value at or before (``strict``: before) each time; -1 if none."""
     T = len(values)
     idx = np.maximum.accumulate(np.where(np.isfinite(values), np.arange(T)[:, None], -1), axis=0)
     if strict:
         idx = np.concatenate([np.full((1, values.shape[1]), -1), idx[:-1]], axis=0)
+    return idx
+
+
+def _last_clear(values: np.ndarray, strict: bool) -> np.ndarray:
+    """(T, P): the last clear value at or before (``strict``: before) each time; NaN if none."""
+    idx = _last_clear_index(values, strict)
     got = np.take_along_axis(values, np.maximum(idx, 0), axis=0)
     return np.where(idx >= 0, got, np.nan)
 
@@ -118,6 +125,7 @@ class Baseline:
     ``_predict`` and ``_expected``). NDVI is dimensionless; times are datetime64."""
 
     name: str = "baseline"
+    uses_latest: bool = False  # forecasts from the observations up to the init (refit at each init to score it)
 
     def __init__(self, sigma_floor: float = 0.02) -> None:
         self.sigma_floor = sigma_floor  # NDVI units: the smallest noise level a pixel is credited with
@@ -180,6 +188,7 @@ class Persistence(Baseline):
     sigma (MAD * 1.4826, floored) of clear-to-clear differences in the history."""
 
     name = "persistence"
+    uses_latest = True
 
     def _fit(self) -> None:
         self.sigma_ = _robust_sigma(self._values - _last_clear(self._values, strict=True), self.sigma_floor)
@@ -218,6 +227,61 @@ class Climatology(Baseline):
 
     def _expected(self, times, values):
         return self._clim(self._times, self._values, times), self.sigma_
+
+
+class DampedAnomaly(Climatology):
+    """Damped anomaly persistence: forecast = climatology + the pixel's last clear departure from its
+    climatology, damped by ``exp(-days since that observation / e_folding_days)`` (the departure's own date
+    left out of its climatology). What persists of the present fades towards what the place usually looks like
+    on that day of year. Score = |obs - that forecast made from the previous clear observation| / robust sigma
+    of the same residuals in the history."""
+
+    name = "damped_anomaly"
+    uses_latest = True  # its forecast needs every observation up to the init
+
+    def __init__(self, e_folding_days: float = 30.0, half_window: float = 15.0,
+                 fallback_windows: Sequence[float] = (30.0, 60.0), sigma_floor: float = 0.02) -> None:
+        super().__init__(half_window, fallback_windows, sigma_floor)
+        self.e_folding_days = e_folding_days
+
+    def _damped(self, times: pd.DatetimeIndex, departure: np.ndarray, last: np.ndarray,
+                targets: pd.DatetimeIndex) -> np.ndarray:
+        """(V, P): ``departure`` (T, P) at row ``last`` (V, P; -1: none) damped to each target (0 where none)."""
+        got = np.take_along_axis(departure, np.maximum(last, 0), axis=0)
+        age = (np.asarray(targets.asi8, np.float64)[:, None] - np.asarray(times.asi8, np.float64)[np.maximum(last, 0)])
+        damped = np.exp(-age / 86400e9 / self.e_folding_days) * got
+        return np.where((last >= 0) & np.isfinite(got), damped, 0.0)
+
+    def _fit(self) -> None:
+        clim = self._clim(self._times, self._values, self._times, leave_one_out=True)
+        self.departure_ = self._values - clim  # (T, P), each observation against the others
+        last = _last_clear_index(self._values, strict=True)
+        res = self._values - (clim + self._damped(self._times, self.departure_, last, self._times))
+        self.sigma_ = _robust_sigma(res, self.sigma_floor)
+
+    def _predict(self, times, values, targets):
+        T, P = values.shape
+        if T == 0:
+            return np.full((len(targets), P), np.nan)
+        last = _last_clear_index(values, strict=False)[-1]  # (P,)
+        departure = np.full((T, P), np.nan)
+        for li in np.unique(last[last >= 0]):  # the last clear date of each pixel against its other dates
+            cols = np.flatnonzero(last == li)
+            others = values[:, cols].copy()
+            others[li] = np.nan
+            departure[li, cols] = values[li, cols] - self._clim(times, others, times[li:li + 1])[0]
+        lasts = np.broadcast_to(last, (len(targets), P))
+        return self._clim(times, values, targets) + self._damped(times, departure, lasts, targets)
+
+    def _expected(self, times, values):
+        before = np.asarray(self._times < times[0]) if len(times) else np.zeros(len(self._times), bool)
+        all_times = self._times[before].append(times)
+        new_dep = values - self._clim(self._times, self._values, times)
+        departure = np.concatenate([self.departure_[before], new_dep], axis=0)
+        last = _last_clear_index(np.concatenate([self._values[before], values], axis=0), strict=True)
+        n = int(before.sum())
+        return self._clim(self._times, self._values, times) + self._damped(all_times, departure, last[n:],
+                                                                           times), self.sigma_
 
 
 class Harmonic(Baseline):
@@ -376,5 +440,5 @@ class Bfast(Harmonic):
                           units="1")
 
 
-BASELINES: dict[str, type[Baseline]] = {"persistence": Persistence, "climatology": Climatology, "harmonic": Harmonic,
-                                        "bfast": Bfast}
+BASELINES: dict[str, type[Baseline]] = {"persistence": Persistence, "climatology": Climatology,
+                                        "damped_anomaly": DampedAnomaly, "harmonic": Harmonic, "bfast": Bfast}

@@ -294,8 +294,9 @@ def forecast(
     bbox: str | None = typer.Option(None, help="minx,miny,maxx,maxy in the cube CRS (default: whole cube)."),
     members: int = typer.Option(8, help="Ensemble members (context subsamples) for p10/p50/p90 and spread."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    climatology: bool = typer.Option(True, help="Blend the decoded forecast with each pixel's climatology by "
-                                                "the run's lead-dependent weight (its calibration.json)."),
+    climatology: bool = typer.Option(True, help="Blend the decoded forecast with each pixel's climatology and "
+                                                "its damped last departure from it by the run's weights (its "
+                                                "calibration.json)."),
     catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not add the forecast to the STAC catalog."),
 ) -> None:
@@ -444,7 +445,9 @@ def evaluate(
     except (ForecastError, CubeError, RunError, ReadError, ValueError) as exc:
         _fail(exc)
     if out_json:
-        out_json.write_text(json.dumps(report, indent=1, default=str))
+        from geowm.atomic import atomic_write_text
+
+        atomic_write_text(out_json, json.dumps(report, indent=1, default=str))
     out.print(table(report), highlight=False)
 
 
@@ -487,7 +490,8 @@ def calibrate(
         if ld in nd:
             r = nd[ld]
             out.print(f"lead {ld:>4} d: NDVI RMSE model {r['model']:.4f}, climatology {r['climatology']:.4f}, "
-                      f"blend {r['blend']:.4f} ({r['n']} px)")
+                      f"climatology + departure {r['climatology_departure']:.4f}, blend {r['blend']:.4f} "
+                      f"({r['n']} px)")
     if report["used"]:
         err.print(f"blend weights {json.dumps(report['weights'])} -> {model / 'calibration.json'}")
     else:

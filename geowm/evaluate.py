@@ -125,8 +125,9 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
     """NDVI forecast RMSE/MAE by lead of every model (``geowm.forecast.forecast``) and baseline, like for like.
 
     ``ds``: the cube region (Dataset); ``nd``: its NDVI (time, y, x), loaded; ``models``: name -> WorldModel
-    (JEPA or pixel-baseline run); ``fitted``: name -> baseline fitted on the history (``persistence`` is refitted
-    at each init on everything up to it). Each (init, lead) whose valid day has an acquisition is scored on the
+    (JEPA or pixel-baseline run); ``fitted``: name -> baseline fitted on the history (those that forecast from the
+    latest observations, ``uses_latest``: persistence, damped anomaly, are refitted at each init on everything up
+    to it). Each (init, lead) whose valid day has an acquisition is scored on the
     pixels clear that day where *every* method has a forecast. Returns ``{method: {lead: {rmse, mae, n_pixels}}}``
     (lead as ``f"{days:g}"``). ``blends``: name -> climatology blend weights of that model (``forecast``'s
     ``climatology``; default: none, the model alone).
@@ -136,7 +137,8 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
     for n, init in enumerate(inits):
         fcs = {name: forecast(ds, m, init=init, leads=leads, members=members,
                               climatology=(blends or {}).get(name, False)) for name, m in models.items()}
-        pers = BASELINES["persistence"]().fit(nd.sel(time=slice(None, init.astype("datetime64[ns]"))))
+        upto = nd.sel(time=slice(None, init.astype("datetime64[ns]")))
+        latest = {key: type(b)().fit(upto) for key, b in fitted.items() if b.uses_latest}  # persistence & co
         for j, ld in enumerate(leads):
             k = _match(times, init + np.timedelta64(int(ld * 86400), "s"))
             if k is None:
@@ -147,7 +149,7 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
             preds = {name: fc["ndvi"].isel(init_time=0, lead_time=j).sel(quantile=0.5).values
                      for name, fc in fcs.items()}
             for key, b in fitted.items():
-                preds[key] = (pers if key == "persistence" else b).forecast(init, vt).values[0]
+                preds[key] = latest.get(key, b).forecast(init, vt).values[0]
             ok = clear & np.all([np.isfinite(v) for v in preds.values()], axis=0)
             for m, v in preds.items():
                 err[m][float(ld)].append(v[ok] - obs[ok])

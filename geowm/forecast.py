@@ -22,8 +22,9 @@ lead-dependent weight (:func:`geowm.probes.blend`), so at long leads the forecas
 a year ago and on how the model expects this year to differ.
 
 Last, where the run has a climatology blend (``calibration.json``, :mod:`geowm.calibrate`), every decoded band
-and NDVI is blended with the pixel's day-of-year climatology by the run's lead-dependent weight; the latents
-are left as forecast.
+and NDVI is blended with the pixel's day-of-year climatology by the run's lead-dependent weight, plus the
+pixel's last observed departure from its climatology, damped with the days since it; the latents are left as
+forecast.
 """
 
 from __future__ import annotations
@@ -202,9 +203,10 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
         members: ensemble size (1 = no ensemble: quantiles all equal the single forecast).
         decode: "delta" (last observation + decoded change) or "absolute" (decoded forecast latent); a
             pixel-baseline run (``geowm.model.pixel``) ignores it and forecasts the bands directly.
-        climatology: blend with each pixel's climatology by the run's lead-dependent weight when the run has
-            one (``calibration.json``, :mod:`geowm.calibrate`); a dict gives the weights by variable ("pixels",
-            "ndvi") instead; False gives the model's forecast alone.
+        climatology: blend with each pixel's climatology (and its damped last departure from it) by the run's
+            weights when the run has them (``calibration.json``, :mod:`geowm.calibrate`); a dict gives the
+            weights ``[c0, c1, b]`` by variable ("pixels", "ndvi") instead; False gives the model's forecast
+            alone.
 
     Returns:
         Dataset with dims ``init_time`` (1), ``lead_time`` (K, timedelta64), ``quantile`` (0.1, 0.5,

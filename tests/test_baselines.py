@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from geowm.baselines import BASELINES, Bfast, Climatology, Harmonic, Persistence, ndvi
+from geowm.baselines import BASELINES, Bfast, Climatology, DampedAnomaly, Harmonic, Persistence, ndvi
 
 pytestmark = pytest.mark.filterwarnings("error")  # NaN handling must not warn
 
@@ -55,6 +55,40 @@ def test_climatology_beats_persistence_at_60_days():
         errs[cls.name] = np.mean(e)
     assert errs["climatology"] < 0.5 * errs["persistence"]
     assert errs["climatology"] < 3 * NOISE
+
+
+def test_damped_anomaly_is_the_climatology_plus_the_last_departure_fading():
+    """A dry spell (NDVI 0.1 below the usual) seen in the last clear observation: the forecast is the climatology
+    plus that departure times exp(-days since / 30), by hand; it beats the climatology at 10 days while the spell
+    lasts, and the score of a new observation is measured against the forecast from the one before it."""
+    hist = series(noise=0.0, cloud=0.0).copy()
+    times = pd.DatetimeIndex(hist.time.values)
+    spell = times >= pd.Timestamp("2022-12-01")
+    hist.values[spell] -= 0.1
+    hist.values[-1, 0, 0] = np.nan  # one pixel's last clear date is the one before
+    init = times[-1]
+    targets = init + pd.to_timedelta([10, 30, 90], "D")
+    model = DampedAnomaly().fit(hist)
+    fc = model.forecast(init, targets).values
+    clim = Climatology().fit(hist).forecast(init, targets).values
+    for (y, x), last in (((1, 2), times[-1]), ((0, 0), times[-2])):
+        vals = hist.values[:, y, x].astype(np.float64)
+        at = times.get_loc(last)
+        others = np.delete(vals, at)
+        others_t = times.delete(at)
+        dist = np.abs(others_t.day_of_year.values - last.day_of_year)
+        dist = np.minimum(dist, 365.25 - dist)
+        departure = vals[at] - others[(dist <= 15) & np.isfinite(others)].mean()
+        assert departure < -0.05  # most of the same days in earlier years were wet
+        days = (targets - last) / pd.Timedelta(days=1)
+        np.testing.assert_allclose(fc[:, y, x], clim[:, y, x] + np.exp(-days / 30) * departure, atol=1e-5)
+    truth_10 = seasonal(targets[:1])[0] - 0.1
+    assert np.abs(fc[0] - truth_10).mean() < 0.5 * np.abs(clim[0] - truth_10).mean()
+    new = hist.isel(time=slice(-2, None)).copy()
+    new["time"] = new.time.values + np.timedelta64(10, "D")  # two more dates, 10 days on
+    sc = DampedAnomaly().fit(hist).score(new).values
+    before = model.forecast(init, [pd.Timestamp(new.time.values[0])]).values[0]
+    np.testing.assert_allclose(sc[0, 1, 2], abs(new.values[0, 1, 2] - before[1, 2]) / model.sigma_[7], rtol=1e-4)
 
 
 def test_persistence_exact_on_constant_series():

@@ -130,7 +130,8 @@ def test_skill_and_efficiency_files(smoke_results: Path) -> None:
     readme = (smoke_results / "README.md").read_text()
     skill = json.loads((smoke_results / "skill.json").read_text())["results"]
     fs = skill["report"]["ndvi_forecast"]
-    assert set(fs) == {"model", "pixel", "persistence", "climatology", "harmonic", "bfast"}
+    assert set(fs) == {"model", "pixel", "persistence", "climatology", "damped_anomaly", "harmonic",
+                       "bfast"}
     leads = {f"{ld:g}" for ld in skill["params"]["leads"]}
     for by_lead in fs.values():
         assert set(by_lead) == leads and all({"rmse", "mae", "n_pixels"} <= set(v) for v in by_lead.values())
