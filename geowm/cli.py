@@ -111,10 +111,12 @@ def ingest(
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL when present)."),
-    mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (SCL default: "
-                                                     "4,5,6,7; 4,5,6 also masks unclassified, add 11 to keep snow)."),
-    mask_buffer: float = typer.Option(0.0, help="Metres around every flagged mask pixel (cloud, shadow, ...) that "
-                                                "are not clear either (cloud edges the mask missed)."),
+    mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
+                                                     "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
+                                                     "unclassified, add 11 to keep snow)."),
+    mask_buffer: float | None = typer.Option(None, help="Metres around every flagged mask pixel (cloud, shadow, "
+                                                        "...) that are not clear either (cloud edges the mask "
+                                                        "missed; default: the cube's rule, new cube 0)."),
     resampling: str = typer.Option("bilinear", help="Resampling for sources not on the cube grid (masks: nearest)."),
     scheduler: str = typer.Option("local", help="local (dask LocalCluster), threads, synchronous, or a dask "
                                                 "scheduler address (tcp://host:8786)."),
@@ -278,6 +280,10 @@ def info(
                                f"{c['fully_cloudy_dates']} fully cloudy, {c['clear_dates']} clear dates")
     t.add_row("fill by band", ", ".join(f"{b}={v:.2f}" for b, v in s["band_fill_fraction"].items()))
     t.add_row("sources", str(s["sources"]))
+    for r in s["mask_rules"]:
+        what = (f"{r['band']} clear {','.join(str(v) for v in r['clear'])}, buffer {r['buffer_m']:g} m"
+                if "clear" in r else "no mask band" if r["band"] is None else "not recorded")
+        t.add_row("mask rule", f"{what} ({r['scenes']} scenes)")
     out.print(t)
 
 

@@ -61,6 +61,15 @@ def test_bad_mask_buffer(existing, value, shown):
     run_bad(existing, good, f"--mask-buffer {shown}", args=("--mask-buffer", value))
 
 
+@pytest.mark.parametrize("args, shown", [(("--mask-clear", "4,5,6"), "clear values 4,5,6, buffer 0 m"),
+                                         (("--mask-buffer", "20"), "clear values 4,5,6,7, buffer 20 m")])
+def test_another_mask_rule_than_the_cubes(existing, args, shown):
+    good = existing / "next"
+    make_scene(good, date(2021, 6, 1), 9)
+    run_bad(existing, good, "S2T_20210601T103021_SCL.tif", shown, "were read with clear values 4,5,6,7, buffer 0 m",
+            "one cube keeps one mask rule", args=args)
+
+
 def test_non_raster_file_with_tif_name(existing):
     bad = existing / "bad"
     bad.mkdir()

@@ -79,6 +79,34 @@ def test_snow_is_masked_by_default_and_unclassified_with_mask_clear(tmp_path):
     assert default[scl == 7].all() and keep[scl == 7].all() and not strict[scl == 7].any()
 
 
+def test_a_cube_keeps_the_mask_rule_it_was_made_with(tmp_path):
+    from geowm.cube import IngestError
+    from geowm.cube.info import summarize
+
+    first, second = days(2)
+    for d, folder, seed in ((first, "one", 0), (second, "two", 1)):
+        scl = make_scene(tmp_path / folder, d, seed)["scl"]
+        scl[25:28, 40:50] = 7
+        rewrite_scl(tmp_path / folder, d, scl)
+    rule = dict(mask_clear=[4, 5, 6], mask_buffer=20.0)
+    cube = tmp_path / "cube"
+    ingest(tmp_path / "one", cube, IngestOptions(**OPTS, **rule))
+    assert summarize(cube)["mask_rules"] == [{"band": "SCL", "clear": [4, 5, 6], "buffer_m": 20.0, "scenes": 1}]
+    before = cube_checksum(cube)
+    for other in (dict(mask_buffer=0.0), dict(mask_clear=[4, 5, 6, 7]), dict(mask_clear=[4, 5, 6], mask_buffer=10.0)):
+        with pytest.raises(IngestError, match="one cube keeps one mask rule") as err:
+            ingest(tmp_path / "two", cube, IngestOptions(**OPTS, **other))
+        assert "_SCL.tif" in str(err.value) and "clear values 4,5,6, buffer 20 m" in str(err.value)
+        assert cube_checksum(cube) == before
+    ingest(tmp_path / "two", cube, IngestOptions(**OPTS))  # options left out: the cube's rule
+    ingest(tmp_path / "two", tmp_path / "alone", IngestOptions(**OPTS, **rule))
+    alone = raw(tmp_path / "alone").valid.isel(time=0).values
+    np.testing.assert_array_equal(raw(cube).valid.isel(time=1).values, alone)
+    assert summarize(cube)["mask_rules"] == [{"band": "SCL", "clear": [4, 5, 6], "buffer_m": 20.0, "scenes": 2}]
+    ingest(tmp_path / "two", tmp_path / "default", IngestOptions(**OPTS))  # a new cube: the defaults
+    assert not (raw(cube).valid.isel(time=1).values == raw(tmp_path / "default").valid.isel(time=0).values).all()
+
+
 def test_mask_buffer_grows_the_mask_across_tiles_and_a_bad_buffer_is_refused(tmp_path):
     from scipy import ndimage
 

@@ -42,6 +42,7 @@ def summarize(path: str | Path) -> dict:
         "tiles": {"size_px": g.tile_size, "rows": rows, "cols": cols, "count": rows * cols},
         "chunks": {k: int(v[0]) for k, v in ds["reflectance"].chunksizes.items()},
         "sources": len(state.sources),
+        "mask_rules": _mask_rules(state.sources),
         "clear_fraction": {
             "mean": float(clear.mean()) if len(clear) else None,
             "min": float(clear.min()) if len(clear) else None,
@@ -53,3 +54,16 @@ def summarize(path: str | Path) -> dict:
                                                                                                        strict=True)},
         "band_fill_fraction": {b: round(float(f), 4) for b, f in zip(state.bands, band_fill, strict=True)},
     }
+
+
+def _mask_rules(sources: list[dict]) -> list[dict]:
+    """The mask rules the cube's scenes were ingested with (:func:`geowm.cube.ingest.mask_rule`), each with the
+    number of scenes read by it; scenes without a mask band count under ``band`` None, scenes ingested before
+    the rule was recorded under ``band`` "unrecorded"."""
+    counts: dict[str, tuple[dict, int]] = {}
+    for rec in sources:
+        rule = rec["mask"] if "mask" in rec else {"band": "unrecorded"}
+        rule = rule or {"band": None}
+        key = repr(sorted(rule.items()))
+        counts[key] = (rule, counts.get(key, (rule, 0))[1] + 1)
+    return [{**rule, "scenes": n} for rule, n in counts.values()]

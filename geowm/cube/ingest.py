@@ -67,8 +67,9 @@ class IngestOptions:
     time_chunk: int = 8
     bands: Sequence[str] | None = None
     mask_band: str | None = None
-    mask_clear: Sequence[int] | None = None
-    mask_buffer: float = 0.0  # metres: pixels this close to a flagged mask pixel (cloud, shadow, ...) are not clear
+    mask_clear: Sequence[int] | None = None  # None: the cube's rule for the scenes' mask band, else its default
+    # metres: pixels this close to a flagged mask pixel (cloud, shadow, ...) are not clear; None: the cube's, else 0
+    mask_buffer: float | None = None
     resampling: str = "bilinear"
     scheduler: str = "local"  # "local" (LocalCluster of processes), "threads", "synchronous", or an address
     max_pixels: int = MAX_PIXELS_DEFAULT  # per source file and for a new cube's grid
@@ -483,7 +484,8 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         raise IngestError(f"bad options: tile size {opts.tile_size} (>= 16) / time chunk {opts.time_chunk} (>= 1)")
     if opts.resampling not in Resampling.__members__:
         raise IngestError(f"--resampling {opts.resampling!r}: one of {', '.join(Resampling.__members__)}")
-    if not (math.isfinite(opts.mask_buffer) and 0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
+    if opts.mask_buffer is not None and not (math.isfinite(opts.mask_buffer) and
+                                             0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
         raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
     scenes = discover(source, opts.mask_band, opts.mask_clear)
     report = IngestReport(cube=cube)
@@ -546,6 +548,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         sources = [r for r in (state.sources if state else [])
                    if np.datetime64(r["datetime"][:10], "D") not in replaced_days]
 
+        opts = _resolve_mask_rule(new, sources, opts)
         before = _local_files(cube)
         try:
             report.snapshot = _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start,
@@ -563,6 +566,55 @@ def icechunk_repo(cube: str):
     import icechunk
 
     return icechunk.Repository.open(storage_for(cube))
+
+
+def mask_rule(scene: Scene, opts: IngestOptions) -> dict | None:
+    """How ``scene``'s clear pixels are told (recorded with every source in the cube): the mask band, its
+    values taken as clear and the buffer around flagged pixels in metres; None without a mask band."""
+    if scene.mask is None:
+        return None
+    return {"band": scene.mask.name.upper(), "clear": sorted(int(v) for v in scene.mask_clear),
+            "buffer_m": float(opts.mask_buffer)}
+
+
+def _resolve_mask_rule(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> IngestOptions:
+    """Read ``new`` scenes' mask bands by the cube's rule, and refuse another rule given explicitly.
+
+    One cube keeps one rule per mask band (clear values and buffer): a model trained on it, its climatologies
+    and the anomaly scores' own history compare dates, and a date masked otherwise is a change of the data, not
+    of the land. Options left unset (``mask_clear``, ``mask_buffer`` None) take the rule the cube's ``kept``
+    sources were recorded with, else the defaults; a different rule given explicitly is an :class:`IngestError`.
+    Sources recorded before rules were (no ``mask`` key) are not compared; ``--replace`` of every date that
+    holds the old rule lifts it. Returns the options with the buffer set."""
+    cube_rule: dict[str, tuple[dict, str]] = {}
+    for rec in kept:
+        if rec.get("mask"):
+            cube_rule.setdefault(rec["mask"]["band"], (rec["mask"], rec["id"]))
+    buffer = opts.mask_buffer
+    for s in new:
+        hit = cube_rule.get(s.mask.name.upper()) if s.mask is not None else None
+        if hit is not None:
+            if opts.mask_clear is None:
+                s.mask_clear = frozenset(hit[0]["clear"])
+            if buffer is None:
+                buffer = hit[0]["buffer_m"]
+    opts = replace(opts, mask_buffer=0.0 if buffer is None else float(buffer))
+
+    def describe(rule: dict) -> str:
+        return f"clear values {','.join(str(v) for v in rule['clear'])}, buffer {rule['buffer_m']:g} m"
+
+    for s in new:
+        rule = mask_rule(s, opts)
+        if rule is None or rule["band"] not in cube_rule:
+            continue
+        old, rid = cube_rule[rule["band"]]
+        if (old["clear"], old["buffer_m"]) != (rule["clear"], rule["buffer_m"]):
+            raise IngestError(
+                f"{s.mask.path}: mask band {s.mask.name!r} would be read with {describe(rule)}, but the cube's "
+                f"scenes (e.g. {rid!r}) were read with {describe(old)}; one cube keeps one mask rule: leave "
+                "--mask-clear and --mask-buffer out to use the cube's, or ingest into a new cube; nothing was "
+                "ingested")
+    return opts
 
 
 def _new_scenes(scenes: Sequence[Scene], state: CubeState | None, replace: bool, report: IngestReport) -> list[Scene]:
@@ -625,7 +677,7 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
         g["time"].resize((len(merged),))
         g["time"][:] = merged.astype("int64")
     sources = list(sources) + [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
-                                "content": file_fingerprints(s.files)} for s in new]
+                                "content": file_fingerprints(s.files), "mask": mask_rule(s, opts)} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
     session.commit("prepare ingest (metadata)")
     session = repo.writable_session(tmp)
