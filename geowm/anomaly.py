@@ -181,7 +181,8 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     clear = np.zeros((len(at), Hp, Wp), np.float32)
     n_tiles = -(-H // TILE) * -(-W // TILE)
     for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
-        s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=scored[enc])
+        s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=scored[enc],
+                                              encode_all=departure_lag_days is not None)
         win = (slice(None), slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
         out[win], clear[win] = s[at], c[at]
         if departure_lag_days is not None:
@@ -265,11 +266,15 @@ def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray
 
 
 def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lead_days: float, batch_size: int,
-                   predict: np.ndarray | None = None):
+                   predict: np.ndarray | None = None, encode_all: bool = False):
     """For one in-memory tile and each of ``score_times``: surprise (Ts, hp, wp), patch clear fraction
     (Ts, hp, wp), the observed unit latents (Ts, hp, wp, D) float32, where they are clear (Ts, hp, wp) and
     the patch NDVI (Ts, hp, wp; None without red and near-infrared bands). ``predict`` (Ts bool, default all):
-    the dates that get a surprise; the others (the departure's year-ago references) are only encoded."""
+    the dates that get a surprise; the others (the departure's year-ago references) are only encoded. A block
+    and date without 2 clear context dates ``lead_days`` or more before it get no surprise; with ``encode_all``
+    (the departure needs them) they are still encoded, in the window of the context dates they have: what the
+    satellite saw does not depend on a forecast (without it, a cube's first months and the months after a
+    long cloudy spell lost their latents, and with them the departure of the dates a year later)."""
     p, win = wm.cfg.patch, wm.window
     H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
     sub = sub.isel(y=slice(0, H), x=slice(0, W))
@@ -301,8 +306,10 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             green[k] = patch_ndvi[ti]
         for b in range(len(blocks)):
             past = context_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], t - _td(lead_days), t, wm)
-            if len(past) >= 2 and frac[ti, b] > 0:
-                jobs.setdefault((len(past), bool(predict[k])), []).append((k, b, np.append(past, ti)))
+            forecastable = len(past) >= 2
+            if frac[ti, b] > 0 and (forecastable or encode_all):
+                key = (len(past), bool(predict[k]) and forecastable)
+                jobs.setdefault(key, []).append((k, b, np.append(past, ti)))
     for (_, with_pred), group in sorted(jobs.items()):
         for g0 in range(0, len(group), batch_size):
             chunk = group[g0: g0 + batch_size]
@@ -501,6 +508,11 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     """
     from geowm.alerts import AlertRules, alerts_from_scores
 
+    if not (np.isfinite(lead_days) and lead_days > 0):
+        raise ValueError(f"lead_days must be a positive number of days, not {lead_days:g}: the forecast an "
+                         "acquisition is compared with is made from earlier acquisitions")
+    if not (np.isfinite(history_days) and history_days >= 0):
+        raise ValueError(f"history_days must be >= 0, not {history_days:g}")
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
     ds, name = _as_dataset(cube)
     start_t = np.datetime64(start, "s")

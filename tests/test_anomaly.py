@@ -154,10 +154,11 @@ def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
     t0 = "2021-08-01"
     same = surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=0,
                     departure_window_days=0)
-    ok = np.isfinite(same["surprise"].values)
+    ok = np.isfinite(same["departure"].values)
     assert ok.mean() > 0.2
     np.testing.assert_allclose(same["departure"].values[ok], 0.0, atol=1e-5)
-    assert not np.isfinite(same["departure"].values[~ok]).any()
+    assert not np.isfinite(same["surprise"].values[~ok]).any()  # a surprise needs the patch's latent too
+    assert not np.isfinite(same["departure"].values[same["clear_fraction"].values == 0]).any()
     np.testing.assert_allclose(same["ndvi_change"].values[ok], 0.0, atol=1e-5)  # the patch's own NDVI
     later = surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=0,
                      departure_window_days=0, departure_from="2021-10-01")  # as detect: none for the history
@@ -171,6 +172,21 @@ def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
     assert both.mean() > 0.1 and (wide[both] <= narrow[both] + 1e-6).all() and (wide[both] < narrow[both]).any()
     assert np.nanmax(wide) <= 2 and np.nanmin(wide) >= -1e-5
     np.testing.assert_array_equal(narrow.shape, same["surprise"].shape)
+
+
+def test_the_departure_does_not_need_a_forecast_context(synth_cube, tiny_run):
+    """A date whose block has no 2 clear context dates a lead before it gets no surprise, but what the satellite
+    saw is still encoded: its departure is there (the first months of a cube, the months after a long cloudy
+    spell and, a year later, the dates that take them as reference)."""
+    kw = dict(start="2021-08-01", departure_lag_days=0, departure_window_days=0)
+    none = surprise(str(synth_cube), str(tiny_run), lead_days=2000, **kw)  # no context is that old
+    some = surprise(str(synth_cube), str(tiny_run), lead_days=20, **kw)
+    assert not np.isfinite(none["surprise"].values).any()
+    dep, clear = none["departure"].values, none["clear_fraction"].values > 0
+    assert np.isfinite(dep).mean() > 0.2 and not np.isfinite(dep[~clear]).any()
+    np.testing.assert_allclose(dep[np.isfinite(dep)], 0.0, atol=1e-5)
+    has = np.isfinite(some["surprise"].values)
+    assert has.mean() > 0.2 and np.isfinite(dep[has]).all()  # every patch-date with a surprise has a departure
 
 
 def test_year_ago_references_are_encoded_not_predicted(synth_cube, tiny_run):
@@ -300,7 +316,7 @@ def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10, 20), members=1), store)
     out = tmp_path / "alerts"
     res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out),
-                              "--history-days", "60", "--catalog", str(tmp_path / "cat")])
+                              "--history-days", "60", "--lead-days", "45", "--catalog", str(tmp_path / "cat")])
     assert res.exit_code == 0, res.output
     alerts = gpd.read_parquet(out / "alerts.parquet")
     assert alerts.crs.to_epsg() == 4326
@@ -308,6 +324,7 @@ def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     gpd.read_file(out / "alerts.geojson")
     scores = xr.open_zarr(out / "scores.zarr")
     assert scores.score.dims == ("time", "y", "x") and scores.time.values[0] >= np.datetime64("2021-08-01")
+    assert scores.attrs["geowm:lead_days"] == 45.0  # the forecasts compared with were made 45 days ahead
     import pystac  # the CLI keeps the catalog current: an item per alert and one for the score raster
 
     cat = pystac.Catalog.from_file(str(tmp_path / "cat" / "catalog.json"))
@@ -331,6 +348,13 @@ def test_cli_anomalies_bad_input(synth_cube, tiny_run, tmp_path):
     res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(tmp_path / "nope"),
                               "--out", str(out)])
     assert res.exit_code == 2 and "no forecast store" in res.output and not out.exists()
+    good = tmp_path / "fc_good"
+    write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10,), members=1), good)
+    for lead in ("0", "-30", "nan"):
+        res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(good), "--out", str(out),
+                                  "--lead-days", lead, "--no-catalog"])
+        assert res.exit_code == 2 and "lead_days must be a positive" in res.output, res.output
+        assert not out.exists()
 
 
 def test_readme_python_quickstart_runs(synth_cube, tiny_run, tmp_path):
