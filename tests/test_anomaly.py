@@ -350,10 +350,13 @@ def test_cli_anomalies_bad_input(synth_cube, tiny_run, tmp_path):
     assert res.exit_code == 2 and "no forecast store" in res.output and not out.exists()
     good = tmp_path / "fc_good"
     write_forecasts(forecast(str(synth_cube), str(tiny_run), init="2021-08-01", leads=(10,), members=1), good)
-    for lead in ("0", "-30", "nan"):
+    for option, value, why in (("--lead-days", "0", "lead_days must be a positive"),
+                               ("--lead-days", "-30", "lead_days must be a positive"),
+                               ("--lead-days", "nan", "lead_days must be a positive"),
+                               ("--history-days", "-1", "history_days must be >= 0")):
         res = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(good), "--out", str(out),
-                                  "--lead-days", lead, "--no-catalog"])
-        assert res.exit_code == 2 and "lead_days must be a positive" in res.output, res.output
+                                  option, value, "--no-catalog"])
+        assert res.exit_code == 2 and why in res.output, res.output
         assert not out.exists()
 
 
