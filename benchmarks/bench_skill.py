@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import _skill_setup as setup
+from benchmarks.stages import _reset_peak_rss, _status_kib
 
 METHODS = ("model", "pixel", "persistence", "climatology", "damped_anomaly", "harmonic", "bfast")
 LABEL = {"model": "JEPA", "pixel": "pixel baseline", "damped_anomaly": "damped anomaly"}
@@ -105,11 +106,14 @@ def run(mode: str, workdir: Path) -> dict:
     setup_s = time.perf_counter() - t0
     p = s["params"]
     events_path = str(Path(s["region"]) / "events.geojson")
+    reset = _reset_peak_rss()  # the evaluation's own peak resident set, not the training's before it
     t = time.perf_counter()
     report = evaluate(s["cube"], WorldModel(s["runs"]["jepa"]), events_path, p["held_from"], leads=p["leads"],
                       init_every_days=p["init_every"], history_days=p["history_days"],
                       others={"pixel": s["runs"]["pixel"]})
     eval_s = time.perf_counter() - t
+    peak = _status_kib("VmHWM:") if reset else None
+    eval_peak_mib = round(peak / 1024, 1) if peak else None
     events = setup.events_summary(events_path, p["held_from"])
     (workdir / "evaluate.json").write_text(json.dumps(report, indent=1, default=str))
     png = workdir / "skill_rmse_by_lead.png"
@@ -129,7 +133,9 @@ def run(mode: str, workdir: Path) -> dict:
         if v is not None and np.isfinite(v) and v > 0:
             headline[f"{'jepa' if m == 'model' else m}_auroc"] = round(v, 3)
     missing = [k for k in ANOMALY_TYPES if events["held_out"].get(k, 0) == 0]
-    notes = [f"Set-up (shared with `efficiency`): {json.dumps(s['setup_s'])} s; evaluation {eval_s:.0f} s.",
+    headline["evaluate_peak_rss_MiB"] = eval_peak_mib
+    notes = [f"Set-up (shared with `efficiency`): {json.dumps(s['setup_s'])} s; evaluation {eval_s:.0f} s, "
+             f"peak resident set {eval_peak_mib} MiB (`/proc` VmHWM, reset before it).",
              f"Both models: `{p['preset']}` preset, {p['steps']} steps x batch {p['batch_size']}, trained on dates up "
              f"to {p['train_until']}; held-out period from {p['held_from']} (inits every {p['init_every']} d, "
              f"leads {list(p['leads'])} d; anomaly history {p['history_days']} d).",
@@ -145,5 +151,6 @@ def run(mode: str, workdir: Path) -> dict:
             "`geowm.evaluate` on the held-out period.")
     return {"results": {"headline": headline, "description": desc, "notes": notes, "tables": tables(report, events),
                         "figures": [str(png)], "params": p, "events": events, "report": report,
-                        "setup_s": s["setup_s"], "eval_s": round(eval_s, 1), "setup_wall_s": round(setup_s, 1)},
+                        "setup_s": s["setup_s"], "eval_s": round(eval_s, 1), "eval_peak_rss_MiB": eval_peak_mib,
+                        "setup_wall_s": round(setup_s, 1)},
             "targets": {}}

@@ -131,12 +131,18 @@ class Baseline:
         self.sigma_floor = sigma_floor  # NDVI units: the smallest noise level a pixel is credited with
         self._history: xr.DataArray | None = None
 
-    def fit(self, history: xr.DataArray) -> Baseline:
-        """Fit on NDVI ``history (time, y, x)`` (NaN = not clear). Returns self."""
+    def fit(self, history: xr.DataArray, scoring: bool = True) -> Baseline:
+        """Fit on NDVI ``history (time, y, x)`` (NaN = not clear). Returns self.
+
+        ``scoring=False``, for a forecaster that uses only the observations up to the init (``uses_latest``:
+        refitted at every init to forecast from it), keeps the history without the statistics that :meth:`score`
+        needs (noise levels, departures): :meth:`forecast` is the same, at a fraction of the memory."""
         self._times, self._values = _flat(history)
         self._history = history.transpose("time", "y", "x")
         self._shape = (history.sizes["y"], history.sizes["x"])
-        self._fit()
+        self._scoring = scoring or not self.uses_latest
+        if self._scoring:
+            self._fit()
         return self
 
     def forecast(self, init_time: str | np.datetime64 | pd.Timestamp, valid_times: TimesLike) -> xr.DataArray:
@@ -151,15 +157,18 @@ class Baseline:
     def score(self, obs: xr.DataArray) -> xr.DataArray:
         """Anomaly score ``(time, y, x)`` float32 of new NDVI observations ``obs`` (NaN = not clear):
         ``|obs - expected| / sigma`` >= 0, NaN where obs is NaN or nothing is expected there."""
-        self._check_fitted()
+        self._check_fitted(scoring=True)
         times, vals = _flat(obs)
         expected, sigma = self._expected(times, vals)
         out = np.abs(vals - expected) / sigma
         return self._wrap(out, "time", times, "anomaly score (standardised surprise)", units="1")
 
-    def _check_fitted(self) -> None:
+    def _check_fitted(self, scoring: bool = False) -> None:
         if self._history is None:
             raise RuntimeError(f"{type(self).__name__}: call fit(history) first")
+        if scoring and not self._scoring:
+            raise RuntimeError(f"{type(self).__name__}: fitted with scoring=False, for forecasts only; "
+                               "fit(history) to score")
 
     def _wrap(self, arr: np.ndarray, dim: str, times: pd.DatetimeIndex, long_name: str,
               units: str | None = None) -> xr.DataArray:
@@ -405,7 +414,7 @@ class Bfast(Harmonic):
 
     def score(self, obs: xr.DataArray) -> xr.DataArray:
         """|MOSUM| (or |CUSUM|) of each clear observation of ``obs`` (time, y, x) NDVI; NaN where not clear."""
-        self._check_fitted()
+        self._check_fitted(scoring=True)
         times, vals = _flat(obs)
         res = vals - self._model(self.coef_, times)
         P = res.shape[1]

@@ -127,7 +127,7 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
     ``ds``: the cube region (Dataset); ``nd``: its NDVI (time, y, x), loaded; ``models``: name -> WorldModel
     (JEPA or pixel-baseline run); ``fitted``: name -> baseline fitted on the history (those that forecast from the
     latest observations, ``uses_latest``: persistence, damped anomaly, are refitted at each init on everything up
-    to it). Each (init, lead) whose valid day has an acquisition is scored on the
+    to it, so they may be passed unfitted). Each (init, lead) whose valid day has an acquisition is scored on the
     pixels clear that day where *every* method has a forecast. Returns ``{method: {lead: {rmse, mae, n_pixels}}}``
     (lead as ``f"{days:g}"``). ``blends``: name -> climatology blend weights of that model (``forecast``'s
     ``climatology``; default: none, the model alone).
@@ -138,7 +138,8 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
         fcs = {name: forecast(ds, m, init=init, leads=leads, members=members,
                               climatology=(blends or {}).get(name, False)) for name, m in models.items()}
         upto = nd.sel(time=slice(None, init.astype("datetime64[ns]")))
-        latest = {key: type(b)().fit(upto) for key, b in fitted.items() if b.uses_latest}  # persistence & co
+        latest = None  # persistence & co, refitted for this init (forecasts only); the previous init's go first
+        latest = {key: type(b)().fit(upto, scoring=False) for key, b in fitted.items() if b.uses_latest}
         for j, ld in enumerate(leads):
             k = _match(times, init + np.timedelta64(int(ld * 86400), "s"))
             if k is None:
@@ -202,8 +203,9 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     if start_t <= times[0] or start_t >= times[-1]:
         raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
     nd = ndvi(ds).load()
-    history = nd.sel(time=slice(None, start_t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
-    fitted = {k: cls().fit(history) for k, cls in BASELINES.items()}  # persistence: refitted per init below
+
+    def before(t: np.datetime64):  # the NDVI history before t
+        return nd.sel(time=slice(None, t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
 
     # ---- NDVI forecasts by lead, after the calibration days
     from geowm.calibrate import fit_calibration
@@ -217,14 +219,15 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
                                                n_inits=max(2, int(calibrate_days // 15)), every_days=15, max_px=512,
                                                write=False)
             blends[key] = calibration[key].get("weights", {})
-    skill_fitted = fitted
     if any(blends.values()):  # the calibration days are spent: score after them, every method knowing them
         score_from = until
-        upto = nd.sel(time=slice(None, score_from.astype("datetime64[ns]") - np.timedelta64(1, "s")))
-        skill_fitted = {k: BASELINES[k]().fit(upto) for k in fitted}
+    # each baseline holds its (time, pixel) history: one set of them lives at a time (a 1024 px region's set
+    # is several GB), persistence & co refitted per init in forecast_skill
+    skill_fitted = {k: cls() if cls.uses_latest else cls().fit(before(score_from)) for k, cls in BASELINES.items()}
     inits = held_out_inits(times, score_from, leads, init_every_days)
     step = (lambda n, _: progress(n, len(inits) + 1)) if progress else None
     forecast_scores = forecast_skill(ds, nd, forecasters, skill_fitted, inits, leads, members, step, blends)
+    del skill_fitted
 
     # ---- anomaly scores and alerts
     scores, alerts = detect(ds, wm, start_t, history_days=history_days)
@@ -247,7 +250,10 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
              for k in ("surprise_score", "departure_score") if k in scores}  # the model's two scores alone
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
-    for key, b in fitted.items():
+    history = before(start_t)
+    for key, cls in BASELINES.items():  # fitted on the history before start, one at a time
+        b = None
+        b = cls().fit(history)
         patch_scores = _patch_mean(b.score(obs).values, p)
         auc[key] = auroc(patch_scores.ravel(), labels.ravel())
         auc_by_type[key] = per_type(patch_scores)

@@ -152,6 +152,24 @@ def test_forecast_uses_only_history_up_to_init(name):
     np.testing.assert_allclose(fc.values, fc2.values, rtol=1e-6)
     assert fc.init_time.values == np.datetime64(init)
 
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_forecast_only_fit_forecasts_the_same(name):
+    """``fit(scoring=False)``, what geowm.evaluate refits persistence & co with at every init, skips the scoring
+    statistics of the forecasters that use the latest observations, and only theirs; the forecast is the same."""
+    hist = series(seed=6)
+    init, targets = pd.Timestamp("2022-03-03"), pd.date_range("2022-03-10", periods=4, freq="10D")
+    full = BASELINES[name]().fit(hist)
+    light = BASELINES[name]().fit(hist, scoring=False)
+    np.testing.assert_array_equal(light.forecast(init, targets).values, full.forecast(init, targets).values)
+    obs = hist.isel(time=slice(-3, None))
+    if BASELINES[name].uses_latest:
+        assert not hasattr(light, "sigma_")
+        with pytest.raises(RuntimeError, match="scoring=False"):
+            light.score(obs)
+    else:  # its forecast needs the fit (harmonic coefficients): fitted in full, scores as usual
+        np.testing.assert_array_equal(light.score(obs).values, full.score(obs).values)
+
+
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_all_nan_pixel_gives_nan(name):
