@@ -31,6 +31,7 @@ from geowm.bands import RED_NIR, ndvi_bands
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 DAYS_PER_YEAR = 365.25
 TimesLike = Sequence | np.ndarray | pd.DatetimeIndex | xr.DataArray
+CHUNK_VALUES = 2**22  # (time x pixel) values per block where a per-pixel computation is done a block at a time
 
 
 def ndvi(ds: xr.Dataset) -> xr.DataArray:
@@ -107,16 +108,20 @@ def doy_climatology(times: pd.DatetimeIndex, values: np.ndarray, targets: pd.Dat
     observation is left out of its own mean."""
     dist = np.abs(np.asarray(targets.day_of_year, float)[:, None] - np.asarray(times.day_of_year, float)[None])
     dist = np.minimum(dist, DAYS_PER_YEAR - dist)  # (V, T) circular day-of-year distance
-    clear = np.isfinite(values)
-    x, m = np.where(clear, values, 0.0), clear.astype(np.float64)
+    nears = [(dist <= w).astype(np.float64) for w in windows]
     out = np.full((len(targets), values.shape[1]), np.nan)
-    for w in windows:
-        near = (dist <= w).astype(np.float64)
-        total, count = near @ x, near @ m  # (V, P)
-        if leave_one_out:
-            total, count = total - x, count - m
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = np.where(np.isnan(out) & (count > 0), total / np.where(count > 0, count, 1), out)
+    step = max(1, CHUNK_VALUES // max(1, len(times), len(targets)))  # pixels at a time: bounded temporaries
+    for c in range(0, values.shape[1], step):
+        v = values[:, c:c + step]
+        clear = np.isfinite(v)
+        x, m = np.where(clear, v, 0.0), clear.astype(np.float64)
+        o = out[:, c:c + step]
+        for near in nears:
+            total, count = near @ x, near @ m  # (V, p)
+            if leave_one_out:
+                total, count = total - x, count - m
+            with np.errstate(invalid="ignore", divide="ignore"):
+                o[...] = np.where(np.isnan(o) & (count > 0), total / np.where(count > 0, count, 1), o)
     return out
 
 
@@ -272,15 +277,18 @@ class DampedAnomaly(Climatology):
         T, P = values.shape
         if T == 0:
             return np.full((len(targets), P), np.nan)
-        last = _last_clear_index(values, strict=False)[-1]  # (P,)
-        departure = np.full((T, P), np.nan)
+        clear = np.isfinite(values)
+        last = np.where(clear.any(axis=0), T - 1 - np.argmax(clear[::-1], axis=0), -1)  # (P,) last clear row
+        del clear
+        departure = np.full(P, np.nan)  # each pixel's, at its last clear date
         for li in np.unique(last[last >= 0]):  # the last clear date of each pixel against its other dates
             cols = np.flatnonzero(last == li)
             others = values[:, cols].copy()
             others[li] = np.nan
-            departure[li, cols] = values[li, cols] - self._clim(times, others, times[li:li + 1])[0]
-        lasts = np.broadcast_to(last, (len(targets), P))
-        return self._clim(times, values, targets) + self._damped(times, departure, lasts, targets)
+            departure[cols] = values[li, cols] - self._clim(times, others, times[li:li + 1])[0]
+        age = np.asarray(targets.asi8, np.float64)[:, None] - np.asarray(times.asi8, np.float64)[np.maximum(last, 0)]
+        damped = np.exp(-age / 86400e9 / self.e_folding_days) * departure  # (V, P), as _damped
+        return self._clim(times, values, targets) + np.where((last >= 0) & np.isfinite(departure), damped, 0.0)
 
     def _expected(self, times, values):
         before = np.asarray(self._times < times[0]) if len(times) else np.zeros(len(self._times), bool)

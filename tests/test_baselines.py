@@ -261,3 +261,21 @@ def test_bfast_cusum_and_history_window():
     assert short._times[0] >= pd.Timestamp("2021-06-01") and (short.h_ < Bfast().fit(hist).h_).all()
     with pytest.raises(ValueError, match="process"):
         Bfast(process="ewma")
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_blocks_of_pixels_give_the_same_numbers(name, monkeypatch):
+    """The day-of-year climatology runs a block of pixels at a time (bounded memory on large regions): blocks of
+    one or a few pixels give the forecasts and scores of one block."""
+    import geowm.baselines as gb
+
+    hist = series(seed=9, start="2019-01-01", end="2022-12-31")
+    init, targets = "2022-06-03", pd.date_range("2022-06-10", periods=5, freq="9D")
+    obs = series(seed=10, start="2023-01-01", end="2023-03-01")
+    one = BASELINES[name]().fit(hist)
+    ref = one.forecast(init, targets).values, one.score(obs).values
+    for values in (len(hist.time) * 3, 1):  # 3 pixels a block; 1 value: one pixel a block
+        monkeypatch.setattr(gb, "CHUNK_VALUES", values)
+        blocks = BASELINES[name]().fit(hist)
+        np.testing.assert_array_equal(blocks.forecast(init, targets).values, ref[0])
+        np.testing.assert_array_equal(blocks.score(obs).values, ref[1])
