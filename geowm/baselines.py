@@ -208,7 +208,11 @@ class Persistence(Baseline):
         self.sigma_ = _robust_sigma(self._values - _last_clear(self._values, strict=True), self.sigma_floor)
 
     def _predict(self, times, values, targets):
-        last = _last_clear(values, strict=False)[-1] if len(values) else np.full(values.shape[1], np.nan)
+        last = np.full(values.shape[1], np.nan)
+        clear = np.isfinite(values)
+        if len(values):  # each pixel's last clear value
+            row = len(values) - 1 - np.argmax(clear[::-1], axis=0)
+            last = np.where(clear.any(axis=0), values[row, np.arange(values.shape[1])], np.nan)
         return np.broadcast_to(last, (len(targets), values.shape[1]))
 
     def _expected(self, times, values):
