@@ -93,6 +93,15 @@ def _last_clear_index(values: np.ndarray, strict: bool) -> np.ndarray:
     return idx
 
 
+def _last_clear_row(values: np.ndarray) -> np.ndarray:
+    """(P,): the row of each column's last clear value of ``values`` (T, P); -1 if none (the last row of
+    :func:`_last_clear_index`, without its (T, P) arrays)."""
+    if not len(values):
+        return np.full(values.shape[1], -1)
+    clear = np.isfinite(values)
+    return np.where(clear.any(axis=0), len(values) - 1 - np.argmax(clear[::-1], axis=0), -1)
+
+
 def _last_clear(values: np.ndarray, strict: bool) -> np.ndarray:
     """(T, P): the last clear value at or before (``strict``: before) each time; NaN if none."""
     idx = _last_clear_index(values, strict)
@@ -208,12 +217,9 @@ class Persistence(Baseline):
         self.sigma_ = _robust_sigma(self._values - _last_clear(self._values, strict=True), self.sigma_floor)
 
     def _predict(self, times, values, targets):
-        last = np.full(values.shape[1], np.nan)
-        clear = np.isfinite(values)
-        if len(values):  # each pixel's last clear value
-            row = len(values) - 1 - np.argmax(clear[::-1], axis=0)
-            last = np.where(clear.any(axis=0), values[row, np.arange(values.shape[1])], np.nan)
-        return np.broadcast_to(last, (len(targets), values.shape[1]))
+        row = _last_clear_row(values)
+        last = values[np.maximum(row, 0), np.arange(values.shape[1])] if len(values) else np.zeros(values.shape[1])
+        return np.broadcast_to(np.where(row >= 0, last, np.nan), (len(targets), values.shape[1]))
 
     def _expected(self, times, values):
         before = np.asarray(self._times < times[0]) if len(times) else np.zeros(len(self._times), bool)
@@ -266,9 +272,13 @@ class DampedAnomaly(Climatology):
                 targets: pd.DatetimeIndex) -> np.ndarray:
         """(V, P): ``departure`` (T, P) at row ``last`` (V, P; -1: none) damped to each target (0 where none)."""
         got = np.take_along_axis(departure, np.maximum(last, 0), axis=0)
-        age = (np.asarray(targets.asi8, np.float64)[:, None] - np.asarray(times.asi8, np.float64)[np.maximum(last, 0)])
-        damped = np.exp(-age / 86400e9 / self.e_folding_days) * got
-        return np.where((last >= 0) & np.isfinite(got), damped, 0.0)
+        return self._fade(got, np.asarray(times.asi8, np.float64)[np.maximum(last, 0)], last >= 0, targets)
+
+    def _fade(self, departure: np.ndarray, at: np.ndarray, has: np.ndarray, targets: pd.DatetimeIndex) -> np.ndarray:
+        """(V, P): ``departure`` (V or 1, P), observed at ``at`` (ns, same shape), damped to each target; 0 where
+        not ``has`` or not finite."""
+        age = np.asarray(targets.asi8, np.float64)[:, None] - at
+        return np.where(has & np.isfinite(departure), np.exp(-age / 86400e9 / self.e_folding_days) * departure, 0.0)
 
     def _fit(self) -> None:
         clim = self._clim(self._times, self._values, self._times, leave_one_out=True)
@@ -281,18 +291,15 @@ class DampedAnomaly(Climatology):
         T, P = values.shape
         if T == 0:
             return np.full((len(targets), P), np.nan)
-        clear = np.isfinite(values)
-        last = np.where(clear.any(axis=0), T - 1 - np.argmax(clear[::-1], axis=0), -1)  # (P,) last clear row
-        del clear
+        last = _last_clear_row(values)  # (P,)
         departure = np.full(P, np.nan)  # each pixel's, at its last clear date
         for li in np.unique(last[last >= 0]):  # the last clear date of each pixel against its other dates
             cols = np.flatnonzero(last == li)
             others = values[:, cols].copy()
             others[li] = np.nan
             departure[cols] = values[li, cols] - self._clim(times, others, times[li:li + 1])[0]
-        age = np.asarray(targets.asi8, np.float64)[:, None] - np.asarray(times.asi8, np.float64)[np.maximum(last, 0)]
-        damped = np.exp(-age / 86400e9 / self.e_folding_days) * departure  # (V, P), as _damped
-        return self._clim(times, values, targets) + np.where((last >= 0) & np.isfinite(departure), damped, 0.0)
+        at = np.asarray(times.asi8, np.float64)[np.maximum(last, 0)]
+        return self._clim(times, values, targets) + self._fade(departure[None], at[None], last >= 0, targets)
 
     def _expected(self, times, values):
         before = np.asarray(self._times < times[0]) if len(times) else np.zeros(len(self._times), bool)

@@ -152,6 +152,7 @@ def test_forecast_uses_only_history_up_to_init(name):
     np.testing.assert_allclose(fc.values, fc2.values, rtol=1e-6)
     assert fc.init_time.values == np.datetime64(init)
 
+
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_forecast_only_fit_forecasts_the_same(name):
     """``fit(scoring=False)``, what geowm.evaluate refits persistence & co with at every init, skips the scoring
@@ -168,7 +169,6 @@ def test_forecast_only_fit_forecasts_the_same(name):
             light.score(obs)
     else:  # its forecast needs the fit (harmonic coefficients): fitted in full, scores as usual
         np.testing.assert_array_equal(light.score(obs).values, full.score(obs).values)
-
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
