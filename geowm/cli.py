@@ -434,6 +434,9 @@ def evaluate(
     calibrate_days: float = typer.Option(90.0, help="Days after --from that fit the model's blend with the "
                                                     "pixels' climatology; NDVI forecasts are scored after them "
                                                     "(0: no blend, scored from --from)."),
+    block_px: int = typer.Option(512, "--block-px", help="Forecasts and baselines are scored this many px square "
+                                                          "at a time (memory grows with its square, not with the "
+                                                          "region); a multiple of the model's window size."),
 ) -> None:
     """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
     from geowm.cube.reader import ReadError
@@ -451,6 +454,7 @@ def evaluate(
             task = bar.add_task("evaluate", total=None)
             report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
                                   history_days=history_days, landcover=landcover, calibrate_days=calibrate_days,
+                                  block_px=block_px,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastError, CubeError, RunError, ReadError, ValueError) as exc:
         _fail(exc)

@@ -20,6 +20,11 @@
   ``breaks``).
 * **Other forecasters** (``others``, e.g. the pixel-space baseline of :mod:`geowm.model.pixel`): their NDVI
   forecasts through :func:`geowm.forecast.forecast`, scored at the same inits, leads and pixels as the model.
+* **Memory**: the NDVI forecasts and the baselines are read, fitted and scored one ``block_px`` square of the
+  region at a time (every method's pixels are independent; the blocks' errors are summed and the baselines'
+  patch scores put together before any metric), so the region's size costs time, not memory. The one regional
+  number of a baseline, the noise level given to pixels with fewer than 3 clear residuals (the median over the
+  pixels), is then the block's median.
 * **Latent neighbours** (with a land-cover raster): for random clear, single-class patches of the
   held-out period, the share of their ``k`` nearest latents by cosine (what :func:`geowm.similar`
   ranks), at *other* places and any date, that have the query's land-cover class; with the share two
@@ -38,6 +43,8 @@ from geowm.cube.reader import Labels
 from geowm.forecast import _as_dataset, forecast, region
 from geowm.inference import WorldModel
 from geowm.metrics import alert_scores, auroc, load_events, patch_labels
+
+EVAL_BLOCK_PX = 512  # px: evaluate reads, fits and scores the NDVI of this many px square at a time
 
 
 def _match(times: np.ndarray, t: np.datetime64, tol_days: float = 2.0) -> int | None:
@@ -132,8 +139,16 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
     (lead as ``f"{days:g}"``). ``blends``: name -> climatology blend weights of that model (``forecast``'s
     ``climatology``; default: none, the model alone).
     """
+    return skill_scores(skill_sums(ds, nd, models, fitted, inits, leads, members, progress, blends))
+
+
+def skill_sums(ds, nd, models: dict, fitted: dict, inits, leads, members: int = 1, progress=None,
+               blends: dict | None = None, into: dict | None = None) -> dict:
+    """The error sums behind :func:`forecast_skill` (same arguments), ``{method: {lead: [n, sum e^2, sum |e|]}}``
+    (float64), added to ``into`` when given: one region's sums, or the sum over its blocks (pixels are scored
+    independently, so the blocks' sums are the region's)."""
     times = ds["time"].values.astype("datetime64[s]")
-    err: dict[str, dict[float, list]] = {m: {float(ld): [] for ld in leads} for m in [*models, *fitted]}
+    sums = into if into is not None else {m: {float(ld): [0, 0.0, 0.0] for ld in leads} for m in [*models, *fitted]}
     for n, init in enumerate(inits):
         fcs = {name: forecast(ds, m, init=init, leads=leads, members=members,
                               climatology=(blends or {}).get(name, False)) for name, m in models.items()}
@@ -153,17 +168,31 @@ def forecast_skill(ds, nd, models: dict, fitted: dict, inits, leads, members: in
                 preds[key] = latest.get(key, b).forecast(init, vt).values[0]
             ok = clear & np.all([np.isfinite(v) for v in preds.values()], axis=0)
             for m, v in preds.items():
-                err[m][float(ld)].append(v[ok] - obs[ok])
+                e = v[ok].astype(np.float64) - obs[ok]
+                acc = sums[m][float(ld)]
+                acc[0] += len(e)
+                acc[1] += float((e ** 2).sum())
+                acc[2] += float(np.abs(e).sum())
         if progress:
             progress(n + 1, len(inits))
-    scores = {}
-    for m, by_lead in err.items():
-        scores[m] = {}
-        for ld, parts in by_lead.items():
-            e = np.concatenate(parts) if parts else np.zeros(0)
-            scores[m][f"{ld:g}"] = {"rmse": float(np.sqrt((e ** 2).mean())) if len(e) else None,
-                                    "mae": float(np.abs(e).mean()) if len(e) else None, "n_pixels": int(len(e))}
-    return scores
+    return sums
+
+
+def skill_scores(sums: dict) -> dict:
+    """``{method: {lead: {rmse, mae, n_pixels}}}`` from :func:`skill_sums`' sums (None where nothing was scored)."""
+    return {m: {f"{ld:g}": {"rmse": float(np.sqrt(se / n)) if n else None, "mae": float(ae / n) if n else None,
+                            "n_pixels": int(n)} for ld, (n, se, ae) in by_lead.items()} for m, by_lead in sums.items()}
+
+
+def eval_blocks(H: int, W: int, size: int) -> list[tuple[slice, slice]]:
+    """(rows, columns) of the ``size`` px squares (the last of a row or column smaller) that cover H x W px."""
+    return [(slice(y0, min(y0 + size, H)), slice(x0, min(x0 + size, W)))
+            for y0 in range(0, H, size) for x0 in range(0, W, size)]
+
+
+def _before(nd, t: np.datetime64):
+    """The NDVI history before ``t``."""
+    return nd.sel(time=slice(None, t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
 
 
 def baseline_alerts(baseline, patch_scores, like, crs: str):
@@ -186,12 +215,17 @@ def baseline_alerts(baseline, patch_scores, like, crs: str):
 
 def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20, 30), init_every_days: float = 10,
              history_days: float = 365.0, bbox=None, members: int = 1, landcover: str | None = None,
-             others: dict | None = None, calibrate_days: float = 90.0, progress=None) -> dict:
+             others: dict | None = None, calibrate_days: float = 90.0, block_px: int = EVAL_BLOCK_PX,
+             progress=None) -> dict:
     """Scores of the model and of each baseline on the period after ``start``; see the module doc.
 
     ``landcover``: a categorical raster (any grid; read onto the cube's by nearest neighbour) for the
     latent-neighbour check (``similar`` in the report). ``others``: name -> run directory or WorldModel of
     more forecasters (e.g. ``{"pixel": "runs/pixel"}``) scored like the model in ``ndvi_forecast``.
+    ``block_px``: the NDVI forecasts and the baselines are read, fitted and scored one square of this many px at
+    a time (:func:`eval_blocks`), so memory does not grow with the region; a multiple of every forecaster's
+    window size (the same windows, so the same forecasts, as over the whole region). Raises ValueError on a bad
+    ``block_px`` or ``start``.
     """
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
     others = {k: v if isinstance(v, WorldModel) else WorldModel(v) for k, v in (others or {}).items()}
@@ -202,15 +236,15 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     times = ds["time"].values.astype("datetime64[s]")
     if start_t <= times[0] or start_t >= times[-1]:
         raise ValueError(f"{name}: --from {start_t} must lie inside the cube ({times[0]} .. {times[-1]})")
-    nd = ndvi(ds).load()
-
-    def before(t: np.datetime64):  # the NDVI history before t
-        return nd.sel(time=slice(None, t.astype("datetime64[ns]") - np.timedelta64(1, "s")))
+    forecasters = {"model": wm, **others}
+    unit = int(np.lcm.reduce([p] + [m.window.size // m.cfg.patch * m.cfg.patch for m in forecasters.values()]))
+    if not (isinstance(block_px, (int, np.integer)) and block_px > 0 and block_px % unit == 0):
+        raise ValueError(f"block_px {block_px!r}: give a positive multiple of {unit} px (the forecasters' window "
+                         "size), so that every block is forecast in the windows of the whole region")
 
     # ---- NDVI forecasts by lead, after the calibration days
     from geowm.calibrate import fit_calibration
 
-    forecasters = {"model": wm, **others}
     score_from, calibration, blends = start_t, {}, {}
     if calibrate_days > 0:
         until = start_t + np.timedelta64(int(calibrate_days * 86400), "s")
@@ -221,21 +255,39 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
             blends[key] = calibration[key].get("weights", {})
     if any(blends.values()):  # the calibration days are spent: score after them, every method knowing them
         score_from = until
-    # each baseline holds its (time, pixel) history: one set of them lives at a time (a 1024 px region's set
-    # is several GB), persistence & co refitted per init in forecast_skill
-    skill_fitted = {k: cls() if cls.uses_latest else cls().fit(before(score_from)) for k, cls in BASELINES.items()}
     inits = held_out_inits(times, score_from, leads, init_every_days)
-    step = (lambda n, _: progress(n, len(inits) + 1)) if progress else None
-    forecast_scores = forecast_skill(ds, nd, forecasters, skill_fitted, inits, leads, members, step, blends)
-    del skill_fitted
 
-    # ---- anomaly scores and alerts
+    # ---- the model's anomaly scores and alerts (tile by tile over the region)
     scores, alerts = detect(ds, wm, start_t, history_days=history_days)
+    st = scores["time"].values
+
+    # ---- block by block: every forecaster's NDVI errors and the baselines' patch anomaly scores. Each baseline
+    # holds its (time, pixel) history, so one block's set of them lives at a time (a 1024 px region's set is
+    # several GB); persistence & co are refitted per init in skill_sums
+    cuts = eval_blocks(ds.sizes["y"], ds.sizes["x"], block_px)
+    total = len(cuts) * len(inits) + 1
+    sums = None
+    base_scores = {k: np.full((len(st), scores.sizes["py"], scores.sizes["px"]), np.nan, np.float32)
+                   for k in BASELINES}
+    for c, (ys, xs) in enumerate(cuts):
+        sub = ds.isel(y=ys, x=xs)
+        nd = ndvi(sub).load()
+        step = (lambda n, _, c=c: progress(c * len(inits) + n, total)) if progress else None
+        fitted = {k: cls() if cls.uses_latest else cls().fit(_before(nd, score_from)) for k, cls in BASELINES.items()}
+        sums = skill_sums(sub, nd, forecasters, fitted, inits, leads, members, step, blends, into=sums)
+        fitted = None
+        history, obs = _before(nd, start_t), nd.sel(time=st)
+        cell = (slice(None), slice(ys.start // p, ys.stop // p), slice(xs.start // p, xs.stop // p))
+        for key, cls in BASELINES.items():  # fitted on the history before start, one at a time
+            b = None
+            b = cls().fit(history)
+            base_scores[key][cell] = _patch_mean(b.score(obs).values, p)
+        b = nd = history = obs = None
+    forecast_scores = skill_scores(sums)
+
     ev = load_events(events)
     crs = ev.attrs.get("crs")
-    st = scores["time"].values
     labels = patch_labels(ev, st, scores["py"].values, scores["px"].values, crs).values
-    obs = nd.sel(time=st)
     types = sorted(set(ev.loc[ev["anomaly"].astype(bool), "type"]))
     by_type = {t: patch_labels(ev[ev["type"] == t], st, scores["py"].values, scores["px"].values, crs).values
                for t in types}  # each type's positives against the same negatives
@@ -250,15 +302,11 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
              for k in ("surprise_score", "departure_score") if k in scores}  # the model's two scores alone
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
-    history = before(start_t)
-    for key, cls in BASELINES.items():  # fitted on the history before start, one at a time
-        b = None
-        b = cls().fit(history)
-        patch_scores = _patch_mean(b.score(obs).values, p)
-        auc[key] = auroc(patch_scores.ravel(), labels.ravel())
-        auc_by_type[key] = per_type(patch_scores)
-        if hasattr(b, "breaks") and crs_wkt:  # change detectors: alerts by their own rule
-            found = baseline_alerts(b, patch_scores, scores["score"], crs_wkt)
+    for key, cls in BASELINES.items():
+        auc[key] = auroc(base_scores[key].ravel(), labels.ravel())
+        auc_by_type[key] = per_type(base_scores[key])
+        if hasattr(cls, "breaks") and crs_wkt:  # change detectors: alerts by their own rule
+            found = baseline_alerts(cls(), base_scores[key], scores["score"], crs_wkt)
             base_alerts[key] = {**_jsonable(alert_scores(found, ev, since=start_t)), "n_alerts": int(len(found))}
     similar = None
     if landcover:
@@ -270,7 +318,7 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
         ix = int(np.argmin(np.abs(full["x"].values - ds["x"].values[0])))
         similar = similar_landcover_share(ds, wm, lc.crop(iy, ix, ds.sizes["y"], ds.sizes["x"]), start_t)
     if progress:
-        progress(len(inits) + 1, len(inits) + 1)
+        progress(total, total)
     return {
         "cube": name, "model_run": wm.run_id, "from": str(start_t), "inits": [str(t) for t in inits],
         "ndvi_forecast": forecast_scores, "ndvi_scored_from": str(score_from), "calibration": calibration,

@@ -291,13 +291,21 @@ def tile_regions(ds: xr.Dataset, t_index: np.ndarray, tile: int = TILE):
             yield y0, x0, sub.load()
 
 
-def tile_jobs(sub: xr.Dataset, wm: WorldModel, init_t, vt: np.ndarray, members: int, seed: int, ty: int, tx: int):
+def member_seed(seed: int, sub: xr.Dataset, b: Block) -> list[int]:
+    """The entropy of a block's ensemble draws: ``seed`` and the bits of the block's first pixel centre in the cube
+    CRS, so a place gets the same members whatever region it is forecast in (a bbox, one of ``geowm evaluate``'s
+    blocks or the whole cube; offsets from the region's corner would differ)."""
+    y, x = np.float64(sub["y"].values[b.y0]), np.float64(sub["x"].values[b.x0])
+    return [int(seed), int(y.view(np.uint64)), int(x.view(np.uint64))]
+
+
+def tile_jobs(sub: xr.Dataset, wm: WorldModel, init_t, vt: np.ndarray, members: int, seed: int):
     """A tile's blocks with at least 2 context dates (``todo``), their context data (block -> refl, valid, dates)
     and the ensemble's jobs grouped by context length (length -> [(block, member, context positions)])."""
     todo = [b for b in blocks(sub, wm, init_t, vt.max()) if len(b.t_index) >= 2]
     jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}
     for i, b in enumerate(todo):
-        rng = np.random.default_rng([seed, ty + b.y0, tx + b.x0])
+        rng = np.random.default_rng(member_seed(seed, sub, b))
         for m, keep in enumerate(_members(len(b.t_index), members, rng)):
             jobs.setdefault(len(keep), []).append((i, m, keep))
     return todo, {i: read_block(sub, wm, b) for i, b in enumerate(todo)}, jobs
@@ -332,7 +340,7 @@ def put_latents(z: np.ndarray, b: Block, outs: tuple, p: int, ty: int, tx: int) 
 def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx) -> None:
     out_bands, out_ndvi = outs[:2]
     p, C, K = wm.cfg.patch, len(wm.bands), len(vt)
-    todo, data, jobs = tile_jobs(sub, wm, init_t, vt, members, seed, ty, tx)
+    todo, data, jobs = tile_jobs(sub, wm, init_t, vt, members, seed)
     preds: dict[tuple[int, int], np.ndarray] = {}
     anchors: dict[int, tuple] = {}
     for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):

@@ -21,7 +21,7 @@ def forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn,
     out_bands, out_ndvi = outs[:2]
     p = wm.cfg.patch
     mean, std = wm.mean[:, None, None], wm.std[:, None, None]
-    todo, data, jobs = tile_jobs(sub, wm, init_t, vt, members, seed, ty, tx)  # the JEPA's context rule
+    todo, data, jobs = tile_jobs(sub, wm, init_t, vt, members, seed)  # the JEPA's context rule
     pix_out: dict[tuple[int, int], np.ndarray] = {}
     vec_out: dict[tuple[int, int], np.ndarray] = {}
     for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):

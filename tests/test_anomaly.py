@@ -420,3 +420,27 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     res = runner.invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(tiny_run), "--events",
                               str(synth_region / "events.geojson"), "--from", "2030-01-01"])
     assert res.exit_code == 2 and "must lie inside the cube" in res.output.replace("\n", " ")
+
+
+def test_evaluate_block_by_block_gives_the_whole_region_scores(synth_cube, synth_region, tiny_run):
+    """``block_px``: four 128 px blocks of the 256 px region (fitted, forecast and scored one at a time, so memory
+    does not grow with the region) give the scores of one 256 px block: the same pixels, the same AUROC and
+    alerts, RMSE to float32 rounding; a size off the model's window grid is refused before anything runs."""
+    from geowm.evaluate import evaluate
+
+    kw = dict(leads=(10, 20), init_every_days=40, history_days=60, members=2)
+    args = (str(synth_cube), str(tiny_run), str(synth_region / "events.geojson"), "2021-08-01")
+    whole, blocks = evaluate(*args, block_px=256, **kw), evaluate(*args, block_px=128, **kw)
+    assert blocks["inits"] == whole["inits"] and len(whole["inits"]) >= 2
+    for method, by_lead in whole["ndvi_forecast"].items():
+        for lead, s in by_lead.items():
+            b = blocks["ndvi_forecast"][method][lead]
+            assert b["n_pixels"] == s["n_pixels"] > 1000, (method, lead)
+            assert b["rmse"] == pytest.approx(s["rmse"], rel=1e-6) and b["mae"] == pytest.approx(s["mae"], rel=1e-6)
+    for key in ("anomaly_auroc", "anomaly_auroc_by_type", "labels", "alerts", "n_alerts", "baseline_alerts"):
+        assert blocks[key] == whole[key], key
+    with pytest.raises(ValueError, match="block_px 100: give a positive multiple of 32 px"):
+        evaluate(*args, block_px=100, **kw)
+    res = runner.invoke(app, ["evaluate", "--cube", args[0], "--model", args[1], "--events", args[2], "--from",
+                              args[3], "--block-px", "0"])
+    assert res.exit_code == 2 and "give a positive multiple" in " ".join(res.output.split())

@@ -56,6 +56,22 @@ def test_forecast_sees_nothing_after_the_init(fc, synth_cube, tiny_run):
     np.testing.assert_array_equal(again.embedding.values, fc.embedding.values)
 
 
+def test_a_region_gets_the_members_of_the_whole_cube_there(fc, synth_cube, tiny_run):
+    """The ensemble's random context subsets follow the place, not the region's corner: a bbox on the window grid
+    (rows 64-191, columns 96-223; 32 px windows) forecasts what the whole cube's forecast holds there, quantiles
+    and spread too (geowm evaluate forecasts a region block by block)."""
+    cube = geowm.open_cube(synth_cube)
+    x, y = cube.x.values, cube.y.values
+    bbox = (x[96], min(y[64], y[191]), x[223], max(y[64], y[191]))
+    part = forecast(str(synth_cube), str(tiny_run), init=INIT, leads=(5, 10, 30), members=3, bbox=bbox)
+    p = fc.sizes["y"] // fc.sizes["py"]  # the run's patch
+    whole = fc.isel(y=slice(64, 192), x=slice(96, 224), py=slice(64 // p, 192 // p), px=slice(96 // p, 224 // p))
+    assert part.sizes["y"] == part.sizes["x"] == 128 and np.allclose(part.x.values, whole.x.values)
+    for var in ("ndvi", "embedding", "latent_spread"):
+        np.testing.assert_allclose(part[var].values, whole[var].values, rtol=1e-4, atol=1e-5, err_msg=var)
+    assert np.isfinite(part.ndvi.values).mean() > 0.9 and float(part.latent_spread.max()) > 0
+
+
 def test_store_append_insert_replace_and_plain_xarray(fc, synth_cube, tiny_run, tmp_path):
     store = tmp_path / "fc"
     write_forecasts(fc, store)
