@@ -434,9 +434,10 @@ def evaluate(
     calibrate_days: float = typer.Option(90.0, help="Days after --from that fit the model's blend with the "
                                                     "pixels' climatology; NDVI forecasts are scored after them "
                                                     "(0: no blend, scored from --from)."),
-    block_px: int = typer.Option(512, "--block-px", help="Forecasts and baselines are scored this many px square "
-                                                          "at a time (memory grows with its square, not with the "
-                                                          "region); a multiple of the model's window size."),
+    block_px: int | None = typer.Option(None, "--block-px", help="Forecasts and baselines are scored this many px "
+                                                                 "square at a time (memory grows with its square, "
+                                                                 "not with the region); a multiple of the model's "
+                                                                 "window size [default: 256, rounded up to one]."),
 ) -> None:
     """Model vs baselines on a held-out period: NDVI RMSE/MAE by lead, anomaly AUROC, alert scores."""
     from geowm.cube.reader import ReadError

@@ -422,11 +422,13 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     assert res.exit_code == 2 and "must lie inside the cube" in res.output.replace("\n", " ")
 
 
-def test_evaluate_block_by_block_gives_the_whole_region_scores(synth_cube, synth_region, tiny_run):
+def test_evaluate_block_by_block_gives_the_whole_region_scores(synth_cube, synth_region, tiny_run, monkeypatch):
     """``block_px``: four 128 px blocks of the 256 px region (fitted, forecast and scored one at a time, so memory
     does not grow with the region) give the scores of one 256 px block: the same pixels, the same AUROC and
     alerts, RMSE to float32 rounding; a size off the model's window grid is refused before anything runs."""
-    from geowm.evaluate import evaluate
+    import geowm.evaluate
+    from geowm.evaluate import EVAL_BLOCK_PX, block_size, evaluate
+    from geowm.inference import WorldModel
 
     kw = dict(leads=(10, 20), init_every_days=40, history_days=60, members=2)
     args = (str(synth_cube), str(tiny_run), str(synth_region / "events.geojson"), "2021-08-01")
@@ -439,8 +441,12 @@ def test_evaluate_block_by_block_gives_the_whole_region_scores(synth_cube, synth
             assert b["rmse"] == pytest.approx(s["rmse"], rel=1e-6) and b["mae"] == pytest.approx(s["mae"], rel=1e-6)
     for key in ("anomaly_auroc", "anomaly_auroc_by_type", "labels", "alerts", "n_alerts", "baseline_alerts"):
         assert blocks[key] == whole[key], key
+    wm = WorldModel(tiny_run)  # 32 px windows
     with pytest.raises(ValueError, match="block_px 100: give a positive multiple of 32 px"):
         evaluate(*args, block_px=100, **kw)
+    assert block_size(None, [wm]) == EVAL_BLOCK_PX == 256 and block_size(96, [wm, wm]) == 96
+    monkeypatch.setattr(geowm.evaluate, "EVAL_BLOCK_PX", 100)
+    assert block_size(None, [wm]) == 128  # the default, rounded up to the window grid
     res = runner.invoke(app, ["evaluate", "--cube", args[0], "--model", args[1], "--events", args[2], "--from",
                               args[3], "--block-px", "0"])
     assert res.exit_code == 2 and "give a positive multiple" in " ".join(res.output.split())
