@@ -9,7 +9,9 @@
 Nothing is processed twice: the ledger (:mod:`flows.ledger`) records the scenes a run finished,
 ingest skips scenes already in the cube, the forecast store replaces an init that is written again,
 and the scores of re-scored dates replace the old ones. A run that finds nothing new completes at
-once with ``{"nothing_new": true}``.
+once with ``{"nothing_new": true}``. The surprise record ``ALERTS/surprise.zarr`` keeps what every tick
+encoded, the history included, so a tick encodes its new acquisitions and their year-ago references only
+(``geowm.anomaly.detect``'s ``record``).
 
 Outputs a dashboard reads: the cube, the forecast store, ``ALERTS/alerts.geojson``,
 ``ALERTS/alerts.parquet`` and ``ALERTS/scores.zarr`` (the merged record: ``geowm.open_alerts(ALERTS)``,
@@ -142,7 +144,7 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
     Args:
         source: the watched folder of GeoTIFFs or STAC catalog/collection JSON.
         cube, model, store, alerts: the cube, the trained run directory, the forecast store and the
-            alerts folder (``alerts.geojson``, ``alerts.parquet``, ``scores.zarr``).
+            alerts folder (``alerts.geojson``, ``alerts.parquet``, ``scores.zarr``, ``surprise.zarr``).
         state_dir: the ledger and persisted task results (default: ``pipeline`` beside the cube).
         catalog: STAC catalog folder (default ``catalog`` beside the cube).
         leads: forecast lead times in days; members: ensemble size.
@@ -152,6 +154,7 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         tile_px: forecast tile size in pixels (default: the cube's tile size).
 
     Returns the run's ledger record: ``scenes`` processed (ids) and their ``dates``, ``init``,
+    ``acquisitions_encoded`` and ``acquisitions_reused`` (from the surprise record; history included),
     ``n_alerts`` and ``new_alert_ids``, or ``nothing_new: True``.
     """
     log = get_run_logger()
@@ -185,13 +188,16 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         commit = t.write_forecast(fc, store)
         start = str(np.datetime64(todo[0]["datetime"].replace("+00:00", ""), "s"))
         score_task = t.score_anomalies.with_options(result_storage=results)
-        scores = score_task(cube, state["snapshot"], str(model), t.model_key(model), start, history_days, device)
+        scores = score_task(cube, state["snapshot"], str(model), t.model_key(model), start, history_days, device,
+                            str(Path(alerts) / "surprise.zarr"))
         published = t.publish_alerts(scores, alerts, cube, state["snapshot"], threshold, confirm_threshold,
                                      confirmations, min_area_ha)
         cat = t.update_stac(str(catalog or default_catalog(cube)), cube, source, store, alerts)
         record.update(scenes=[s["id"] for s in todo], dates=[s["datetime"] for s in todo], init=init,
                       snapshot=state["snapshot"], forecast_commit=commit, tiles=n_tiles, tiles_cached=cached,
-                      scored_from=start, n_alerts=published["n_alerts"], new_alert_ids=published["new_ids"],
+                      scored_from=start, acquisitions_encoded=int(scores.attrs.get("geowm:computed_dates", -1)),
+                      acquisitions_reused=int(scores.attrs.get("geowm:reused_dates", -1)),
+                      n_alerts=published["n_alerts"], new_alert_ids=published["new_ids"],
                       catalog=cat, finished=datetime.now(UTC).isoformat())
         ledger.commit(work, doc, record)
         t.prune_results(results)

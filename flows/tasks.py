@@ -252,8 +252,12 @@ def write_forecast(fc: xr.Dataset, store: str) -> str:
 
 @task(name="score-anomalies", retries=1, retry_condition_fn=retry_transient, **CACHED)
 def score_anomalies(cube: str, snapshot: str, model: str, model_fingerprint: str, start: str,
-                    history_days: float, device: str = "cpu") -> xr.Dataset:
-    """Anomaly scores (geowm.anomaly.detect) of the acquisitions from ``start`` on, on the patch grid."""
+                    history_days: float, device: str = "cpu", record: str | None = None) -> xr.Dataset:
+    """Anomaly scores (geowm.anomaly.detect) of the acquisitions from ``start`` on, on the patch grid.
+
+    ``record``: the surprise record (``ALERTS/surprise.zarr``) the acquisitions scored at earlier ticks are taken
+    from, the history included, and that is updated: a tick encodes its new acquisitions and their year-ago
+    references only."""
     from geowm.anomaly import detect
     from geowm.cube.store import open_cube
 
@@ -261,7 +265,8 @@ def score_anomalies(cube: str, snapshot: str, model: str, model_fingerprint: str
     ds.attrs["geowm:cube"] = cube
     wm = _world_model(str(model), model_fingerprint, device)
     with dask.config.set(scheduler="threads"):  # as forecast_tile: never sub-tasks from inside a task
-        scores, _ = detect(ds, wm, start, history_days=history_days)  # alerts: from the merged record below
+        scores, _ = detect(ds, wm, start, history_days=history_days,  # alerts: from the merged record below
+                           record=record)
         return scores.load()
 
 

@@ -32,14 +32,18 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
 from geowm.baselines import ndvi
+from geowm.cube.store import date_sources
 from geowm.forecast import (
     TILE,
     _as_dataset,
@@ -111,6 +115,10 @@ DEPARTURE_NEIGHBOURHOOD = 9  # patches: the departure score is a median over thi
 # / 0.9967 / 0.9957, C 0.9812 / 0.9824 / 0.9826 / 0.9827 (0 is the sign alone, before). Scaling the departure
 # score by the patch's same-day NDVI loss as well helped A and B but lost C's drought (0.9783 -> 0.9654).
 VEGETATION_LOSS_FULL = 0.1
+# The surprise record (``ALERTS/surprise.zarr``, :func:`write_record`): every date :func:`surprise` computed, the
+# history included, so that the next run encodes only what is new. Change this when what surprise() computes
+# for a date changes: records of another format are not reused.
+RECORD_FORMAT = "geowm-surprise/1"
 
 
 def _td(days: float) -> np.timedelta64:
@@ -133,7 +141,7 @@ def _doy_distance(a: np.ndarray, b) -> np.ndarray:
 def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lead_days: float = LEAD_DAYS,
              batch_size: int = 32, departure_lag_days: float | None = DEPARTURE_LAG_DAYS,
              departure_window_days: float = DEPARTURE_WINDOW_DAYS, departure_from=None, also=None,
-             progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+             reuse: xr.Dataset | None = None, progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
     """Per-patch surprise and seasonal departure at every cube date in [start, end] (default: all dates)
     and at the cube dates among ``also`` (datetime64 array; e.g. earlier seasons for the recurrence cap).
 
@@ -144,10 +152,18 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     ``departure_lag_days`` is None), ``ndvi_change`` (time, py, px; the patch's mean NDVI minus its mean
     over those reference dates; with ``departure`` where the cube has red and near-infrared bands),
     ``ndvi_change_at_day`` (the patch's NDVI minus last year's on the day, linear between the nearest clear
-    references on each side of it, NaN without one on each side; with ``ndvi_change``) and
-    ``clear_fraction`` (time, py, px; share of valid pixels), with the cube's ``spatial_ref``.
+    references on each side of it, NaN without one on each side; with ``ndvi_change``),
+    ``departure_scored`` (time; bool, whether the date got a departure: the dates from ``departure_from`` on)
+    and ``clear_fraction`` (time, py, px; share of valid pixels), with the cube's ``spatial_ref``.
     ``departure_from`` (default ``start``): the departure is computed for the dates from it on (NaN before);
     the acquisitions a year before those are encoded too.
+
+    ``reuse``: an earlier result (a surprise record, :func:`open_record`) whose dates are taken as they are
+    instead of being encoded again, where it was made by the same model (run id and configuration), lead and
+    departure settings, on the same patch grid, and from the same scenes at that date and at every cube date
+    before it (:func:`geowm.cube.store.date_sources`; what a date's surprise and departure are computed from);
+    a date that needs a departure and has none there is computed. ``attrs['geowm:computed_dates']`` and
+    ``attrs['geowm:reused_dates']`` count both kinds.
     """
     wm = model if isinstance(model, WorldModel) else WorldModel(model)
     ds, name = _as_dataset(cube)
@@ -161,41 +177,69 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         raise ValueError(f"{name}: no acquisition between {lo} and {hi} (cube {times[0]} .. {times[-1]})")
     if also is not None:
         scored |= np.isin(times, np.asarray(also, "datetime64[s]"))
-    enc = scored.copy()
     dep_from = lo if departure_from is None else max(lo, np.datetime64(departure_from, "s"))
+    with_dep = (times >= dep_from) if departure_lag_days is not None else np.zeros(len(times), bool)
+    y, x = ds["y"].values, ds["x"].values
+    py, px = y.reshape(-1, p).mean(1), x.reshape(-1, p).mean(1)
+    key = _record_key(wm, ds, lead_days, departure_lag_days, departure_window_days)
+    sources = date_sources(ds)
+    cached = _reusable(reuse, key, sources, py, px)
+    have = np.zeros(len(times), bool)  # the dates ``reuse`` holds as needed
+    for i, t in enumerate(times):
+        row = cached.get(str(t))
+        have[i] = row is not None and (row[1] or not with_dep[i])
+    todo = scored & ~have  # the dates computed now
+    enc = todo.copy()
     if departure_lag_days is not None:
         lag, w = _td(departure_lag_days), _td(departure_window_days)
-        enc |= (times >= dep_from - lag - w) & (times <= hi - lag + w)
+        dep_dates = times[todo & with_dep]
+        if len(dep_dates):
+            enc |= (times >= dep_dates.min() - lag - w) & (times <= dep_dates.max() - lag + w)
     enc_times = times[enc]
-    nxt = np.minimum(np.searchsorted(enc_times, times), len(enc_times) - 1)  # the next encoded date of each date
-    need = np.flatnonzero((enc_times[nxt] >= times) & (enc_times[nxt] - times <= _td(lookback_days(wm))))
-    at = np.flatnonzero(scored[enc])  # the scored dates among the encoded ones
-    dep_rows = np.flatnonzero(enc_times[at] >= dep_from)  # the scored dates that get a departure
     H, W = ds.sizes["y"], ds.sizes["x"]
     Hp, Wp = H // p, W // p
-    out = np.full((len(at), Hp, Wp), np.nan, np.float32)
-    dep = np.full((len(at), Hp, Wp), np.nan, np.float32)
-    dgreen = np.full((len(at), Hp, Wp), np.nan, np.float32)
-    dday = np.full((len(at), Hp, Wp), np.nan, np.float32)
+    n_out = int(scored.sum())
+    out = np.full((n_out, Hp, Wp), np.nan, np.float32)
+    dep = np.full((n_out, Hp, Wp), np.nan, np.float32)
+    dgreen = np.full((n_out, Hp, Wp), np.nan, np.float32)
+    dday = np.full((n_out, Hp, Wp), np.nan, np.float32)
+    clear = np.zeros((n_out, Hp, Wp), np.float32)
     signed = True
-    clear = np.zeros((len(at), Hp, Wp), np.float32)
     n_tiles = -(-H // TILE) * -(-W // TILE)
-    for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
-        s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=scored[enc],
-                                              encode_all=departure_lag_days is not None)
-        win = (slice(None), slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
-        out[win], clear[win] = s[at], c[at]
-        if departure_lag_days is not None:
-            d, change, day_change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days,
-                                              departure_window_days, green)
-            dep[dep_rows, win[1], win[2]] = d
-            signed = signed and change is not None
-            if change is not None:
-                dgreen[dep_rows, win[1], win[2]] = change
-                dday[dep_rows, win[1], win[2]] = day_change
-        if progress:
-            progress(n + 1, n_tiles)
-    y, x = ds["y"].values, ds["x"].values
+    if todo.any():
+        rows_now = np.flatnonzero(todo[scored])  # output rows of the dates computed now
+        nxt = np.minimum(np.searchsorted(enc_times, times), len(enc_times) - 1)  # the next encoded date of each
+        need = np.flatnonzero((enc_times[nxt] >= times) & (enc_times[nxt] - times <= _td(lookback_days(wm))))
+        at = np.flatnonzero(todo[enc])  # the computed dates among the encoded ones
+        dep_rows = np.flatnonzero(with_dep[enc][at])  # those that get a departure
+        for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
+            s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=todo[enc],
+                                                  encode_all=departure_lag_days is not None)
+            win = (slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
+            out[(rows_now, *win)], clear[(rows_now, *win)] = s[at], c[at]
+            if departure_lag_days is not None and len(dep_rows):
+                d, change, day_change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days,
+                                                  departure_window_days, green)
+                dep[(rows_now[dep_rows], *win)] = d
+                signed = signed and change is not None
+                if change is not None:
+                    dgreen[(rows_now[dep_rows], *win)] = change
+                    dday[(rows_now[dep_rows], *win)] = day_change
+            if progress:
+                progress(n + 1, n_tiles)
+    elif progress:
+        progress(n_tiles, n_tiles)
+    kept = np.flatnonzero((scored & have)[scored])  # output rows taken from ``reuse``
+    if len(kept):
+        rows = lambda k: dict(time=[cached[str(t)][0] for t in times[scored][k]])  # noqa: E731
+        out[kept], clear[kept] = (reuse[v].isel(rows(kept)).values for v in ("surprise", "clear_fraction"))
+        kd = kept[with_dep[scored][kept]]
+        if len(kd):
+            dep[kd] = reuse["departure"].isel(rows(kd)).values
+            if "ndvi_change" in reuse:
+                dgreen[kd], dday[kd] = (reuse[v].isel(rows(kd)).values for v in ("ndvi_change", "ndvi_change_at_day"))
+            else:
+                signed = False
     dims = ("time", "py", "px")
     data = {"surprise": (dims, out), "clear_fraction": (dims, clear)}
     if departure_lag_days is not None:
@@ -210,15 +254,49 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
                 "long_name": f"patch NDVI minus its NDVI {departure_lag_days:g} days before, linear between the "
                              f"nearest clear acquisitions on each side of that day within {departure_window_days:g} "
                              "days", "units": "1"})
+    data["departure_scored"] = ("time", with_dep[scored], {"long_name": "whether the date got a departure"})
     res = xr.Dataset(
-        data, coords={"time": times[scored].astype("datetime64[ns]"), "py": y.reshape(-1, p).mean(1),
-                      "px": x.reshape(-1, p).mean(1)},
+        data, coords={"time": times[scored].astype("datetime64[ns]"), "py": py, "px": px},
         attrs={"geowm:model_run": str(wm.run.absolute()), "geowm:run_id": wm.run_id, "geowm:cube": name,
-               "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", ""))})
+               "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", "")),
+               "geowm:computed_dates": int(todo.sum()), "geowm:reused_dates": int(len(kept)), **key})
+    if sources is not None:
+        res.attrs["geowm:date_sources"] = json.dumps(sources)
     if "spatial_ref" in ds.coords:
         res = res.assign_coords(spatial_ref=ds["spatial_ref"])
     res["surprise"].attrs.update(long_name="cosine distance between observed and forecast latent", units="1")
     return res
+
+
+def _record_key(wm: WorldModel, ds: xr.Dataset, lead_days: float, departure_lag_days: float | None,
+                departure_window_days: float) -> dict[str, str]:
+    """What a surprise record's dates depend on besides the scenes: compared in full before any reuse."""
+    crs = ds["spatial_ref"].attrs.get("crs_wkt", "") if "spatial_ref" in ds.coords else ""
+    settings = {"lead_days": float(lead_days), "departure_lag_days": departure_lag_days,
+                "departure_window_days": float(departure_window_days)}
+    return {"geowm:record": RECORD_FORMAT, "geowm:record_model": f"{wm.run_id} {wm.config_hash}",
+            "geowm:record_settings": json.dumps(settings),
+            "geowm:record_crs": hashlib.sha256(str(crs).encode()).hexdigest()[:16]}
+
+
+def _reusable(record: xr.Dataset | None, key: dict[str, str], sources: dict[str, str] | None,
+              py: np.ndarray, px: np.ndarray) -> dict[str, tuple[int, bool]]:
+    """The dates of ``record`` that still hold (see :func:`surprise`'s ``reuse``): ``{date: (row, has a
+    departure)}``, the date as ISO text to the second; empty when nothing does."""
+    if record is None or sources is None or any(record.attrs.get(k) != v for k, v in key.items()):
+        return {}
+    if not (np.array_equal(record["py"].values, py) and np.array_equal(record["px"].values, px)):
+        return {}
+    try:
+        then = json.loads(record.attrs.get("geowm:date_sources", "null")) or {}
+    except (TypeError, ValueError):
+        return {}
+    changed = [d for d in sorted(set(then) | set(sources)) if then.get(d) != sources.get(d)]
+    cutoff = changed[0] if changed else None  # this date and every later one may differ
+    times = record["time"].values.astype("datetime64[s]")
+    flags = record["departure_scored"].values.astype(bool)
+    return {str(t): (i, bool(f)) for i, (t, f) in enumerate(zip(times, flags, strict=True))
+            if (cutoff is None or str(t) < cutoff) and str(t) in sources}
 
 
 def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray, lag_days: float,
@@ -314,8 +392,8 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
         for g0 in range(0, len(group), batch_size):
             chunk = group[g0: g0 + batch_size]
             sl = [(slice(blocks[b][0], blocks[b][0] + bh), slice(blocks[b][1], blocks[b][1] + bw)) for _, b, _ in chunk]
-            r = np.stack([refl[t_idx][:, :, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
-            v = np.stack([valid[t_idx][:, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
+            r = np.stack([refl[t_idx, :, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
+            v = np.stack([valid[t_idx, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
             tt = np.stack([times[t_idx] for _, _, t_idx in chunk])
             batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
             lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
@@ -488,7 +566,8 @@ def _nan_median_filter(a: np.ndarray, k: int, rows_per_chunk: int = 64) -> np.nd
 
 def detect(cube, model: WorldModel | str, start, end=None, history_days: float = 365.0, bbox=None,
            lead_days: float = LEAD_DAYS, rules=None, regional: bool = False, recurrence: bool = True,
-           seasonal: bool = True, progress: Callable[[int, int], None] | None = None):
+           seasonal: bool = True, record=None, rescore: bool = False,
+           progress: Callable[[int, int], None] | None = None):
     """Surprise, scores and confirmed alerts for the acquisitions in [start, end].
 
     The patches' history for the normalisation is scored too: ``history_days`` before ``start``.
@@ -503,8 +582,16 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     (0 where it is greener; :func:`vegetation_loss_only` with :data:`VEGETATION_LOSS_FULL`) and the score is
     the larger of it and the seasonal departure score (:func:`departure_score`); off: the surprise score alone,
     unsigned.
+    ``record``: a surprise record (folder, e.g. ``ALERTS/surprise.zarr``; :func:`write_record`): the dates it
+    holds that still hold are not encoded again (:func:`surprise`'s ``reuse``: the same model, settings, patch
+    grid and scenes), and it is replaced by the record of this run's dates with the other dates it held that
+    still hold. A scheduled run that adds a few acquisitions encodes those and their year-ago references, not
+    the year of history again. A record that cannot be read is recomputed and replaced (with a warning), as is
+    every date with ``rescore``.
     Returns (scores Dataset on the patch grid with ``surprise``, ``surprise_score``, ``departure``,
-    ``departure_score`` (with ``seasonal``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326).
+    ``departure_score`` (with ``seasonal``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326;
+    ``attrs['geowm:computed_dates']`` / ``['geowm:reused_dates']``: the acquisitions encoded now / taken from
+    ``record``, history and references included).
     """
     from geowm.alerts import AlertRules, alerts_from_scores
 
@@ -520,8 +607,9 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     times = ds["time"].values.astype("datetime64[s]")
     hi = times[-1] if end is None else np.datetime64(end, "s")
     earlier = recurrence_dates(times, start_t, hi, hist0) if recurrence else None
+    old = open_record(record) if record is not None and not rescore else None
     sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress, also=earlier,
-                   departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t)
+                   departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t, reuse=old)
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"], reference_from=hist0,
                   recurrence_margin=RECURRENCE_MARGIN if recurrence else None)
     if seasonal and "ndvi_change" in sur:
@@ -533,7 +621,10 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
         score = np.fmax(z, parts["departure_score"]).rename("score")
         score.attrs.update(long_name="anomaly score: the larger of the surprise and seasonal departure scores",
                            units="1")
-    out = sur.assign(score=score, **parts).sel(time=slice(start_t.astype("datetime64[ns]"), None))
+    out = sur.drop_vars("departure_scored").assign(score=score, **parts).sel(
+        time=slice(start_t.astype("datetime64[ns]"), None))
+    for k in [k for k in out.attrs if k.startswith("geowm:record") or k == "geowm:date_sources"]:
+        del out.attrs[k]
     out.attrs.update({"geowm:from": str(start_t), "geowm:lead_days": float(lead_days),
                       "geowm:history_days": float(history_days)})
     crs = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
@@ -542,6 +633,8 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     grid = out["score"].rename(py="y", px="x")
     alerts = alerts_from_scores(grid, crs, rules or AlertRules(**ALERT_RULES), obs=region(ds, bbox, wm.cfg.patch).sel(
         time=slice(hist0.astype("datetime64[ns]"), None)))
+    if record is not None:
+        write_record(merge_record(old, sur), record)
     return out, alerts
 
 
@@ -559,22 +652,72 @@ def recurrence_dates(times: np.ndarray, start, end, before) -> np.ndarray:
     return cand[(old & (_doy_distance(cdoy[:, None], sdoy[None]) <= SEASON_DAYS)).any(axis=1)]
 
 
-def write_scores(scores: xr.Dataset, path) -> None:
-    """The score raster as a plain Zarr v3 store (``xr.open_zarr(path)``), replaced atomically."""
+def _replace_store(ds: xr.Dataset, path, consolidated: bool = True) -> None:
+    """``ds`` as a plain Zarr v3 store at ``path``, written beside it and renamed over it: a reader or a failed
+    write never sees half a store."""
     import shutil
     import uuid
-    from pathlib import Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    ds = scores.rename(py="y", px="x")
-    ds.to_zarr(tmp, mode="w", consolidated=True, zarr_format=3)
+    try:
+        ds.to_zarr(tmp, mode="w", consolidated=consolidated, zarr_format=3)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_scores(scores: xr.Dataset, path) -> None:
+    """The score raster as a plain Zarr v3 store (``xr.open_zarr(path)``), replaced atomically."""
+    _replace_store(scores.rename(py="y", px="x"), path)
+
+
+def open_record(path) -> xr.Dataset | None:
+    """The surprise record at ``path`` (:func:`write_record`), opened lazily; None when there is none, or (with a
+    warning) when it cannot be read or is not a record: it is then recomputed and replaced."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+        if ds.attrs.get("geowm:record") is None or "departure_scored" not in ds:
+            raise ValueError("not a geowm surprise record")
+        if ds.attrs["geowm:record"] != RECORD_FORMAT:
+            raise ValueError(f"format {ds.attrs['geowm:record']}, this geowm writes {RECORD_FORMAT}")
+        return ds
+    except Exception as exc:  # a cache: never a reason to fail the scoring
+        warnings.warn(f"{path}: surprise record not used ({exc}); every date is computed again and the record "
+                      "replaced", stacklevel=2)
+        return None
+
+
+def merge_record(old: xr.Dataset | None, new: xr.Dataset) -> xr.Dataset:
+    """The record after a run: ``new`` (:func:`surprise`'s result) and the dates of ``old`` that it does not hold
+    and that still hold for it (the same model, settings, grid and scenes; see :func:`surprise`'s ``reuse``)."""
+    sources = json.loads(new.attrs.get("geowm:date_sources", "null"))
+    key = {k: v for k, v in new.attrs.items() if k.startswith("geowm:record")}
+    rows = _reusable(old, key, sources, new["py"].values, new["px"].values)
+    have = set(new["time"].values.astype("datetime64[s]").astype(str))
+    keep = sorted(i for t, (i, _) in rows.items() if t not in have)
+    if not keep:
+        return new
+    names = [v for v in new.data_vars if v in old.data_vars]
+    merged = xr.concat([old[names].isel(time=keep).load(), new[names]], dim="time", coords="minimal",
+                       compat="override", join="override").sortby("time")
+    merged.attrs = dict(new.attrs)
+    return merged
+
+
+def write_record(sur: xr.Dataset, path) -> None:
+    """Save a surprise record (:func:`surprise`'s result; :func:`merge_record`) as a plain Zarr v3 store at
+    ``path``, replaced atomically. Derived data: deleting it only makes the next run encode everything again."""
+    _replace_store(sur, path, consolidated=False)
 
 
 def open_scores(path) -> xr.Dataset:
@@ -583,8 +726,6 @@ def open_scores(path) -> xr.Dataset:
     Returns a Dataset on the patch grid: ``score`` (robust z, unitless), ``surprise`` (latent distance)
     and ``clear_fraction`` (0..1), each ``(time, y, x)`` with ``y, x`` patch centres in the cube CRS.
     """
-    from pathlib import Path
-
     path = Path(path)
     if path.is_dir() and (path / "scores.zarr").is_dir():
         path = path / "scores.zarr"

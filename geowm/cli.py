@@ -372,11 +372,17 @@ def anomalies(
                                   help="Also score the departure from the patch's latents a year before (slow, "
                                        "widespread vegetation loss such as drought), and count only vegetation "
                                        "loss against a year before; needs a year of cube."),
+    rescore: bool = typer.Option(False, "--rescore", help="Encode every acquisition again instead of taking the "
+                                                          "ones OUT/surprise.zarr still holds (it is replaced)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not add the alerts to the STAC catalog."),
 ) -> None:
-    """Score new observations against the model's forecasts and write confirmed alerts and the score raster."""
+    """Score new observations against the model's forecasts and write confirmed alerts and the score raster.
+
+    OUT/surprise.zarr records the surprise of every acquisition scored, the history included: a later run with
+    the same model and settings encodes only the acquisitions that are new (or whose scenes changed) and their
+    year-ago references."""
     from geowm.alerts import AlertRules, write_alerts
     from geowm.anomaly import detect, write_scores
     from geowm.cube.store import CubeError, open_cube
@@ -405,7 +411,8 @@ def anomalies(
             task = bar.add_task("score tiles", total=None)
             scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox, lead_days=lead_days,
                                     rules=rules, regional=regional_residual, recurrence=recurrence,
-                                    seasonal=seasonal,
+                                    seasonal=seasonal, record=out_dir / "surprise.zarr",
+                                    rescore=rescore,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastStoreError, CubeError, RunError, ValueError) as exc:
         _fail(exc)
@@ -413,6 +420,9 @@ def anomalies(
     paths = write_alerts(alerts, out_dir)
     err.print(f"{len(alerts)} alert(s) from {scores.sizes['time']} acquisition(s) since {first}: "
               f"{paths['geojson']}, {paths['parquet']}, {out_dir / 'scores.zarr'}")
+    err.print(f"acquisitions encoded: {scores.attrs['geowm:computed_dates']}, taken from the surprise record: "
+              f"{scores.attrs['geowm:reused_dates']} ({out_dir / 'surprise.zarr'}; history and year-ago "
+              "references included)")
     from catalog.stac import add_alerts
 
     _catalog(catalog, no_catalog, cube, lambda d: add_alerts(d, out_dir))

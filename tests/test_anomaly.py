@@ -322,9 +322,14 @@ def test_cli_anomalies_writes_alerts_and_scores(synth_cube, tiny_run, tmp_path):
     assert alerts.crs.to_epsg() == 4326
     assert {"id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"} <= set(alerts)
     gpd.read_file(out / "alerts.geojson")
-    scores = xr.open_zarr(out / "scores.zarr")
+    scores = xr.open_zarr(out / "scores.zarr").load()
     assert scores.score.dims == ("time", "y", "x") and scores.time.values[0] >= np.datetime64("2021-08-01")
     assert scores.attrs["geowm:lead_days"] == 45.0  # the forecasts compared with were made 45 days ahead
+    assert (out / "surprise.zarr").is_dir()  # a second run takes every acquisition from the surprise record
+    again = runner.invoke(app, ["anomalies", "--cube", str(synth_cube), "--forecasts", str(store), "--out", str(out),
+                                "--history-days", "60", "--lead-days", "45", "--no-catalog"])
+    assert again.exit_code == 0 and "acquisitions encoded: 0," in again.output.replace("\n", " "), again.output
+    xr.testing.assert_allclose(xr.open_zarr(out / "scores.zarr").load(), scores, atol=1e-6)
     import pystac  # the CLI keeps the catalog current: an item per alert and one for the score raster
 
     cat = pystac.Catalog.from_file(str(tmp_path / "cat" / "catalog.json"))
@@ -450,3 +455,97 @@ def test_evaluate_block_by_block_gives_the_whole_region_scores(synth_cube, synth
     res = runner.invoke(app, ["evaluate", "--cube", args[0], "--model", args[1], "--events", args[2], "--from",
                               args[3], "--block-px", "0"])
     assert res.exit_code == 2 and "give a positive multiple" in " ".join(res.output.split())
+
+
+def _release(region, watched, after: str = "", until: str = "99999999") -> list[str]:
+    """Copy the scenes of ``region`` dated after ``after`` up to ``until`` (YYYYMMDD) into ``watched``, as new
+    scenes arrive; returns their dates."""
+    import shutil
+
+    watched.mkdir(parents=True, exist_ok=True)
+    days = set()
+    for f in sorted((region / "scenes").glob("*.tif")):
+        day = f.name.split("_")[1][:8]
+        if after < day <= until:
+            shutil.copy(f, watched / f.name)
+            days.add(day)
+    return sorted(days)
+
+
+def _same_scores(a: xr.Dataset, b: xr.Dataset) -> None:
+    np.testing.assert_array_equal(a["time"].values, b["time"].values)
+    for v in ("score", "surprise", "surprise_score", "departure", "ndvi_change", "clear_fraction"):
+        np.testing.assert_array_equal(np.isfinite(a[v].values), np.isfinite(b[v].values), err_msg=v)
+        np.testing.assert_allclose(a[v].values, b[v].values, atol=1e-5, equal_nan=True, err_msg=v)
+
+
+def test_a_surprise_record_encodes_only_the_new_acquisitions(synth_region, tiny_run, tmp_path):
+    """A cube that grows by the scenes of a few weeks, scored each time with the surprise record: the second run
+    encodes nothing, the third the new dates (and the earlier seasons they bring into the recurrence cap) and not
+    the history again, with the scores and alerts of a run from scratch."""
+    from geowm.cube import IngestOptions, ingest
+
+    watched, cube, rec = tmp_path / "watched", tmp_path / "cube", tmp_path / "alerts" / "surprise.zarr"
+    _release(synth_region, watched, until="20211115")
+    ingest(watched, cube, IngestOptions(scheduler="threads"))
+    kw = dict(history_days=60, lead_days=20)
+    first, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    n_first = first.attrs["geowm:computed_dates"]
+    assert n_first > first.sizes["time"] and first.attrs["geowm:reused_dates"] == 0  # history included
+    assert anomaly.open_record(rec).sizes["time"] == n_first
+    again, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    assert again.attrs["geowm:computed_dates"] == 0 and again.attrs["geowm:reused_dates"] == n_first
+    _same_scores(again, first)
+
+    new_days = _release(synth_region, watched, after="20211115")
+    ingest(watched, cube, IngestOptions(scheduler="threads"))
+    grown, alerts = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    scratch, alerts_scratch = detect(str(cube), str(tiny_run), "2021-10-01", **kw)
+    n_all = scratch.attrs["geowm:computed_dates"]
+    computed, reused = grown.attrs["geowm:computed_dates"], grown.attrs["geowm:reused_dates"]
+    assert reused == n_first and computed == n_all - n_first and computed >= len(new_days)
+    _same_scores(grown, scratch)
+    assert len(alerts) == len(alerts_scratch) and set(alerts["id"]) == set(alerts_scratch["id"])
+    assert anomaly.open_record(rec).sizes["time"] == n_all
+
+
+def test_a_surprise_record_is_not_used_where_its_inputs_changed(synth_region, tiny_run, tmp_path):
+    """A date's record holds only for the same model settings and the same scenes at that date and before it: a
+    replaced scene makes its date and every later one be encoded again, other settings everything, and a record
+    that cannot be read is recomputed and replaced with a warning."""
+    import rasterio
+
+    from geowm.cube import IngestOptions, ingest
+
+    watched, cube, rec = tmp_path / "watched", tmp_path / "cube", tmp_path / "surprise.zarr"
+    _release(synth_region, watched)
+    ingest(watched, cube, IngestOptions(scheduler="threads"))
+    kw = dict(history_days=60, lead_days=20)
+    first, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    n = first.attrs["geowm:computed_dates"]
+    times = anomaly.open_record(rec)["time"].values
+
+    # a scene of 2021-11 replaced by other pixels: the dates before it still hold, it and the later ones do not
+    scene = next(f for f in sorted(watched.glob("*.tif")) if "_SCL" not in f.name and "_202111" in f.name)
+    day = np.datetime64(f"{scene.name[6:10]}-{scene.name[10:12]}-{scene.name[12:14]}")
+    with rasterio.open(scene) as src:
+        data, profile, names, tags = src.read(), src.profile, src.descriptions, src.tags()
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write((data * 0.8).astype(data.dtype))
+        dst.descriptions = names
+        dst.update_tags(**tags)
+    ingest(watched, cube, IngestOptions(scheduler="threads", replace=True))
+    after, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    later = int((times >= day).sum())
+    assert after.attrs["geowm:computed_dates"] == later and after.attrs["geowm:reused_dates"] == n - later
+    _same_scores(after, detect(str(cube), str(tiny_run), "2021-10-01", **kw)[0])
+
+    other, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, history_days=60, lead_days=30)
+    assert other.attrs["geowm:reused_dates"] == 0  # another lead: another surprise at every date
+
+    (rec / "zarr.json").write_text("{ not json")
+    with pytest.warns(UserWarning, match="surprise record not used"):
+        broken, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, **kw)
+    assert broken.attrs["geowm:reused_dates"] == 0 and anomaly.open_record(rec).sizes["time"] == n
+    rescored, _ = detect(str(cube), str(tiny_run), "2021-10-01", record=rec, rescore=True, **kw)
+    assert rescored.attrs["geowm:computed_dates"] == n

@@ -193,6 +193,11 @@ def test_scheduled_pipeline_on_a_real_prefect_server(small_archive, tiny_run, tm
         doc = json.loads((p["pipeline"] / "ledger.json").read_text())
         assert sorted(doc["processed"]) == sorted(batch1 + batch2)
         assert [len(r["scenes"]) for r in doc["runs"]] == [len(batch1), len(batch2)]
+        # the second tick took what the first one encoded (its history and new dates) from the surprise record, and
+        # encoded its own new dates only (this half-year cube has no year-ago references nor earlier seasons)
+        assert run1["acquisitions_reused"] == 0 and run1["acquisitions_encoded"] > len(batch1)
+        assert run2["acquisitions_encoded"] == len(set(_dates(small_archive, batch2)))
+        assert run2["acquisitions_reused"] > 0 and (p["alerts"] / "surprise.zarr").is_dir()
         import pystac  # the runs kept the STAC catalog current: every scene, both inits, the alerts
 
         cat = pystac.Catalog.from_file(str(p["catalog"] / "catalog.json"))

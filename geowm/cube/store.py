@@ -96,6 +96,35 @@ def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
     return ds
 
 
+def date_sources(ds: xr.Dataset) -> dict[str, str] | None:
+    """What each cube date was made from: ``{date: fingerprint}``, the date as ISO text to the second
+    (``2022-07-03T10:26:42``) and the fingerprint the SHA-256 (16 hex) of the records of the scenes ingested on
+    that UTC day (their ids, files with sizes and content hashes, and mask rule; ``attrs['geowm:sources']``).
+
+    Two cubes, or two snapshots of one, with the same fingerprint at a date hold the same pixels there; an
+    ingest that adds later dates leaves the earlier fingerprints as they were. None when the cube does not
+    record the sources of every date (a dataset not opened with :func:`open_cube`).
+    """
+    import json
+    from datetime import UTC, datetime
+
+    by_day: dict[np.datetime64, list[str]] = {}
+    for rec in ds.attrs.get("geowm:sources") or []:
+        try:
+            t = datetime.fromisoformat(str(rec["datetime"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+        t = t.astimezone(UTC).replace(tzinfo=None) if t.tzinfo else t
+        by_day.setdefault(np.datetime64(t, "D"), []).append(json.dumps(rec, sort_keys=True, default=str))
+    out = {}
+    for t in ds["time"].values.astype("datetime64[s]"):
+        recs = by_day.get(t.astype("datetime64[D]"))
+        if not recs:
+            return None
+        out[str(t)] = hashlib.sha256("\n".join(sorted(recs)).encode()).hexdigest()[:16]
+    return out
+
+
 @dataclass
 class CubeState:
     """What an ingest needs to know about an existing cube (read from metadata, no pixels)."""
