@@ -591,7 +591,8 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     Returns (scores Dataset on the patch grid with ``surprise``, ``surprise_score``, ``departure``,
     ``departure_score`` (with ``seasonal``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326;
     ``attrs['geowm:computed_dates']`` / ``['geowm:reused_dates']``: the acquisitions encoded now / taken from
-    ``record``, history and references included).
+    ``record``, the history and the recurrence cap's earlier seasons included; the year-ago references encoded for
+    the departure are not counted).
     """
     from geowm.alerts import AlertRules, alerts_from_scores
 

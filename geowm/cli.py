@@ -421,8 +421,8 @@ def anomalies(
     err.print(f"{len(alerts)} alert(s) from {scores.sizes['time']} acquisition(s) since {first}: "
               f"{paths['geojson']}, {paths['parquet']}, {out_dir / 'scores.zarr'}")
     err.print(f"acquisitions encoded: {scores.attrs['geowm:computed_dates']}, taken from the surprise record: "
-              f"{scores.attrs['geowm:reused_dates']} ({out_dir / 'surprise.zarr'}; history and year-ago "
-              "references included)")
+              f"{scores.attrs['geowm:reused_dates']} ({out_dir / 'surprise.zarr'}; the history and earlier "
+              "seasons included, the year-ago references encoded for the departure not counted)")
     from catalog.stac import add_alerts
 
     _catalog(catalog, no_catalog, cube, lambda d: add_alerts(d, out_dir))
