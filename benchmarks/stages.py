@@ -117,7 +117,18 @@ def _anomaly(a: dict):
     return work, None
 
 
-STAGE_FUNCS = {"ingest": _ingest, "loader": _loader, "train": _train, "forecast": _forecast, "anomaly": _anomaly}
+def _detect(a: dict):
+    from geowm.anomaly import detect
+
+    def work() -> dict:
+        scores, alerts = detect(a["cube"], a["run"], a["start"], history_days=a["history_days"], record=a["record"])
+        return {"scored_dates": int(scores.sizes["time"]), "computed_dates": int(scores.attrs["geowm:computed_dates"]),
+                "reused_dates": int(scores.attrs["geowm:reused_dates"]), "alerts": len(alerts)}
+    return work, None
+
+
+STAGE_FUNCS = {"ingest": _ingest, "loader": _loader, "train": _train, "forecast": _forecast, "anomaly": _anomaly,
+               "detect": _detect}
 PRELOAD = ["torch", "geowm.cube", "geowm.data", "geowm.train", "geowm.forecast", "geowm.anomaly", "benchmarks.stages"]
 NO_TORCH = {"ingest"}  # stages whose real processes do not import torch: a fresh (spawned) process, not the forkserver
 

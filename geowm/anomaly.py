@@ -416,7 +416,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
 
 def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_recent_days: float = EXCLUDE_RECENT_DAYS,
               min_reference: int = MIN_REFERENCE, recurrence_margin: float | None = RECURRENCE_MARGIN,
-              reference_from=None) -> xr.DataArray:
+              reference_from=None, score_from=None) -> xr.DataArray:
     """Robust z-score of each surprise against the patch's own earlier surprises in the same season.
 
     ``surp`` is (time, py, px) with NaN where not clear. The reference of date ``t`` is the patch's
@@ -427,6 +427,7 @@ def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_rece
     clear surprises in the same season a year or more before ``t`` (``RECURRENCE_AGE_DAYS``), in every
     year ``surp`` has (before ``reference_from`` too), where it has ``RECURRENCE_MIN_REFERENCE`` of them:
     what the patch already did at this time of year (harvest, mowing) does not alert again.
+    ``score_from`` (default: every date): the dates before it are reference only and get no score.
     Returns (time, py, px) float32, NaN where ``surp`` is NaN or no reference exists yet.
     """
     s = surp.values.astype(np.float64)
@@ -438,7 +439,8 @@ def normalise(surp: xr.DataArray, season_days: float = SEASON_DAYS, exclude_rece
         warnings.simplefilter("ignore", RuntimeWarning)
         _, mad_all = _med_mad(s[span])  # the MAD floor: half the median over patches of each patch's MAD
         floor = max(float(np.nanmedian(mad_all)) * 0.5 if np.isfinite(mad_all).any() else 0.0, 1e-4)
-        for k in range(len(t)):
+        first = 0 if score_from is None else int(np.searchsorted(t, np.datetime64(score_from, "D")))
+        for k in range(first, len(t)):
             past = span & (day < day[k] - exclude_recent_days)
             if not past.any() or not np.isfinite(s[k]).any():
                 continue
@@ -612,7 +614,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     sur = surprise(ds, wm, start=hist0, end=end, bbox=bbox, lead_days=lead_days, progress=progress, also=earlier,
                    departure_lag_days=DEPARTURE_LAG_DAYS if seasonal else None, departure_from=start_t, reuse=old)
     z = normalise(regional_residual(sur["surprise"]) if regional else sur["surprise"], reference_from=hist0,
-                  recurrence_margin=RECURRENCE_MARGIN if recurrence else None)
+                  recurrence_margin=RECURRENCE_MARGIN if recurrence else None, score_from=start_t)
     if seasonal and "ndvi_change" in sur:
         z = z.copy(data=vegetation_loss_only(z.values, sur["ndvi_change"].values, VEGETATION_LOSS_FULL))
     parts = {"surprise_score": z.rename("surprise_score")}

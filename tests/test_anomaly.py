@@ -225,6 +225,9 @@ def test_normalise_against_own_history():
     z = normalise(da).values
     assert z[-1, 2, 2] > 10 and abs(z[-1, 0, 5]) < 6
     assert np.nanmedian(np.abs(z[80:-1])) < 1.5  # ordinary dates are ordinary
+    part = normalise(da, score_from=times[100]).values  # the dates before are reference only: not scored
+    assert not np.isfinite(part[:100]).any()
+    np.testing.assert_array_equal(part[100:], z[100:])
     shifted = da.copy()
     shifted[-2] += 0.3  # a scene-wide shift (haze) is removed by the regional residual
     assert np.nanmax(np.abs(regional_residual(shifted).values[-2] - regional_residual(da).values[-2])) < 1e-9
