@@ -122,41 +122,29 @@ def _tick(workdir: Path, region: Path, cube: Path, run_dir: Path, start: str, th
           in_process: bool) -> tuple[dict, dict, int]:
     """A scheduled tick (see the module docstring): the first scoring's and the tick's measurements and the
     number of acquisitions the tick brought."""
-    import shutil
-
     import numpy as np
 
+    from flows.simulator import release
     from geowm.cube import IngestOptions, ingest
     from geowm.cube.store import open_cube
 
     watched, tick_cube, alerts = workdir / "tick_watched", workdir / "tick_cube", workdir / "tick_alerts"
     for d in (watched, tick_cube, alerts):
         remove(d)
-    watched.mkdir(parents=True)
     ds = open_cube(cube)
     clear = ds["valid"].mean(("y", "x")).values
     days = ds["time"].values.astype("datetime64[D]")
     cut = days[np.flatnonzero(clear >= 0.5)[-1]]  # the tick brings the last mostly clear acquisition
-    scenes = sorted((region / "scenes").glob("*.tif"))
-    args = {"cube": str(tick_cube), "run": str(run_dir), "start": start, "history_days": 365.0,
+    args = {"cube": str(tick_cube), "run": str(run_dir), "history_days": 365.0,
             "record": str(alerts / "surprise.zarr"), "threads": threads}
-    for arrived in (False, True):
-        for f in scenes:
-            if (_scene_day(f) == cut) if arrived else (_scene_day(f) < cut):
-                shutil.copy(f, watched / f.name)
+
+    def arrive(until, score_from) -> dict:  # the scenes up to ``until`` (a UTC day) arrive, are ingested and scored
+        release(region, watched, str(until))
         ingest(watched, tick_cube, IngestOptions(scheduler="synchronous"))
-        r = run_stage("detect", {**args, "start": str(cut) if arrived else start}, in_process=in_process)
-        if not arrived:
-            first = r
-    return first, r, int((days == cut).sum())
+        return run_stage("detect", {**args, "start": str(score_from)}, in_process=in_process)
 
-
-def _scene_day(f: Path):
-    """The acquisition day of a synthetic scene file (``S2SYN_20210614T102642.tif``, ``..._SCL.tif``)."""
-    import numpy as np
-
-    d = f.name.split("_")[1][:8]
-    return np.datetime64(f"{d[:4]}-{d[4:6]}-{d[6:8]}")
+    first = arrive(cut - np.timedelta64(1, "D"), start)
+    return first, arrive(cut, cut), int((days == cut).sum())
 
 
 if __name__ == "__main__":
