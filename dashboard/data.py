@@ -23,7 +23,7 @@ from affine import Affine
 
 import geowm
 from geowm.alerts import grid_transform
-from geowm.bands import ndvi_bands
+from geowm.bands import common_names_of, ndvi_bands, rgb_bands
 
 ENV_VAR = "GEOWM_WORKDIR"
 COMPONENTS = ("cube", "forecasts", "alerts")  # fixed folder names inside a workdir
@@ -32,7 +32,6 @@ IMAGE_CLEAR_MIN = 0.6  # "latest clear" acquisition: at least this share of the 
 SERIES_CLEAR_MIN = 0.5  # an acquisition enters an observed series when this share of the footprint is valid
 CHIP_CLEAR_MIN = 0.8  # a before/after chip needs this share of its window valid
 CHIP_MIN_PX = 48  # chips show at least this many cube pixels a side
-RGB_BANDS = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("red", "green", "blue"), ("RED", "GREEN", "BLUE"))
 
 
 class WorkdirError(ValueError):
@@ -193,14 +192,6 @@ def cube_info(cube: xr.Dataset) -> CubeInfo:
                     grid_of(cube), int(cube.attrs.get("geowm:tile_size", 256)), str(cube.attrs.get("geowm:snapshot")))
 
 
-def rgb_bands(bands: Sequence[str]) -> list[str] | None:
-    """Red, green, blue band names of the cube, or None."""
-    for names in RGB_BANDS:
-        if all(b in bands for b in names):
-            return list(names)
-    return None
-
-
 # ---------------------------------------------------------------------------------------------- alerts
 
 
@@ -315,7 +306,7 @@ def scene(cube: xr.Dataset, t: int, max_px: int = MAP_MAX_PX) -> dict[str, np.nd
     bands = [str(b) for b in cube["band"].values]
     H, W = cube.sizes["y"], cube.sizes["x"]
     f = coarsen_factor(H, W, max_px)
-    rgb, rn = rgb_bands(bands), ndvi_bands(bands)
+    rgb, rn = rgb_bands(bands, common_names_of(cube)), ndvi_bands(bands, common_names_of(cube))
     need = sorted({bands.index(b) for b in rgb or []} | set(rn or ()))
     chunk = int(cube["reflectance"].chunksizes["y"][0]) if cube["reflectance"].chunks else 256
     strip = -(-chunk // f) * f

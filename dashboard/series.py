@@ -25,9 +25,8 @@ from dashboard.data import (
     Grid,
     WorkdirError,
     grid_of,
-    rgb_bands,
 )
-from geowm.bands import ndvi_bands
+from geowm.bands import common_names_of, ndvi_bands, rgb_bands
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ def observed_ndvi(cube: xr.Dataset, region: Region, min_clear: float = SERIES_CL
     observations only), ``clear_fraction`` (valid share of the footprint), ``window_clear_fraction``
     (valid share of the whole window, used to pick chips).
     """
-    rn = ndvi_bands([str(b) for b in cube["band"].values])
+    rn = ndvi_bands([str(b) for b in cube["band"].values], common_names_of(cube))
     sub = cube.isel(y=region.rows, x=region.cols)
     times = sub["time"].values.astype("datetime64[ns]")
     ok = sub["valid"]
@@ -171,7 +170,7 @@ def chip_dates(observed: pd.DataFrame, first: np.datetime64, last: np.datetime64
 
 def chip(cube: xr.Dataset, region: Region, when: np.datetime64) -> np.ndarray | None:
     """Red/green/blue reflectance (3, h, w) of the region's window at acquisition ``when`` (None without RGB)."""
-    rgb = rgb_bands([str(b) for b in cube["band"].values])
+    rgb = rgb_bands([str(b) for b in cube["band"].values], common_names_of(cube))
     if rgb is None:
         return None
     sub = cube["reflectance"].sel(time=np.datetime64(when, "ns"), band=rgb).isel(y=region.rows, x=region.cols)

@@ -56,6 +56,7 @@ from shapely.geometry import shape
 from shapely.ops import unary_union
 
 from geowm.atomic import atomic_write, atomic_write_text
+from geowm.bands import band_roles, common_names_of
 
 ALERT_COLUMNS = ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"]
 ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "unknown")
@@ -193,14 +194,15 @@ def _footprint_polygon(mask: np.ndarray, transform: Affine):
 
 
 def _band_index(obs: xr.Dataset) -> dict[str, int]:
-    return {str(b): i for i, b in enumerate(obs["reflectance"]["band"].values)}
+    """Index of the blue, green, red and near-infrared bands of ``obs`` (by common name, else by name)."""
+    return band_roles(obs["reflectance"]["band"].values, common_names_of(obs))
 
 
 def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.ndarray,
                 first: np.datetime64, last: np.datetime64) -> str:
     """Type guess for one footprint; ``rows``/``cols`` map obs y/x to score-grid indices (-1 = outside)."""
     bands = _band_index(obs)
-    if not {"B03", "B04", "B08"} <= set(bands):
+    if not {"green", "red", "nir"} <= set(bands):
         return "unknown"
     r_in = np.nonzero((rows >= 0) & foot.any(axis=1)[np.clip(rows, 0, None)])[0]
     c_in = np.nonzero((cols >= 0) & foot.any(axis=0)[np.clip(cols, 0, None)])[0]
@@ -209,7 +211,7 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     ys, xs = slice(r_in.min(), r_in.max() + 1), slice(c_in.min(), c_in.max() + 1)
     omask = foot[rows[ys]][:, cols[xs]] & (rows[ys] >= 0)[:, None] & (cols[xs] >= 0)[None, :]
     t = obs["time"].values.astype("datetime64[ns]")
-    names = [b for b in ("B02", "B03", "B04", "B08") if b in bands]
+    names = [b for b in ("blue", "green", "red", "nir") if b in bands]
 
     def median_refl(tsel: np.ndarray) -> dict[str, float] | None:
         if not tsel.any():
@@ -229,8 +231,8 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
         return "unknown"
 
     def idx(m: dict[str, float]) -> tuple[float, float, float, float]:
-        g, r, n = m["B03"], m["B04"], m["B08"]
-        vis = np.mean([m[b] for b in ("B02", "B03", "B04") if b in m])
+        g, r, n = m["green"], m["red"], m["nir"]
+        vis = np.mean([m[b] for b in ("blue", "green", "red") if b in m])
         return (n - r) / (n + r + 1e-6), (g - n) / (g + n + 1e-6), vis, n
 
     ndvi_b, ndwi_b, vis_b, nir_b = idx(before)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from geowm.bands import RED_NIR, ndvi_bands
+from geowm.bands import RED_NIR, common_names_of, ndvi_bands
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution -> its standard deviation
 DAYS_PER_YEAR = 365.25
@@ -42,9 +42,10 @@ def ndvi(ds: xr.Dataset) -> xr.DataArray:
     Raises ValueError naming the bands present if no red/NIR pair is found.
     """
     bands = [str(b) for b in ds["band"].values]
-    idx = ndvi_bands(bands)
+    idx = ndvi_bands(bands, common_names_of(ds))
     if idx is None:
-        raise ValueError(f"NDVI needs a red and a near-infrared band (one of {RED_NIR}); cube has {bands}")
+        raise ValueError(f"NDVI needs a red and a near-infrared band (common names red and nir / nir08, or one of "
+                         f"{RED_NIR}); cube has {bands}")
     pair = (bands[idx[0]], bands[idx[1]])
     refl = ds["reflectance"]
     red, nir = refl.sel(band=pair[0], drop=True), refl.sel(band=pair[1], drop=True)

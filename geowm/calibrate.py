@@ -243,7 +243,7 @@ def _backtest(wm, ds: xr.Dataset, inits, leads, progress) -> dict:
     from geowm.probes import blend
 
     times = ds["time"].values.astype("datetime64[s]")
-    rn = ndvi_bands(wm.bands)
+    rn = ndvi_bands(wm.bands, wm.common_names)
     band_idx = [list(ds["band"].values).index(b) for b in wm.bands]
     std = wm.std[:, None]
     err = {key: {"model": [], "clim": [], "anom": [], "lead": []} for key in ("pixels", "ndvi")}

@@ -46,6 +46,15 @@ def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
     return vals
 
 
+def _ints(text: str | None, name: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        _fail(ValueError(f"{name} {text!r}: expected comma-separated integers"))
+
+
 def _catalog(catalog: Path | None, no_catalog: bool, cube: str, add) -> None:
     """Keep the STAC catalog current (``--catalog``, default ``catalog`` beside a local cube) with ``add(dir)``."""
     if no_catalog:
@@ -114,6 +123,10 @@ def ingest(
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
                                                      "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
                                                      "unclassified, add 11 to keep snow)."),
+    mask_bits: str | None = typer.Option(None, help="Comma-separated bits (0 = least significant) of a bit mask "
+                                                    "that flag a pixel as not clear, instead of --mask-clear "
+                                                    "(default: the cube's rule; new cube, Landsat QA_PIXEL: "
+                                                    "0,1,2,3,4,5; HLS Fmask: 1,2,3,4)."),
     mask_buffer: float | None = typer.Option(None, help="Metres around every flagged mask pixel (cloud, shadow, "
                                                         "...) that are not clear either (cloud edges the mask "
                                                         "missed; default: the cube's rule, new cube 0)."),
@@ -136,7 +149,8 @@ def ingest(
     opts = IngestOptions(
         crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
         time_chunk=time_chunk, bands=bands.split(",") if bands else None, mask_band=mask_band,
-        mask_clear=[int(v) for v in mask_clear.split(",")] if mask_clear else None, mask_buffer=mask_buffer,
+        mask_clear=_ints(mask_clear, "--mask-clear"), mask_bits=_ints(mask_bits, "--mask-bits"),
+        mask_buffer=mask_buffer,
         resampling=resampling,
         scheduler=scheduler, replace=replace, max_pixels=max_pixels,
     )
@@ -256,6 +270,7 @@ def info(
     """Describe a cube: dims, dates, bands, CRS, resolution, tiles, clear-sky fractions."""
     from geowm.cube.info import summarize
     from geowm.cube.store import CubeError
+    from geowm.sources import describe_mask_rule
 
     try:
         s = summarize(cube)
@@ -269,7 +284,9 @@ def info(
     t.add_row("dims", ", ".join(f"{k}={v}" for k, v in s["dims"].items()))
     tm = s["time"]
     t.add_row("dates", f"{tm['count']} from {tm['first']} to {tm['last']} (median gap {tm['median_gap_days']} d)")
-    t.add_row("bands", f"{', '.join(s['bands'])} ({s['dtype']})")
+    names = [f"{b} ({c})" if c else b for b, c in zip(s["bands"], s["common_names"] or [""] * len(s["bands"]),
+                                                        strict=True)]
+    t.add_row("bands", f"{', '.join(names)}; {s['dtype']}")
     t.add_row("crs / resolution", f"{s['crs']} / {s['resolution']:g}")
     t.add_row("bounds", ", ".join(f"{v:.1f}" for v in s["bounds"]))
     t.add_row("tiles", f"{s['tiles']['count']} ({s['tiles']['rows']} x {s['tiles']['cols']} of "
@@ -281,8 +298,8 @@ def info(
     t.add_row("fill by band", ", ".join(f"{b}={v:.2f}" for b, v in s["band_fill_fraction"].items()))
     t.add_row("sources", str(s["sources"]))
     for r in s["mask_rules"]:
-        what = (f"{r['band']} clear {','.join(str(v) for v in r['clear'])}, buffer {r['buffer_m']:g} m"
-                if "clear" in r else "no mask band" if r["band"] is None else "not recorded")
+        what = (f"{r['band']} {describe_mask_rule(r)}" if "clear" in r
+                else "no mask band" if r["band"] is None else "not recorded")
         t.add_row("mask rule", f"{what} ({r['scenes']} scenes)")
     out.print(t)
 

@@ -108,6 +108,7 @@ class CubeReader:
         self.fill = None if fill is None else float(fill)
         self.times = g["time"][:].astype("int64").astype("datetime64[s]")
         self.bands = [str(b) for b in g["band"][:]]
+        self.common_names = [str(c) for c in g["common_name"][:]] if "common_name" in g else None
         self.shape = tuple(self.refl.shape)
         self._memory: tuple[np.ndarray, np.ndarray] | None = None
 

@@ -253,7 +253,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
         from geowm.bands import ndvi_bands
         from geowm.pixel_forecast import forecast_tile as tile_forecast
 
-        nd_rn, decode = ndvi_bands(wm.bands), "pixel"
+        nd_rn, decode = ndvi_bands(wm.bands, wm.common_names), "pixel"
 
     out_bands = np.full((C, K, len(QUANTILES), H, W), np.nan, np.float32)
     out_ndvi = np.full((K, len(QUANTILES), H, W), np.nan, np.float32)

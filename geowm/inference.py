@@ -45,6 +45,7 @@ class WorldModel:
         self.model.eval()
         data = self.config["data"]
         self.bands: list[str] = data["bands"]
+        self.common_names: list[str] | None = data.get("common_names")  # STAC common names (geowm.bands)
         self.mean = np.asarray(data["stats"]["mean"], np.float32)
         self.std = np.asarray(data["stats"]["std"], np.float32)
         self.probes, self.probe_meta = None, {}

@@ -50,7 +50,7 @@ def token_features(model: JEPA, ds: CubeWindows, windows: list[int], device: tor
     cfg = model.cfg
     p = cfg.patch
     mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
-    rn = ndvi_bands(ds.reader.bands)
+    rn = ndvi_bands(ds.reader.bands, ds.reader.common_names)
     out: dict[str, list] = {"latent": [], "pixels": [], "ndvi": [], "landcover": [], "window": [], "place": []}
     for b0 in range(0, len(windows), batch_size):
         idx = windows[b0: b0 + batch_size]
@@ -123,7 +123,7 @@ def change_features(model: JEPA, ds: CubeWindows, windows: list[int], device: to
     in the season arrays), so the two forecasts can be weighed against each other."""
     p, tf = model.cfg.patch, model.cfg.t_frames
     mean, std = ds.mean[:, 0, 0], ds.std[:, 0, 0]
-    rn = ndvi_bands(ds.reader.bands)
+    rn = ndvi_bands(ds.reader.bands, ds.reader.common_names)
     rng = np.random.default_rng(seed)
     keys = ("feature", "pixels", "ndvi", "gap_days", "season_feature", "season_pixels", "season_ndvi", "pair",
             "season_rows")
@@ -357,7 +357,8 @@ def fit_probes(model: JEPA, train_ds: CubeWindows, test_ds: CubeWindows, run: Pa
         scores["n_train_places"], scores["n_test_places"] = int(len(ytr)), int(len(yte))
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     atomic_write(run / "probes.safetensors", lambda p: save_file(tensors, str(p)))
-    meta = {"scores": scores, "bands": train_ds.reader.bands, "ndvi_bands": ndvi_bands(train_ds.reader.bands),
+    meta = {"scores": scores, "bands": train_ds.reader.bands, "ndvi_bands": ndvi_bands(train_ds.reader.bands,
+                                                                                 train_ds.reader.common_names),
             "patch": model.cfg.patch, "classes": class_names or {}}
     atomic_write_text(run / "probes.json", json.dumps(meta, indent=1))
     return scores

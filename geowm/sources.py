@@ -17,21 +17,33 @@ Rules (documented in the README):
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from geowm.bands import COMMON_NAMES, common_name_of, sensor_of
 
 RASTER_SUFFIXES = (".tif", ".tiff")
 RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "cloud-optimized")
 
-# a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud...
+# a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud, red, nir08...
 _BAND_SUFFIX = re.compile(
-    r"(?:^|_)((?:SR_|ST_)?B\d{1,2}A?|SCL|QA(?:_[A-Z]+)?|BQA|FMASK|MASK|CLOUD(?:_?MASK)?)$", re.IGNORECASE
+    r"(?:^|[_.])((?:SR_|ST_)?B\d{1,2}A?|SCL|QA(?:_[A-Z]+)?|BQA|FMASK|MASK|CLOUD(?:_?MASK)?"
+    r"|COASTAL|BLUE|GREEN|RED|YELLOW|REDEDGE\d?|PAN|NIR(?:08|09)?|CIRRUS|SWIR(?:16|22)|LWIR(?:11|12)?)$",
+    re.IGNORECASE
 )
+# auxiliary layers that products ship beside their bands, never read as bands: Landsat Collection 2 surface
+# temperature intermediates, aerosol and saturation QA, angle bands (Landsat, HLS), Sentinel-2 L2A aerosol
+# optical thickness, water vapour and true-colour preview
+AUXILIARY = re.compile(
+    r"(?:^|[_.])(?:ST_(?:ATRAN|CDIST|DRAD|EMIS|EMSD|QA|TRAD|URAD)|SR_QA_AEROSOL|QA_AEROSOL|QA_RADSAT|[SV][AZ]A|"
+    r"AOT|WVP|VISUAL|TCI|THUMBNAIL|PREVIEW)$", re.IGNORECASE)
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
+_DT_DOY = re.compile(r"(?<!\d)(\d{4})(\d{3})T(\d{2})(\d{2})(\d{2})(?!\d)")  # HLS: year, day of year, time
 _DT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
 
 # mask bands recognised without --mask-band, and which of their values mean "clear observation"
@@ -43,6 +55,23 @@ KNOWN_MASKS: dict[str, frozenset[int]] = {
     # state); pass --mask-clear 4,5,6,7,11 to keep it.
     "SCL": frozenset({4, 5, 6, 7}),
 }
+# quality bands read bit by bit, and which of their bits flag a pixel as not clear (clear: none of them set)
+KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
+    # Landsat Collection 2 QA_PIXEL (Level-1 and Level-2): 0 fill, 1 dilated cloud, 2 cirrus, 3 cloud,
+    # 4 cloud shadow, 5 snow (masked as SCL's snow is); 6 clear and 7 water are kept
+    "QA_PIXEL": frozenset({0, 1, 2, 3, 4, 5}),
+    # HLS v2 Fmask: 1 cloud, 2 adjacent to cloud or shadow, 3 cloud shadow, 4 snow/ice; 5 water and the
+    # aerosol level (6-7) are kept (--mask-bits 1,2,3,4,7 also masks moderate and high aerosol)
+    "FMASK": frozenset({1, 2, 3, 4}),
+}
+MAX_MASK_BIT = 31
+
+
+def describe_mask_rule(rule: dict) -> str:
+    """A mask rule as the cube records it (:func:`geowm.cube.ingest.mask_rule`), in words."""
+    how = (f"flag bits {','.join(str(b) for b in rule['bits'])} (clear where none is set)" if rule.get("bits")
+           else f"clear values {','.join(str(v) for v in rule['clear'])}")
+    return f"{how}, buffer {rule['buffer_m']:g} m"
 
 
 class SourceError(ValueError):
@@ -51,11 +80,16 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class BandRef:
-    """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``."""
+    """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``.
+    ``scale`` and ``offset`` turn its values into physical ones (reflectance = value * scale + offset) where the
+    file's own GeoTIFF scale/offset tags do not: from the STAC item's ``raster:bands``, or the product's
+    published convention (Landsat Collection 2 Level-2); None: the file's tags."""
 
     path: str
     index: int
     name: str
+    scale: float | None = None
+    offset: float | None = None
 
 
 @dataclass
@@ -63,7 +97,8 @@ class Scene:
     """One acquisition footprint.
 
     ``datetime`` is timezone-aware UTC. ``bands`` maps band name -> BandRef; ``mask`` is the quality
-    band (or None) with ``mask_clear`` the set of its values that mean a clear observation.
+    band (or None), read either by value (``mask_clear``: the values that mean a clear observation) or bit by
+    bit (``mask_bits``: the bits that flag a pixel as not clear, e.g. cloud and shadow of Landsat's QA_PIXEL).
     ``id`` is stable across runs (STAC item id, or the shared file-name stem).
     """
 
@@ -72,7 +107,9 @@ class Scene:
     bands: dict[str, BandRef]
     mask: BandRef | None = None
     mask_clear: frozenset[int] = field(default_factory=frozenset)
+    mask_bits: frozenset[int] = field(default_factory=frozenset)
     origin: str = ""  # the STAC document or file the scene came from, for messages
+    common_names: dict[str, str] = field(default_factory=dict)  # band name -> STAC common name, where known
 
     @property
     def files(self) -> list[str]:
@@ -97,7 +134,8 @@ def parse_datetime_text(text: str) -> datetime | None:
 
 
 def datetime_from_filename(name: str) -> datetime | None:
-    """First ``YYYYMMDDTHHMMSS`` or ``YYYYMMDD`` in a file name, as aware UTC; None if absent/invalid."""
+    """First ``YYYYMMDDTHHMMSS``, ``YYYYDDDTHHMMSS`` (day of year, as HLS names) or ``YYYYMMDD`` in a file
+    name, as aware UTC; None if absent/invalid."""
     stem = Path(name).name
     m = _DT_FULL.search(stem)
     if m:
@@ -105,6 +143,11 @@ def datetime_from_filename(name: str) -> datetime | None:
             return datetime(*map(int, m.groups()), tzinfo=UTC)
         except ValueError:
             pass
+    m = _DT_DOY.search(stem)
+    if m:
+        year, doy, hh, mi, ss = map(int, m.groups())
+        if 1 <= doy <= (366 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 365):
+            return datetime(year, 1, 1, hh, mi, ss, tzinfo=UTC) + timedelta(days=doy - 1)
     for m in _DT_DATE.finditer(stem):
         try:
             return datetime(*map(int, m.groups()), tzinfo=UTC)
@@ -114,12 +157,14 @@ def datetime_from_filename(name: str) -> datetime | None:
 
 
 def band_from_filename(name: str) -> tuple[str, str | None]:
-    """Split a file name into (scene key, band suffix or None): ``X_B2.TIF`` -> (``X``, ``B2``)."""
+    """Split a file name into (scene key, band suffix or None): ``X_B2.TIF`` -> (``X``, ``B2``),
+    ``HLS.L30.X.v2.0.Fmask.tif`` -> (``HLS.L30.X.v2.0``, ``Fmask``), ``red.tif`` -> ("", ``red``) (a file named
+    by its band alone: its folder is the scene)."""
     stem = Path(name).stem
     m = _BAND_SUFFIX.search(stem)
-    if not m or m.start(1) == 0:
+    if not m:
         return stem, None
-    return stem[: m.start(1)].rstrip("_"), m.group(1)
+    return stem[: m.start(1)].rstrip("_."), m.group(1)
 
 
 def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None) -> dict[str, list] | None:
@@ -153,7 +198,25 @@ def natural_key(name: str) -> tuple:
 # ---------------------------------------------------------------- folders of GeoTIFFs
 
 
-def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None]:
+# the published scale and offset of products whose GeoTIFFs do not carry them: (scene id, band) patterns
+PRODUCT_SCALING = (
+    # Landsat Collection 2 Level-2: surface reflectance, and surface temperature in kelvin
+    (re.compile(r"^L[COTE]0?\d_L2S[PR]_", re.I), re.compile(r"^SR_B\d+$", re.I), 2.75e-5, -0.2),
+    (re.compile(r"^L[COTE]0?\d_L2S[PR]_", re.I), re.compile(r"^ST_B\d+$", re.I), 0.00341802, 149.0),
+)
+
+
+def product_scaling(scene_id: str, band: str) -> tuple[float, float] | None:
+    """(scale, offset) of ``band`` by its product's published convention, or None."""
+    for scene_re, band_re, scale, offset in PRODUCT_SCALING:
+        if scene_re.search(scene_id) and band_re.match(band):
+            return scale, offset
+    return None
+
+
+def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None, list[bool]]:
+    """Band count, band descriptions, the date of its tags (or None) and, per band, whether it has scale/offset
+    tags."""
     import rasterio
 
     try:
@@ -161,6 +224,7 @@ def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None]:
             count = src.count
             descriptions = list(src.descriptions)
             tags = src.tags()
+            tagged = [(s, o) != (1.0, 0.0) for s, o in zip(src.scales, src.offsets, strict=True)]
     except rasterio.errors.RasterioIOError as exc:
         raise SourceError(f"{path}: not a readable raster ({exc})") from None
     dt = None
@@ -170,23 +234,24 @@ def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None]:
             if dt is None:
                 raise SourceError(f"{path}: unparseable date in GeoTIFF tag {key}={tags[key]!r}")
             break
-    return count, descriptions, dt
+    return count, descriptions, dt, tagged
 
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
+                   and not AUXILIARY.search(p.stem))
     if not files:
         raise SourceError(f"{folder}: no GeoTIFF files (*.tif, *.tiff) found")
     groups: dict[str, list[tuple[Path, str | None]]] = {}
     for path in files:
-        key, suffix = band_from_filename(path.name)
-        groups.setdefault(str(path.parent / key), []).append((path, suffix))
+        key, suffix = band_from_filename(path.name)  # key "": the file is named by its band alone
+        groups.setdefault(str(path.parent / key) if key else str(path.parent), []).append((path, suffix))
     scenes = []
     for key, members in groups.items():
         bands: dict[str, BandRef] = {}
         dates: list[tuple[datetime, Path]] = []
         for path, suffix in members:
-            count, descriptions, dt = _tiff_meta(path)
+            count, descriptions, dt, tagged = _tiff_meta(path)
             for i in range(1, count + 1):
                 desc = descriptions[i - 1]
                 if desc:
@@ -199,20 +264,25 @@ def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
                     name = f"band{i}"
                 if name in bands:
                     raise SourceError(f"{path}: band {name!r} also found in {bands[name].path}")
-                bands[name] = BandRef(str(path), i, name)
+                scaling = None if tagged[i - 1] else product_scaling(Path(key).name, name)
+                bands[name] = BandRef(str(path), i, name, *(scaling or (None, None)))
             if dt is None:
                 dt = datetime_from_filename(path.name)
+            if dt is None and key == str(path.parent):  # a file named by its band: its folder names the scene
+                dt = datetime_from_filename(path.parent.name)
             if dt is None:
                 raise SourceError(
                     f"{path}: unparseable date: no STAC datetime, no ACQUISITION_DATETIME/TIFFTAG_DATETIME "
                     "tag and no YYYYMMDD or YYYYMMDDTHHMMSS in the file name"
+                    + (" or its folder's" if key == str(path.parent) else "")
                 )
             dates.append((dt, path))
         days = {d.date() for d, _ in dates}
         if len(days) > 1:
             detail = ", ".join(f"{p.name}={d.date()}" for d, p in dates)
             raise SourceError(f"{key}: files of one scene carry different dates ({detail})")
-        scenes.append(_with_mask(Scene(Path(key).name, min(d for d, _ in dates), bands, origin=key), mask_band))
+        scene = Scene(Path(key).name, min(d for d, _ in dates), bands, origin=key)
+        scenes.append(_with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
     return scenes
 
 
@@ -226,12 +296,38 @@ def _is_raster_asset(asset) -> bool:
     return asset.href.lower().endswith(RASTER_SUFFIXES)
 
 
-def _asset_band_names(asset) -> list[str] | None:
+def _asset_bands(asset) -> tuple[list[str], list[str]] | None:
+    """The names and common names ("" unknown) of an asset's bands (STAC ``eo:bands``, or 1.1 ``bands``)."""
     fields = asset.extra_fields
     bands = fields.get("eo:bands") or fields.get("bands")
     if bands:
-        return [b.get("name") for b in bands]
+        return ([b.get("name") for b in bands],
+                [str(b.get("common_name") or b.get("eo:common_name") or "").lower() for b in bands])
     return None
+
+
+def _asset_scaling(asset, doc: str) -> list[tuple[float | None, float | None]]:
+    """Per band of an asset, (scale, offset) from the STAC raster extension (``raster:bands``, or 1.1 ``bands``
+    with ``raster:scale`` / ``raster:offset``); (None, None) where not given."""
+    fields = asset.extra_fields
+    if fields.get("raster:bands"):
+        items = [(b.get("scale"), b.get("offset")) for b in fields["raster:bands"]]
+    else:
+        items = [(b.get("raster:scale"), b.get("raster:offset")) for b in fields.get("bands") or []]
+    out = []
+    for scale, offset in items:
+        try:
+            scale = None if scale is None else float(scale)
+            offset = None if offset is None else float(offset)
+        except (TypeError, ValueError):
+            raise SourceError(
+                f"{doc}: asset {asset.href}: raster scale/offset {scale!r}/{offset!r} are not numbers") from None
+        if scale is not None and (not math.isfinite(scale) or scale == 0) or \
+                offset is not None and not math.isfinite(offset):
+            raise SourceError(f"{doc}: asset {asset.href}: raster scale {scale!r} / offset {offset!r}: need a finite, "
+                              "non-zero scale and a finite offset")
+        out.append((scale, offset) if scale is not None or offset is not None else (None, None))
+    return out
 
 
 def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
@@ -245,6 +341,7 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
         raise SourceError(f"{doc}: STAC item {item.id!r} has neither datetime nor start_datetime")
     dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
     bands: dict[str, BandRef] = {}
+    common: dict[str, str] = {}
     for key, asset in sorted(item.assets.items()):
         if not _is_raster_asset(asset):
             continue
@@ -255,7 +352,9 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
             path = href.removeprefix("file://")
             if not Path(path).is_file():
                 raise SourceError(f"{doc}: STAC item {item.id!r} asset {key!r} points at a missing file {path}")
-        names = _asset_band_names(asset)
+        named = _asset_bands(asset)
+        names, commons = named if named is not None else (None, [])
+        scaling = _asset_scaling(asset, doc)
         if names is None:
             try:
                 with rasterio.open(path) as src:
@@ -267,10 +366,18 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
         for i, name in enumerate(names, start=1):
             if not name:
                 raise SourceError(f"{doc}: STAC item {item.id!r} asset {key!r} band {i} has no name")
-            bands[name] = BandRef(path, i, name)
+            scale, offset = scaling[i - 1] if i <= len(scaling) else (None, None)
+            if scale is None and offset is None:
+                scale, offset = product_scaling(item.id, name) or (None, None)
+            elif scale is None or offset is None:  # one of the two given: the other takes its neutral value
+                scale, offset = 1.0 if scale is None else scale, 0.0 if offset is None else offset
+            bands[name] = BandRef(path, i, name, scale, offset)
+            if i <= len(commons) and commons[i - 1] in COMMON_NAMES:
+                common[name] = commons[i - 1]
     if not bands:
         raise SourceError(f"{doc}: STAC item {item.id!r} has no GeoTIFF/COG asset")
-    return _with_mask(Scene(item.id, dt, bands, origin=doc), mask_band)
+    scene = Scene(item.id, dt, bands, origin=doc, common_names=common)
+    return _with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"))), mask_band)
 
 
 def _scenes_from_stac(path: Path, mask_band: str | None) -> list[Scene]:
@@ -302,8 +409,17 @@ def _scenes_from_stac(path: Path, mask_band: str | None) -> list[Scene]:
 # ---------------------------------------------------------------- entry point
 
 
+def _name_bands(scene: Scene, sensor: str | None) -> Scene:
+    """Fill in the common names ``scene`` does not have yet (STAC gives some) from band names and the sensor."""
+    for name in scene.bands:
+        if name not in scene.common_names and (cn := common_name_of(name, sensor)):
+            scene.common_names[name] = cn
+    return scene
+
+
 def _with_mask(scene: Scene, mask_band: str | None) -> Scene:
-    """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL) if present."""
+    """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL, QA_PIXEL, Fmask) if
+    present, with its known rule."""
     lookup = {n.upper(): n for n in scene.bands}
     if mask_band:
         name = lookup.get(mask_band.upper())
@@ -312,21 +428,33 @@ def _with_mask(scene: Scene, mask_band: str | None) -> Scene:
                 f"{scene.origin}: mask band {mask_band!r} not found (bands: {', '.join(sorted(scene.bands))})"
             )
     else:
-        name = next((lookup[k] for k in KNOWN_MASKS if k in lookup), None)
+        name = next((lookup[k] for k in (*KNOWN_MASKS, *KNOWN_BIT_MASKS) if k in lookup), None)
     if name is not None:
         scene.mask = scene.bands.pop(name)
+        scene.common_names.pop(name, None)
         scene.mask_clear = KNOWN_MASKS.get(name.upper(), frozenset())
+        scene.mask_bits = KNOWN_BIT_MASKS.get(name.upper(), frozenset())
     return scene
 
 
-def discover(source: str | Path, mask_band: str | None = None,
-             mask_clear: Iterable[int] | None = None) -> list[Scene]:
+def discover(source: str | Path, mask_band: str | None = None, mask_clear: Iterable[int] | None = None,
+             mask_bits: Iterable[int] | None = None) -> list[Scene]:
     """Find the scenes of a folder of GeoTIFFs or of a STAC catalog/collection/item JSON file.
 
-    ``mask_band`` names the quality band (default: SCL if present); ``mask_clear`` gives the mask
-    values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked; required for other mask bands).
+    ``mask_band`` names the quality band (default: SCL, QA_PIXEL or Fmask if present). It is read by value or
+    bit by bit: ``mask_clear`` gives the values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked),
+    ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear (default for Landsat
+    Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS Fmask: 1-4, cloud,
+    adjacent, shadow, snow); one of the two is required for other mask bands, not both.
     Scenes come back sorted by (datetime, id). Raises :class:`SourceError` on bad input.
     """
+    if mask_clear is not None and mask_bits is not None:
+        raise SourceError(f"{source}: give the mask's clear values (--mask-clear) or its flag bits (--mask-bits), "
+                          "not both")
+    bits = None if mask_bits is None else frozenset(int(b) for b in mask_bits)
+    if bits is not None and (not bits or min(bits) < 0 or max(bits) > MAX_MASK_BIT):
+        raise SourceError(f"{source}: mask bits {sorted(bits)}: give bit numbers from 0 (least significant) to "
+                          f"{MAX_MASK_BIT}")
     path = Path(source)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
@@ -335,15 +463,19 @@ def discover(source: str | Path, mask_band: str | None = None,
     elif path.suffix.lower() == ".json":
         scenes = _scenes_from_stac(path, mask_band)
     elif path.suffix.lower() in RASTER_SUFFIXES:
-        scenes = [s for s in _scenes_from_folder(path.parent, mask_band) if path.name.startswith(s.id)]
+        scenes = [s for s in _scenes_from_folder(path.parent, mask_band)
+                  if path.name.startswith(s.id) or str(path) in s.files]
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif file or a STAC .json file")
     for s in scenes:
         if s.mask is not None and mask_clear is not None:
-            s.mask_clear = frozenset(int(v) for v in mask_clear)
-        if s.mask is not None and not s.mask_clear:
+            s.mask_clear, s.mask_bits = frozenset(int(v) for v in mask_clear), frozenset()
+        if s.mask is not None and bits is not None:
+            s.mask_clear, s.mask_bits = frozenset(), bits
+        if s.mask is not None and not s.mask_clear and not s.mask_bits:
             raise SourceError(
-                f"{s.mask.path}: mask band {s.mask.name!r} has no known clear values; pass --mask-clear"
+                f"{s.mask.path}: mask band {s.mask.name!r} has no known rule; pass its clear values (--mask-clear) "
+                "or the bits that flag cloud, shadow, ... (--mask-bits)"
             )
         if not s.bands:
             raise SourceError(f"{s.origin}: scene {s.id!r} has no data bands besides its mask")

@@ -223,6 +223,7 @@ def prepare(cube: str, run: Path, cfg: TrainConfig, resume: bool) -> dict:
         "model": model_cfg.to_dict(),
         "train": json.loads(json.dumps(asdict(cfg))),
         "data": {"cube": str(Path(cube).absolute()), "snapshot": state.snapshot, "bands": state.bands,
+                 "common_names": state.common_names,
                  "stats": stats, "train_until": str(until), "grid": {"crs": g.crs, "transform": list(g.transform)[:6],
                                                                      "width": g.width, "height": g.height,
                                                                      "tile_size": g.tile_size}},

@@ -176,7 +176,11 @@ AFTER = {  # (rows, cols) of the patch, reflectance after the change, expected g
 }
 
 
-def test_type_guess_from_reflectance():
+@pytest.mark.parametrize("bands,common", [
+    (BANDS, None),  # Sentinel-2 names, a cube without common names
+    (["SR_B2", "SR_B3", "SR_B4", "SR_B5"], ["blue", "green", "red", "nir08"]),  # Landsat 8/9 Collection 2
+])
+def test_type_guess_from_reflectance(bands, common):
     s = scores()
     refl = np.broadcast_to(np.array(VEGETATION)[None, :, None, None], (T, 4, N, N)).copy()
     for (rows, after) in AFTER.values():
@@ -187,7 +191,9 @@ def test_type_guess_from_reflectance():
     valid = np.ones((T, N, N), bool)
     valid[5] = False  # a cloudy date does not matter
     obs = xr.Dataset({"reflectance": (("time", "band", "y", "x"), refl), "valid": (("time", "y", "x"), valid)},
-                     coords={"time": TIMES, "band": BANDS, "y": Y, "x": X})
+                     coords={"time": TIMES, "band": bands, "y": Y, "x": X})
+    if common:
+        obs = obs.assign_coords(common_name=("band", common))
     gdf = alerts_from_scores(as_da(s), CRS, obs=obs).to_crs(CRS)
     assert len(gdf) == 4
     for kind, (rows, _) in AFTER.items():

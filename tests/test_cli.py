@@ -26,6 +26,7 @@ def test_synth_ingest_info_with_relative_paths(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
     assert info["dims"] == {"time": n, "band": 4, "y": 96, "x": 96}
+    assert info["common_names"] == ["blue", "green", "red", "nir"]  # from the synthetic STAC items' eo:bands
     assert info["crs"] == "EPSG:32633" and info["resolution"] == 10.0 and info["tiles"]["count"] == 1
     assert info["time"]["median_gap_days"] == 5.0
     assert 0 < info["clear_fraction"]["mean"] < 1 and len(info["clear_fraction_by_date"]) == n
@@ -33,7 +34,7 @@ def test_synth_ingest_info_with_relative_paths(tmp_path, monkeypatch):
     cat = pystac.Catalog.from_file(str(tmp_path / "work" / "catalog" / "catalog.json"))
     assert len(list(cat.get_child("sources").get_items())) == n
     res = runner.invoke(app, ["info", "work/cube"])  # the human-readable table
-    assert res.exit_code == 0 and "EPSG:32633" in res.stdout and "B02, B03, B04, B08" in res.stdout
+    assert res.exit_code == 0 and "EPSG:32633" in res.stdout and "B02 (blue), B03 (green)" in res.stdout
     res = runner.invoke(app, ["ingest", "region/stac/catalog.json", "--cube", "work/cube"])
     assert res.exit_code == 0 and "nothing new" in res.stderr
 

@@ -170,6 +170,7 @@ def test_real_landsat_pair_into_one_cube(tmp_path, landsat_dir):
     ds = open_cube(tmp_path / "cube")
     assert ds.rio.crs.to_epsg() == 32621
     assert list(ds.band.values) == ["B2", "B3", "B4"]
+    assert list(ds.common_name.values) == ["blue", "green", "red"]  # Landsat 8 OLI, from the product id
     stored = raw(tmp_path / "cube").reflectance.isel(time=0)
     rng = np.random.default_rng(1)
     for row in ("224077", "224078"):  # both footprints present, values equal rasterio reads

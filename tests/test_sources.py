@@ -47,7 +47,9 @@ def test_landsat_product_id_takes_acquisition_date():
 @pytest.mark.parametrize("name,expected", [
     ("scene_B8A.tif", ("scene", "B8A")), ("LC09_x_SR_B4.TIF", ("LC09_x", "SR_B4")),
     ("S2_20210101T103021_SCL.tif", ("S2_20210101T103021", "SCL")), ("x_QA_PIXEL.TIF", ("x", "QA_PIXEL")),
-    ("S2_20210101T103021.tif", ("S2_20210101T103021", None)), ("B02.tif", ("B02", None)),
+    ("S2_20210101T103021.tif", ("S2_20210101T103021", None)), ("B02.tif", ("", "B02")),
+    ("HLS.S30.T33UUP.2023152T100559.v2.0.Fmask.tif", ("HLS.S30.T33UUP.2023152T100559.v2.0", "Fmask")),
+    ("x_2021_nir08.tif", ("x_2021", "nir08")), ("red.tif", ("", "red")), ("scene_reddish.tif", ("scene_reddish", None)),
 ])
 def test_band_suffixes(name, expected):
     assert band_from_filename(name) == expected
@@ -93,11 +95,16 @@ def test_folder_groups_band_files_and_multiband_files(tmp_path):
 
 def test_mask_band_needs_clear_values(tmp_path):
     write_tif(tmp_path / "x_20200518_B2.tif", np.ones((8, 8), np.uint16))
-    write_tif(tmp_path / "x_20200518_QA_PIXEL.tif", np.ones((8, 8), np.uint16))
-    with pytest.raises(SourceError, match="QA_PIXEL.*--mask-clear"):
-        discover(tmp_path, mask_band="QA_PIXEL")
-    s = discover(tmp_path, mask_band="qa_pixel", mask_clear=[21824])[0]
-    assert s.mask.name == "QA_PIXEL" and s.mask_clear == {21824} and list(s.bands) == ["B2"]
+    write_tif(tmp_path / "x_20200518_CLOUD.tif", np.ones((8, 8), np.uint16))
+    with pytest.raises(SourceError, match="CLOUD.*--mask-clear"):
+        discover(tmp_path, mask_band="CLOUD")
+    s = discover(tmp_path, mask_band="cloud", mask_clear=[0])[0]
+    assert s.mask.name == "CLOUD" and s.mask_clear == {0} and list(s.bands) == ["B2"]
+    (tmp_path / "x_20200518_CLOUD.tif").rename(tmp_path / "x_20200518_QA_PIXEL.tif")
+    s = discover(tmp_path)[0]  # Landsat Collection 2's QA_PIXEL is known: read bit by bit
+    assert s.mask.name == "QA_PIXEL" and s.mask_bits == {0, 1, 2, 3, 4, 5} and not s.mask_clear
+    s = discover(tmp_path, mask_clear=[21824])[0]
+    assert s.mask_clear == {21824} and not s.mask_bits
     with pytest.raises(SourceError, match="mask band 'Fmask' not found"):
         discover(tmp_path, mask_band="Fmask")
 

@@ -34,6 +34,7 @@ def summarize(path: str | Path) -> dict:
             "median_gap_days": float(np.median(gaps)) if len(gaps) else None,
         },
         "bands": state.bands,
+        "common_names": state.common_names,  # STAC eo common names ("" unknown), None: not recorded
         "dtype": state.encoding.dtype,
         "crs": ds.rio.crs.to_string() if ds.rio.crs else g.crs,
         "resolution": g.resolution,

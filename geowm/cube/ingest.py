@@ -31,7 +31,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 
 from geowm.cube.grid import CubeGrid, Tile
-from geowm.cube.reader import Encoding, implicit_nodata, mosaic_date
+from geowm.cube.reader import Encoding, band_scaling, implicit_nodata, mosaic_date, same_scaling
 from geowm.cube.store import (
     BRANCH,
     FORMAT,
@@ -43,7 +43,7 @@ from geowm.cube.store import (
     read_state,
     storage_for,
 )
-from geowm.sources import Scene, discover, file_fingerprints, natural_key
+from geowm.sources import BandRef, Scene, describe_mask_rule, discover, file_fingerprints, natural_key
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
 MAX_MASK_BUFFER_M = 5000.0  # a cloud-mask buffer wider than this would mask whole scenes around any cloud
@@ -68,6 +68,7 @@ class IngestOptions:
     bands: Sequence[str] | None = None
     mask_band: str | None = None
     mask_clear: Sequence[int] | None = None  # None: the cube's rule for the scenes' mask band, else its default
+    mask_bits: Sequence[int] | None = None  # a bit mask's flag bits (instead of clear values); None: as mask_clear
     # metres: pixels this close to a flagged mask pixel (cloud, shadow, ...) are not clear; None: the cube's, else 0
     mask_buffer: float | None = None
     resampling: str = "bilinear"
@@ -179,13 +180,17 @@ def _group_by_date(scenes: Sequence[Scene]) -> dict[np.datetime64, list[Scene]]:
     return dict(sorted(out.items()))
 
 
+NOT_REFLECTANCE = frozenset({"pan", "lwir", "lwir11", "lwir12", "cirrus"})  # left out of a new cube unless --bands
+
+
 def _resolve_bands(scenes: Sequence[Scene], state: CubeState | None, wanted: Sequence[str] | None) -> list[str]:
     if state is not None:
         bands = list(state.bands)
     elif wanted:
         bands = list(wanted)
-    else:
-        bands = sorted({b for s in scenes for b in s.bands}, key=natural_key)
+    else:  # every band, but those of another kind than surface reflectance (panchromatic, thermal, cirrus)
+        other = {b for s in scenes for b, c in s.common_names.items() if c in NOT_REFLECTANCE}
+        bands = sorted({b for s in scenes for b in s.bands} - other, key=natural_key)
     for s in scenes:
         missing = [b for b in bands if b not in s.bands]
         if missing:
@@ -195,6 +200,33 @@ def _resolve_bands(scenes: Sequence[Scene], state: CubeState | None, wanted: Seq
                 f"(it has {', '.join(sorted(s.bands, key=natural_key))}; the cube needs {', '.join(bands)})"
             )
     return bands
+
+
+def _common_names(scenes: Sequence[Scene], bands: Sequence[str], state: CubeState | None) -> list[str]:
+    """Each cube band's STAC common name ("" unknown; :mod:`geowm.bands`): the cube's, else the scenes'.
+    One band name must mean one spectral band in a cube: a band the scenes (or the cube and a scene) give
+    different common names, such as Landsat 8's ``B4`` (red) beside Landsat 7's (near-infrared), is refused."""
+    recorded = dict(zip(state.bands, state.common_names, strict=True)) if state and state.common_names else {}
+    out = []
+    for b in bands:
+        seen: dict[str, Scene] = {}
+        for s in scenes:
+            if s.common_names.get(b):
+                seen.setdefault(s.common_names[b], s)
+        if recorded.get(b) and any(c != recorded[b] for c in seen):
+            s = next(s for c, s in seen.items() if c != recorded[b])
+            raise IngestError(
+                f"{s.bands[b].path}: band {b!r} of scene {s.id!r} is {s.common_names[b]!r}, but the cube's {b!r} is "
+                f"{recorded[b]!r}: one band name is one spectral band in a cube; ingest this sensor into its own cube; "
+                "nothing was ingested")
+        if len(seen) > 1:
+            (c1, s1), (c2, s2) = list(seen.items())[:2]
+            raise IngestError(
+                f"{s2.bands[b].path}: band {b!r} of scene {s2.id!r} is {c2!r}, but in scene {s1.id!r} "
+                f"({s1.bands[b].path}) it is {c1!r}: one band name is one spectral band in a cube; ingest each "
+                "sensor into its own cube; nothing was ingested")
+        out.append(recorded.get(b) or next(iter(seen), ""))
+    return out
 
 
 def _new_grid(infos: Sequence[FileInfo], opts: IngestOptions) -> CubeGrid:
@@ -233,7 +265,10 @@ def _native_bounds(info: FileInfo) -> tuple[float, float, float, float]:
     return (min(xs), min(ys), max(xs), max(ys))
 
 
-def _encoding(infos: Sequence[FileInfo], state: CubeState | None) -> tuple[Encoding, float, float]:
+def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None) -> Encoding:
+    """How the cube stores values: the cube's (``state``), else the new cube's from its first source band (dtype
+    of all the bands); every band must fit it (:func:`_check_scaling`)."""
+    infos = [i for _, i in bands]
     if state is not None:
         for i in infos:
             for d in i.dtypes:
@@ -243,13 +278,38 @@ def _encoding(infos: Sequence[FileInfo], state: CubeState | None) -> tuple[Encod
                     raise IngestError(
                         f"{i.path}: unexpected dtype {d}; the cube stores {state.encoding.dtype}"
                     )
-        return state.encoding, state.scale, state.offset
-    dtype = np.result_type(*[np.dtype(d) for i in infos for d in i.dtypes])
-    first = infos[0]
-    fill = implicit_nodata(str(first.dtypes[0]), first.nodata)
-    if fill is None:  # signed ints without nodata: use the dtype minimum as fill
-        fill = float(np.iinfo(dtype).min)
-    return Encoding(str(dtype), float(fill)), float(first.scales[0]), float(first.offsets[0])
+        enc = state.encoding
+    else:
+        dtype = np.result_type(*[np.dtype(d) for i in infos for d in i.dtypes])
+        ref, first = bands[0]
+        fill = implicit_nodata(str(first.dtypes[0]), first.nodata)
+        if fill is None:  # signed ints without nodata: use the dtype minimum as fill
+            fill = float(np.iinfo(dtype).min)
+        scale, offset = band_scaling(ref, first.scales[ref.index - 1], first.offsets[ref.index - 1]) or (1.0, 0.0)
+        enc = Encoding(str(dtype), float(fill), float(scale), float(offset))
+    _check_scaling(bands, enc)
+    return enc
+
+
+def _check_scaling(bands: Sequence[tuple[BandRef, FileInfo]], enc: Encoding) -> None:
+    """Every source band's values must become the cube's: a band of another scale or offset (GeoTIFF tags, STAC
+    ``raster:bands``, a product's convention) is converted on ingest, which an integer cube holds exactly only
+    for the same scale and an offset of whole steps (Sentinel-2's processing baseline 04.00 added -1000 to
+    every value: reflectance offset -0.1 at scale 0.0001). Other mixes are refused, naming the file. A band
+    whose scale and offset nothing states (a GeoTIFF without tags, no STAC or product convention) is taken at
+    the cube's."""
+    to = (enc.scale, enc.offset)
+    for ref, info in bands:
+        frm = band_scaling(ref, info.scales[ref.index - 1], info.offsets[ref.index - 1])
+        if frm is None or same_scaling(frm, to) or np.dtype(enc.dtype).kind == "f":
+            continue
+        steps = (frm[1] - to[1]) / to[0]
+        if abs(frm[0] - to[0]) > 1e-6 * abs(to[0]) or abs(steps - round(steps)) > 1e-3:
+            raise IngestError(
+                f"{ref.path}: band {ref.name!r} has scale {frm[0]:g} and offset {frm[1]:g}, but the cube stores "
+                f"{enc.dtype} values at scale {to[0]:g} and offset {to[1]:g}, which cannot hold them exactly; "
+                "ingest bands of another scale (such as a thermal band beside reflectance) into their own cube "
+                "(--bands); nothing was ingested")
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -388,8 +448,8 @@ def _take(it, n):
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray, enc: Encoding, scale: float,
-                     offset: float, time_chunk: int) -> None:
+def _create_template(store, grid: CubeGrid, bands: list[str], common_names: list[str], times: np.ndarray,
+                     enc: Encoding, time_chunk: int) -> None:
     """Write the cube's metadata and coordinates (no pixel chunks) into an empty Icechunk session."""
     import dask.array as da
     from rasterio.crs import CRS
@@ -407,7 +467,8 @@ def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray,
         sref.attrs["epsg_code"] = f"EPSG:{crs.to_epsg()}"
     ds = xr.Dataset(
         {"reflectance": (("time", "band", "y", "x"), refl), "valid": (("time", "y", "x"), valid)},
-        coords={"time": times.astype("datetime64[ns]"), "band": np.array(bands, dtype=object), "y": grid.y, "x": grid.x,
+        coords={"time": times.astype("datetime64[ns]"), "band": np.array(bands, dtype=object),
+                "common_name": ("band", np.array(common_names, dtype=object)), "y": grid.y, "x": grid.x,
                 "spatial_ref": sref},
     )
     units = "metre" if crs.is_projected else "degree"
@@ -417,8 +478,9 @@ def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray,
                       axis="Y", long_name="y coordinate of cell centre")
     ds.time.attrs.update(standard_name="time", long_name="acquisition time (UTC)", axis="T")
     ds.band.attrs.update(long_name="band name as ingested")
+    ds.common_name.attrs.update(long_name="STAC eo common name of the band (empty: unknown)")
     ds.reflectance.attrs.update(long_name="band values as ingested", grid_mapping="spatial_ref",
-                                coordinates="spatial_ref")
+                                coordinates="spatial_ref common_name")
     ds.valid.attrs.update(long_name="observed, not cloud, not fill", grid_mapping="spatial_ref",
                           coordinates="spatial_ref")
     ds.attrs.update({"Conventions": "CF-1.8", "geowm:format": FORMAT, "geowm:tile_size": ts, "geowm:sources": []})
@@ -428,8 +490,8 @@ def _create_template(store, grid: CubeGrid, bands: list[str], times: np.ndarray,
     fast = [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
     refl_enc: dict = {"dtype": enc.dtype, "chunks": (time_chunk, nb, ts, ts), "_FillValue": _fill_value(enc),
                       "compressors": fast}
-    if scale != 1.0 or offset != 0.0:
-        refl_enc.update(scale_factor=np.float32(scale), add_offset=np.float32(offset))
+    if enc.scale != 1.0 or enc.offset != 0.0:
+        refl_enc.update(scale_factor=np.float32(enc.scale), add_offset=np.float32(enc.offset))
     encoding = {
         "reflectance": refl_enc,
         "valid": {"chunks": (time_chunk, ts, ts), "compressors": fast},
@@ -487,7 +549,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
     if opts.mask_buffer is not None and not (math.isfinite(opts.mask_buffer) and
                                              0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
         raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
-    scenes = discover(source, opts.mask_band, opts.mask_clear)
+    scenes = discover(source, opts.mask_band, opts.mask_clear, opts.mask_bits)
     report = IngestReport(cube=cube)
     local = "://" not in cube
     existed = Path(cube).exists() if local else True
@@ -497,10 +559,13 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         created = not cube_exists(cube) or not has_commits(icechunk_repo(cube))
         state = None if created else read_state(cube)
         new = _new_scenes(scenes, state, opts.replace, report)
+        if opts.mask_band is None and state is not None:
+            _adopt_mask_band(new, state.sources, opts)
         if not new:
             report.seconds = _time.perf_counter() - t_start
             return report
         bands = _resolve_bands(new, state, opts.bands)
+        common = _common_names(new, bands, state)
         cube_crs = state.grid.crs if state else opts.crs
         infos = {}
         for s in new:
@@ -522,8 +587,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
                     f"(file bounds {tuple(round(v, 1) for v in info.bounds_in_cube_crs)}"
                     f" vs cube bounds {tuple(round(v, 1) for v in grid.bounds)} in {grid.crs})"
                 )
-        data_infos = [infos[s.bands[b].path] for s in new for b in bands]
-        enc, scale, offset = _encoding(data_infos, state)
+        enc = _encoding([(s.bands[b], infos[s.bands[b].path]) for s in new for b in bands], state)
         groups = _group_by_date(new)
         old_times = state.times if state is not None else np.array([], "datetime64[s]")
         old_day = {t.astype("datetime64[D]"): t for t in old_times}
@@ -551,8 +615,8 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         opts = _resolve_mask_rule(new, sources, opts)
         before = _local_files(cube)
         try:
-            report.snapshot = _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start,
-                                     entries, new, sources, opts, progress, report)
+            report.snapshot = _write(cube, created, state, grid, bands, common, merged, enc, ct, start, entries,
+                                     new, sources, opts, progress, report)
         except BaseException:
             _remove_new_files(cube, before, created and not existed)
             raise
@@ -570,22 +634,44 @@ def icechunk_repo(cube: str):
 
 def mask_rule(scene: Scene, opts: IngestOptions) -> dict | None:
     """How ``scene``'s clear pixels are told (recorded with every source in the cube): the mask band, its
-    values taken as clear and the buffer around flagged pixels in metres; None without a mask band."""
+    values taken as clear (``clear``) or, for a bit mask, the bits that flag a pixel (``bits``; ``clear`` empty),
+    and the buffer around flagged pixels in metres; None without a mask band."""
     if scene.mask is None:
         return None
-    return {"band": scene.mask.name.upper(), "clear": sorted(int(v) for v in scene.mask_clear),
+    rule = {"band": scene.mask.name.upper(), "clear": sorted(int(v) for v in scene.mask_clear),
             "buffer_m": float(opts.mask_buffer)}
+    if scene.mask_bits:
+        rule["bits"] = sorted(int(b) for b in scene.mask_bits)
+    return rule
+
+
+def _adopt_mask_band(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> None:
+    """A scene without a mask band whose band of the name the cube's mask band has (a custom mask named by
+    ``--mask-band`` when the cube was made) takes that band as its mask, so that an append leaving
+    ``--mask-band`` out reads it as the cube's other scenes were read, not as data (with the clear values or
+    bits of ``opts`` where given, else by the cube's rule: :func:`_resolve_mask_rule`)."""
+    names = {rec["mask"]["band"] for rec in kept if rec.get("mask")}
+    for s in new:
+        if s.mask is None:
+            hit = next((b for b in s.bands if b.upper() in names), None)
+            if hit is not None:
+                s.mask = s.bands.pop(hit)
+                s.common_names.pop(hit, None)
+                if opts.mask_clear is not None:
+                    s.mask_clear = frozenset(int(v) for v in opts.mask_clear)
+                if opts.mask_bits is not None:
+                    s.mask_bits = frozenset(int(v) for v in opts.mask_bits)
 
 
 def _resolve_mask_rule(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> IngestOptions:
     """Read ``new`` scenes' mask bands by the cube's rule, and refuse another rule given explicitly.
 
-    One cube keeps one rule per mask band (clear values and buffer): a model trained on it, its climatologies
-    and the anomaly scores' own history compare dates, and a date masked otherwise is a change of the data, not
-    of the land. Options left unset (``mask_clear``, ``mask_buffer`` None) take the rule the cube's ``kept``
-    sources were recorded with, else the defaults; a different rule given explicitly is an :class:`IngestError`.
-    Sources recorded before rules were (no ``mask`` key) are not compared; ``--replace`` of every date that
-    holds the old rule lifts it. Returns the options with the buffer set."""
+    One cube keeps one rule per mask band (clear values or flag bits, and buffer): a model trained on it, its
+    climatologies and the anomaly scores' own history compare dates, and a date masked otherwise is a change of
+    the data, not of the land. Options left unset (``mask_clear``, ``mask_bits``, ``mask_buffer`` None) take the
+    rule the cube's ``kept`` sources were recorded with, else the defaults; a different rule given explicitly is
+    an :class:`IngestError`. Sources recorded before rules were (no ``mask`` key) are not compared; ``--replace``
+    of every date that holds the old rule lifts it. Returns the options with the buffer set."""
     cube_rule: dict[str, tuple[dict, str]] = {}
     for rec in kept:
         if rec.get("mask"):
@@ -594,26 +680,24 @@ def _resolve_mask_rule(new: Sequence[Scene], kept: Sequence[dict], opts: IngestO
     for s in new:
         hit = cube_rule.get(s.mask.name.upper()) if s.mask is not None else None
         if hit is not None:
-            if opts.mask_clear is None:
-                s.mask_clear = frozenset(hit[0]["clear"])
+            if opts.mask_clear is None and opts.mask_bits is None:
+                s.mask_clear, s.mask_bits = frozenset(hit[0]["clear"]), frozenset(hit[0].get("bits", ()))
             if buffer is None:
                 buffer = hit[0]["buffer_m"]
     opts = replace(opts, mask_buffer=0.0 if buffer is None else float(buffer))
-
-    def describe(rule: dict) -> str:
-        return f"clear values {','.join(str(v) for v in rule['clear'])}, buffer {rule['buffer_m']:g} m"
 
     for s in new:
         rule = mask_rule(s, opts)
         if rule is None or rule["band"] not in cube_rule:
             continue
         old, rid = cube_rule[rule["band"]]
-        if (old["clear"], old["buffer_m"]) != (rule["clear"], rule["buffer_m"]):
+        if (old["clear"], old.get("bits", []), old["buffer_m"]) != (rule["clear"], rule.get("bits", []),
+                                                                      rule["buffer_m"]):
             raise IngestError(
-                f"{s.mask.path}: mask band {s.mask.name!r} would be read with {describe(rule)}, but the cube's "
-                f"scenes (e.g. {rid!r}) were read with {describe(old)}; one cube keeps one mask rule: leave "
-                "--mask-clear and --mask-buffer out to use the cube's, or ingest into a new cube; nothing was "
-                "ingested")
+                f"{s.mask.path}: mask band {s.mask.name!r} would be read with {describe_mask_rule(rule)}, but the "
+                f"cube's scenes (e.g. {rid!r}) were read with {describe_mask_rule(old)}; one cube keeps one mask "
+                "rule: leave --mask-clear, --mask-bits and --mask-buffer out to use the cube's, or ingest into a new "
+                "cube; nothing was ingested")
     return opts
 
 
@@ -647,8 +731,8 @@ def _new_scenes(scenes: Sequence[Scene], state: CubeState | None, replace: bool,
     return new
 
 
-def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, start, entries, new, sources, opts,
-           progress, report) -> str:
+def _write(cube, created, state, grid, bands, common, merged, enc, ct, start, entries, new, sources, opts, progress,
+           report) -> str:
     """Write the batch on a temporary branch, then move ``main`` to it in one step (compare-and-swap).
 
     Metadata (new cube, or resized arrays and new time values) is committed on the temporary branch
@@ -669,7 +753,7 @@ def _write(cube, created, state, grid, bands, merged, enc, scale, offset, ct, st
     repo.create_branch(tmp, base)
     session = repo.writable_session(tmp)
     if created:
-        _create_template(session.store, grid, bands, merged, enc, scale, offset, ct)
+        _create_template(session.store, grid, bands, common, merged, enc, ct)
     g = zarr.open_group(session.store, mode="r+")
     if not created:
         g["reflectance"].resize((len(merged), len(bands), grid.height, grid.width))

@@ -28,10 +28,33 @@ class ReadError(RuntimeError):
 
 @dataclass(frozen=True)
 class Encoding:
-    """How the cube stores band values: dtype and fill value (``nan`` for floats)."""
+    """How the cube stores band values: dtype, fill value (``nan`` for floats), and the CF ``scale_factor`` and
+    ``add_offset`` that make them physical (a source band of another scale or offset is converted to these)."""
 
     dtype: str
     fill: float
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+def band_scaling(ref: BandRef, file_scale: float, file_offset: float) -> tuple[float, float] | None:
+    """(scale, offset) of a source band: the STAC / product convention ``ref`` carries, else the file's tags;
+    None when neither says (a GeoTIFF without scale/offset tags): the band is taken at the cube's."""
+    if ref.scale is not None or ref.offset is not None:
+        return (1.0 if ref.scale is None else ref.scale, 0.0 if ref.offset is None else ref.offset)
+    if (file_scale, file_offset) != (1.0, 0.0):
+        return (file_scale, file_offset)
+    return None
+
+
+def same_scaling(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    """Whether two (scale, offset) pairs are one (to float32 rounding, as the cube stores them)."""
+    return abs(a[0] - b[0]) <= 1e-6 * abs(b[0]) and abs(a[1] - b[1]) <= 1e-3 * abs(b[0])
+
+
+def _rescale(vals: np.ndarray, frm: tuple[float, float], to: tuple[float, float]) -> np.ndarray:
+    """Values stored with scale/offset ``frm`` as values of scale/offset ``to`` (float64)."""
+    return (vals.astype(np.float64) * frm[0] + (frm[1] - to[1])) / to[0]
 
 
 def implicit_nodata(dtype: str, nodata: float | None) -> float | None:
@@ -58,9 +81,15 @@ def _is_fill(values: np.ndarray, fill: float | None) -> np.ndarray:
 
 
 def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, fill_out: float,
-               resampling: Resampling) -> np.ndarray:
-    """Read band ``ref`` of open dataset ``src`` into ``out`` (tile shape); returns the 'covered' mask."""
-    src_fill = implicit_nodata(src.dtypes[ref.index - 1], src.nodata)
+               resampling: Resampling, implicit_fill: bool = True,
+               to: tuple[float, float] | None = None) -> np.ndarray:
+    """Read band ``ref`` of open dataset ``src`` into ``out`` (tile shape); returns the 'covered' mask.
+    ``implicit_fill`` False: only a declared nodata is fill (a bit mask's 0 means "no flag set"). ``to``: the
+    cube's (scale, offset); a band of another one (:func:`band_scaling`) is converted (integers rounded)."""
+    src_fill = implicit_nodata(src.dtypes[ref.index - 1], src.nodata) if implicit_fill else src.nodata
+    frm = band_scaling(ref, src.scales[ref.index - 1], src.offsets[ref.index - 1])
+    if to is None or frm is None or same_scaling(frm, to):
+        frm = to = None
     offset = grid.aligned_offset(src.crs.to_string(), src.transform)
     h, w = tile.shape
     if offset is not None:  # same lattice: a plain window read, values unchanged
@@ -74,6 +103,8 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
             vals = src.read(ref.index, window=win)
             ok = ~_is_fill(vals, src_fill)
             dst = (slice(r0 - tile.y.start, r1 - tile.y.start), slice(c0 - tile.x.start, c1 - tile.x.start))
+            if frm is not None:
+                vals = _fit(_rescale(vals, frm, to), out.dtype, fill_out)
             out[dst] = np.where(ok, vals, fill_out)
             covered[dst] = ok
         return covered
@@ -85,11 +116,23 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
         resampling=resampling,
     )
     covered = ~np.isnan(tmp)
-    if np.dtype(out.dtype).kind in "iu":
-        info = np.iinfo(out.dtype)
-        tmp = np.clip(np.rint(tmp), info.min, info.max)
+    if frm is not None:
+        tmp = _rescale(tmp, frm, to)
+    tmp = _fit(tmp, out.dtype, fill_out if frm is not None else None)
     out[...] = np.where(covered, tmp, fill_out).astype(out.dtype)
     return covered
+
+
+def _fit(vals: np.ndarray, dtype, fill: float | None = None) -> np.ndarray:
+    """Float values as ``dtype`` can hold them: integers rounded and clipped to its range, short of ``fill``
+    where that is the range's end (a converted observation never turns into fill)."""
+    if np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = int(info.min), int(info.max)
+        lo += int(fill is not None and fill == lo)
+        hi -= int(fill is not None and fill == hi)
+        return np.clip(np.rint(vals), lo, hi)
+    return vals
 
 
 def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, enc: Encoding,
@@ -98,8 +141,9 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
     """One scene in one tile: ``data`` (band, y, x) in ``enc.dtype``, ``valid`` and ``covered`` (y, x) bool.
 
     ``covered``: every band has a non-fill value; ``valid``: covered and, if the scene has a mask,
-    the mask value is one of ``scene.mask_clear`` and no flagged mask pixel (covered by the mask but not
-    clear: cloud, shadow, ...) lies within ``buffer_px`` pixels (read across the tile's edges).
+    the mask value is one of ``scene.mask_clear`` (a bit mask: has none of ``scene.mask_bits`` set) and no
+    flagged mask pixel (covered by the mask but not clear: cloud, shadow, ...) lies within ``buffer_px`` pixels
+    (read across the tile's edges).
     """
     h, w = tile.shape
     data = np.empty((len(bands), h, w), enc.dtype)
@@ -117,7 +161,8 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
             for i, name in enumerate(bands):
                 ref = scene.bands[name]
                 current = ref.path
-                covered &= _read_band(src_of(ref), ref, grid, tile, data[i], enc.fill, resampling)
+                covered &= _read_band(src_of(ref), ref, grid, tile, data[i], enc.fill, resampling,
+                                      to=(enc.scale, enc.offset))
             valid = covered.copy()
             if scene.mask is not None:
                 current = scene.mask.path
@@ -133,8 +178,12 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
     b = max(0, int(buffer_px))
     big = Tile(tile.row, tile.col, slice(tile.y.start - b, tile.y.stop + b), slice(tile.x.start - b, tile.x.stop + b))
     mask = np.zeros(big.shape, np.int64)
-    has_mask = _read_band(src, scene.mask, grid, big, mask, 0, Resampling.nearest)
-    clear = _clear_lookup(scene.mask_clear, mask)
+    if scene.mask_bits:  # a bit mask: only a declared nodata is fill, and a pixel it does not cover is not clear
+        has_mask = _read_band(src, scene.mask, grid, big, mask, -1, Resampling.nearest, implicit_fill=False)
+        clear = has_mask & clear_by_bits(scene.mask_bits, mask)
+    else:
+        has_mask = _read_band(src, scene.mask, grid, big, mask, 0, Resampling.nearest)
+        clear = _clear_lookup(scene.mask_clear, mask)
     if b:
         flagged = has_mask & ~clear
         if flagged.any():
@@ -143,6 +192,12 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
             clear &= ndimage.distance_transform_edt(~flagged) > b  # Euclidean distance to the nearest flagged pixel
     h, w = tile.shape
     return clear[b: b + h, b: b + w]
+
+
+def clear_by_bits(bits: frozenset[int], mask: np.ndarray) -> np.ndarray:
+    """``mask`` values (non-negative integers) with none of ``bits`` (0 = least significant) set."""
+    flags = np.int64(sum(1 << int(b) for b in bits))
+    return (mask >= 0) & ((mask & flags) == 0)
 
 
 def _clear_lookup(clear: frozenset[int], mask: np.ndarray) -> np.ndarray:

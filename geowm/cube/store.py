@@ -138,6 +138,7 @@ class CubeState:
     sources: list[dict]
     time_chunk: int
     snapshot: str
+    common_names: list[str] | None = None  # per band, "" unknown; None: a cube made before they were recorded
 
 
 def read_state(path: str | Path) -> CubeState:
@@ -160,12 +161,14 @@ def read_state(path: str | Path) -> CubeState:
         grid=grid,
         bands=[str(b) for b in g["band"][:]],
         times=(g["time"][:].astype("int64")).astype("datetime64[s]"),
-        encoding=Encoding(str(refl.dtype), float(fill) if fill is not None else float("nan")),
+        encoding=Encoding(str(refl.dtype), float(fill) if fill is not None else float("nan"),
+                          float(ra.get("scale_factor", 1.0)), float(ra.get("add_offset", 0.0))),
         scale=float(ra.get("scale_factor", 1.0)),
         offset=float(ra.get("add_offset", 0.0)),
         sources=list(attrs.get("geowm:sources", [])),
         time_chunk=int(refl.chunks[0]),
         snapshot=session.snapshot_id,
+        common_names=[str(c) for c in g["common_name"][:]] if "common_name" in g else None,
     )
 
 
