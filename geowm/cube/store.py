@@ -83,7 +83,8 @@ def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
 
     Variables: ``reflectance`` (time, band, y, x; decoded to physical values, fill -> NaN) and
     ``valid`` (time, y, x; bool: observed, not cloud, not fill). ``spatial_ref`` holds the CRS as a
-    CF grid mapping (rioxarray reads it: ``ds.rio.crs``). ``attrs['geowm:snapshot']`` is the
+    CF grid mapping (rioxarray reads it: ``ds.rio.crs``); ``common_name`` (on ``band``) each band's STAC
+    ``eo`` common name (``red``, ``nir08``, ...; "" unknown; absent in cubes made before it was recorded). ``attrs['geowm:snapshot']`` is the
     Icechunk snapshot id of what was read; pass ``snapshot`` to read an earlier state.
     """
     repo = open_repo(path)
