@@ -13,9 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# fallback by band name alone (cubes ingested before common names were recorded)
-RED_NIR = (("B04", "B08"), ("B4", "B5"), ("red", "nir"), ("RED", "NIR"))  # Sentinel-2, Landsat 8/9, common names
-RGB_NAMES = (("B04", "B03", "B02"), ("B4", "B3", "B2"), ("red", "green", "blue"), ("RED", "GREEN", "BLUE"))
+# fallback by band name alone (cubes ingested before common names were recorded): blue, green, red and
+# near-infrared of Sentinel-2, Landsat 8/9, and common names
+NAME_CONVENTIONS = (("B02", "B03", "B04", "B08"), ("B2", "B3", "B4", "B5"), ("blue", "green", "red", "nir"),
+                    ("BLUE", "GREEN", "RED", "NIR"))
+RED_NIR = tuple((c[2], c[3]) for c in NAME_CONVENTIONS)
 
 COMMON_NAMES = frozenset({"coastal", "blue", "green", "red", "yellow", "rededge", "pan", "nir", "nir08", "nir09",
                           "cirrus", "swir16", "swir22", "lwir", "lwir11", "lwir12"})
@@ -69,71 +71,43 @@ def common_name_of(band: str, sensor: str | None = None) -> str:
     return SENSORS[sensor].get(f"B{int(m.group(1))}{m.group(2).upper()}", "")
 
 
-def _by_common_name(common_names: Sequence[str] | None, *roles: Sequence[str]) -> tuple[int, ...] | None:
-    """Indexes of the first band with each role (a role: common names in order of preference)."""
-    if not common_names:
-        return None
-    names = [str(c) for c in common_names]
-    out = []
-    for role in roles:
-        hit = next((names.index(c) for c in role if c in names), None)
-        if hit is None:
-            return None
-        out.append(hit)
-    return tuple(out)
+_ROLES = {"blue": ("blue",), "green": ("green",), "red": ("red",), "nir": ("nir", "nir08")}  # in preference order
 
 
-def _by_name(bands: Sequence[str], common_names: Sequence[str] | None, table, roles) -> tuple[int, ...] | None:
-    """The name fallback, skipping a pair whose bands have a known common name of another role."""
+def band_roles(bands: Sequence[str], common_names: Sequence[str] | None = None,
+               need: Sequence[str] = ("red", "nir")) -> dict[str, int]:
+    """Indexes of the ``blue``, ``green``, ``red`` and ``nir`` bands (``nir``: the broad near-infrared, else the
+    narrow ``nir08``) that the cube has, a role without a band left out: by common name; roles of ``need`` still
+    missing then come from the first name convention (``NAME_CONVENTIONS``) that has all of them on bands whose
+    known common name (if any) is that role, with the other roles it has."""
+    bands = [str(b) for b in bands]
     known = [str(c) for c in common_names] if common_names else [""] * len(bands)
-    for names in table:
-        if all(n in bands for n in names):
-            idx = tuple(list(bands).index(n) for n in names)
-            if all(not known[i] or known[i] in role for i, role in zip(idx, roles, strict=True)):
-                return idx
-    return None
-
-
-_RED, _NIR = ("red",), ("nir", "nir08")
+    out = {}
+    for role, wanted in _ROLES.items():
+        hit = next((known.index(c) for c in wanted if c in known), None)
+        if hit is not None:
+            out[role] = hit
+    if all(r in out for r in need):
+        return out
+    for convention in NAME_CONVENTIONS:
+        found = {role: bands.index(n) for role, n in zip(_ROLES, convention, strict=True) if n in bands}
+        found = {r: i for r, i in found.items() if not known[i] or known[i] in _ROLES[r]}
+        if all(r in out or r in found for r in need):
+            return {**found, **out}
+    return out
 
 
 def ndvi_bands(bands: Sequence[str], common_names: Sequence[str] | None = None) -> tuple[int, int] | None:
-    """Indexes of the red and near-infrared bands: by common name (``red``; ``nir``, else ``nir08``) when the
-    cube records them, else by name (Sentinel-2, Landsat 8/9, common names); None if there is no such pair."""
-    bands = [str(b) for b in bands]
-    return _by_common_name(common_names, _RED, _NIR) or _by_name(bands, common_names, RED_NIR, (_RED, _NIR))
+    """Indexes of the red and near-infrared bands (:func:`band_roles`); None if there is no such pair."""
+    roles = band_roles(bands, common_names, need=("red", "nir"))
+    return (roles["red"], roles["nir"]) if "red" in roles and "nir" in roles else None
 
 
 def rgb_bands(bands: Sequence[str], common_names: Sequence[str] | None = None) -> list[str] | None:
-    """Red, green and blue band names (by common name, else by name), or None."""
-    bands = [str(b) for b in bands]
-    roles = (_RED, ("green",), ("blue",))
-    idx = _by_common_name(common_names, *roles) or _by_name(bands, common_names, RGB_NAMES, roles)
-    return None if idx is None else [bands[i] for i in idx]
-
-
-_VISIBLE_NIR = (("B02", "B03", "B04", "B08"), ("B2", "B3", "B4", "B5"), ("blue", "green", "red", "nir"),
-                ("BLUE", "GREEN", "RED", "NIR"))  # blue, green, red, near-infrared by name (fallback)
-
-
-def band_roles(bands: Sequence[str], common_names: Sequence[str] | None = None) -> dict[str, int]:
-    """Indexes of the ``blue``, ``green``, ``red`` and ``nir`` bands (``nir``: the broad near-infrared, else the
-    narrow ``nir08``) that the cube has: by common name, else by name; a role without a band is left out."""
-    bands = [str(b) for b in bands]
-    names = [str(c) for c in common_names] if common_names else []
-    out = {}
-    for role, wanted in (("blue", ("blue",)), ("green", ("green",)), ("red", _RED), ("nir", _NIR)):
-        hit = next((names.index(c) for c in wanted if c in names), None)
-        if hit is not None:
-            out[role] = hit
-    if out:
-        return out
-    for convention in _VISIBLE_NIR:
-        found = {role: bands.index(n) for role, n in zip(("blue", "green", "red", "nir"), convention, strict=True)
-                 if n in bands}
-        if "red" in found and "nir" in found:
-            return found
-    return {}
+    """Red, green and blue band names (:func:`band_roles`), or None."""
+    need = ("red", "green", "blue")
+    roles = band_roles(bands, common_names, need=need)
+    return [str(bands[roles[r]]) for r in need] if all(r in roles for r in need) else None
 
 
 def common_names_of(ds) -> list[str] | None:

@@ -282,7 +282,7 @@ def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
             detail = ", ".join(f"{p.name}={d.date()}" for d, p in dates)
             raise SourceError(f"{key}: files of one scene carry different dates ({detail})")
         scene = Scene(Path(key).name, min(d for d, _ in dates), bands, origin=key)
-        scenes.append(_with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
+        scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
     return scenes
 
 
@@ -326,7 +326,7 @@ def _asset_scaling(asset, doc: str) -> list[tuple[float | None, float | None]]:
                 offset is not None and not math.isfinite(offset):
             raise SourceError(f"{doc}: asset {asset.href}: raster scale {scale!r} / offset {offset!r}: need a finite, "
                               "non-zero scale and a finite offset")
-        out.append((scale, offset) if scale is not None or offset is not None else (None, None))
+        out.append((scale, offset))
     return out
 
 
@@ -369,15 +369,13 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
             scale, offset = scaling[i - 1] if i <= len(scaling) else (None, None)
             if scale is None and offset is None:
                 scale, offset = product_scaling(item.id, name) or (None, None)
-            elif scale is None or offset is None:  # one of the two given: the other takes its neutral value
-                scale, offset = 1.0 if scale is None else scale, 0.0 if offset is None else offset
             bands[name] = BandRef(path, i, name, scale, offset)
             if i <= len(commons) and commons[i - 1] in COMMON_NAMES:
                 common[name] = commons[i - 1]
     if not bands:
         raise SourceError(f"{doc}: STAC item {item.id!r} has no GeoTIFF/COG asset")
     scene = Scene(item.id, dt, bands, origin=doc, common_names=common)
-    return _with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"))), mask_band)
+    return with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"))), mask_band)
 
 
 def _scenes_from_stac(path: Path, mask_band: str | None) -> list[Scene]:
@@ -417,7 +415,7 @@ def _name_bands(scene: Scene, sensor: str | None) -> Scene:
     return scene
 
 
-def _with_mask(scene: Scene, mask_band: str | None) -> Scene:
+def with_mask(scene: Scene, mask_band: str | None) -> Scene:
     """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL, QA_PIXEL, Fmask) if
     present, with its known rule."""
     lookup = {n.upper(): n for n in scene.bands}
@@ -435,6 +433,14 @@ def _with_mask(scene: Scene, mask_band: str | None) -> Scene:
         scene.mask_clear = KNOWN_MASKS.get(name.upper(), frozenset())
         scene.mask_bits = KNOWN_BIT_MASKS.get(name.upper(), frozenset())
     return scene
+
+
+def set_mask_rule(scene: Scene, mask_clear: Iterable[int] | None, mask_bits: Iterable[int] | None) -> None:
+    """Read ``scene``'s mask by the clear values or the flag bits given (None: keep its rule)."""
+    if scene.mask is not None and mask_clear is not None:
+        scene.mask_clear, scene.mask_bits = frozenset(int(v) for v in mask_clear), frozenset()
+    if scene.mask is not None and mask_bits is not None:
+        scene.mask_clear, scene.mask_bits = frozenset(), frozenset(int(b) for b in mask_bits)
 
 
 def discover(source: str | Path, mask_band: str | None = None, mask_clear: Iterable[int] | None = None,
@@ -468,10 +474,7 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif file or a STAC .json file")
     for s in scenes:
-        if s.mask is not None and mask_clear is not None:
-            s.mask_clear, s.mask_bits = frozenset(int(v) for v in mask_clear), frozenset()
-        if s.mask is not None and bits is not None:
-            s.mask_clear, s.mask_bits = frozenset(), bits
+        set_mask_rule(s, mask_clear, bits)
         if s.mask is not None and not s.mask_clear and not s.mask_bits:
             raise SourceError(
                 f"{s.mask.path}: mask band {s.mask.name!r} has no known rule; pass its clear values (--mask-clear) "

@@ -43,7 +43,16 @@ from geowm.cube.store import (
     read_state,
     storage_for,
 )
-from geowm.sources import BandRef, Scene, describe_mask_rule, discover, file_fingerprints, natural_key
+from geowm.sources import (
+    BandRef,
+    Scene,
+    describe_mask_rule,
+    discover,
+    file_fingerprints,
+    natural_key,
+    set_mask_rule,
+    with_mask,
+)
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
 MAX_MASK_BUFFER_M = 5000.0  # a cloud-mask buffer wider than this would mask whole scenes around any cloud
@@ -652,15 +661,10 @@ def _adopt_mask_band(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOpt
     bits of ``opts`` where given, else by the cube's rule: :func:`_resolve_mask_rule`)."""
     names = {rec["mask"]["band"] for rec in kept if rec.get("mask")}
     for s in new:
-        if s.mask is None:
-            hit = next((b for b in s.bands if b.upper() in names), None)
-            if hit is not None:
-                s.mask = s.bands.pop(hit)
-                s.common_names.pop(hit, None)
-                if opts.mask_clear is not None:
-                    s.mask_clear = frozenset(int(v) for v in opts.mask_clear)
-                if opts.mask_bits is not None:
-                    s.mask_bits = frozenset(int(v) for v in opts.mask_bits)
+        hit = next((b for b in s.bands if b.upper() in names), None) if s.mask is None else None
+        if hit is not None:
+            with_mask(s, hit)
+            set_mask_rule(s, opts.mask_clear, opts.mask_bits)
 
 
 def _resolve_mask_rule(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> IngestOptions:

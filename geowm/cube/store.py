@@ -84,8 +84,9 @@ def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
     Variables: ``reflectance`` (time, band, y, x; decoded to physical values, fill -> NaN) and
     ``valid`` (time, y, x; bool: observed, not cloud, not fill). ``spatial_ref`` holds the CRS as a
     CF grid mapping (rioxarray reads it: ``ds.rio.crs``); ``common_name`` (on ``band``) each band's STAC
-    ``eo`` common name (``red``, ``nir08``, ...; "" unknown; absent in cubes made before it was recorded). ``attrs['geowm:snapshot']`` is the
-    Icechunk snapshot id of what was read; pass ``snapshot`` to read an earlier state.
+    ``eo`` common name (``red``, ``nir08``, ...; "" unknown; absent in cubes made before it was recorded).
+    ``attrs['geowm:snapshot']`` is the Icechunk snapshot id of what was read; pass ``snapshot`` to read an
+    earlier state.
     """
     repo = open_repo(path)
     session = repo.readonly_session(snapshot_id=snapshot) if snapshot else repo.readonly_session(BRANCH)
@@ -133,9 +134,7 @@ class CubeState:
     grid: CubeGrid
     bands: list[str]
     times: np.ndarray  # datetime64[s], sorted
-    encoding: Encoding
-    scale: float
-    offset: float
+    encoding: Encoding  # dtype, fill, and the CF scale_factor / add_offset
     sources: list[dict]
     time_chunk: int
     snapshot: str
@@ -164,8 +163,6 @@ def read_state(path: str | Path) -> CubeState:
         times=(g["time"][:].astype("int64")).astype("datetime64[s]"),
         encoding=Encoding(str(refl.dtype), float(fill) if fill is not None else float("nan"),
                           float(ra.get("scale_factor", 1.0)), float(ra.get("add_offset", 0.0))),
-        scale=float(ra.get("scale_factor", 1.0)),
-        offset=float(ra.get("add_offset", 0.0)),
         sources=list(attrs.get("geowm:sources", [])),
         time_chunk=int(refl.chunks[0]),
         snapshot=session.snapshot_id,
