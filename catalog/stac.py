@@ -32,6 +32,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
+from geowm.sources import local_file
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"
@@ -89,8 +90,14 @@ def _scene_item(src: dict) -> pystac.Item:
     item = pystac.Item(src["id"], geom, bbox, dt, properties={})
     for f in files:
         key = Path(f).stem
-        item.add_asset(key, pystac.Asset(str(Path(f).absolute()), media_type=pystac.MediaType.GEOTIFF,
-                                         roles=["data"]))
+        archive = local_file(f)
+        if archive != f:  # a file inside a zip archive (a Sentinel-2 SAFE .zip): the archive, and the file in it
+            asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/zip", roles=["data"],
+                                 extra_fields={"geowm:archive_member": f[len(f"/vsizip/{archive}/"):]})
+        else:
+            media = pystac.MediaType.JPEG2000 if f.lower().endswith(".jp2") else pystac.MediaType.GEOTIFF
+            asset = pystac.Asset(str(Path(f).absolute()), media_type=media, roles=["data"])
+        item.add_asset(key, asset)
     if proj.get("epsg"):
         pe = ProjectionExtension.ext(item, add_if_missing=True)
         pe.epsg = proj["epsg"]

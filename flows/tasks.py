@@ -109,12 +109,13 @@ def cube_state(cube: str) -> dict:
 def discover_scenes(source: str) -> list[dict]:
     """Scenes of a watched folder or STAC catalog (``{id, datetime}``, by date); reads headers only.
 
-    A watched folder that exists but holds no GeoTIFF yet has no scenes (a normal state before the
-    first delivery); a missing folder or catalog is an error naming the path."""
-    from geowm.sources import RASTER_SUFFIXES, discover
+    A watched folder that exists but holds no raster or SAFE archive yet has no scenes (a normal state before
+    the first delivery); a missing folder or catalog is an error naming the path."""
+    from geowm.sources import ARCHIVE_SUFFIXES, RASTER_SUFFIXES, discover
 
     path = Path(source)
-    if path.is_dir() and not any(p.suffix.lower() in RASTER_SUFFIXES for p in path.rglob("*") if p.is_file()):
+    kinds = RASTER_SUFFIXES + ARCHIVE_SUFFIXES
+    if path.is_dir() and not any(p.suffix.lower() in kinds for p in path.rglob("*") if p.is_file()):
         get_run_logger().warning("no scenes yet in %s", source)
         return []
     scenes = discover(source)

@@ -111,7 +111,8 @@ def synth(
 
 @app.command()
 def ingest(
-    source: str = typer.Argument(..., help="Folder of GeoTIFF/COG files, or a STAC catalog/collection/item JSON."),
+    source: str = typer.Argument(..., help="Folder of GeoTIFF/COG/JPEG 2000 files, a Sentinel-2 SAFE product (or "
+                                 "its .zip), or a STAC catalog/collection/item JSON."),
     cube: str = typer.Option(..., "--cube", help="Cube to create or append to (a folder, or s3://bucket/prefix)."),
     crs: str | None = typer.Option(None, help="New cube only: CRS (e.g. EPSG:32633); default: the first source's."),
     resolution: float | None = typer.Option(None, help="New cube only: pixel size in CRS units."),
@@ -542,7 +543,8 @@ def calibrate(
 
 @app.command()
 def serve(
-    source: str = typer.Option(..., "--source", help="Watched folder of GeoTIFFs, or STAC catalog/collection JSON."),
+    source: str = typer.Option(..., "--source", help="Watched folder of GeoTIFFs, JPEG 2000 files or Sentinel-2 SAFE "
+                               "products (unpacked or .zip), or STAC catalog/collection JSON."),
     cube: str = typer.Option(..., "--cube", help="Cube the new scenes are ingested into."),
     model: str = typer.Option(..., "--model", help="Run directory of a trained model."),
     store: str = typer.Option(..., "--forecasts", help="Forecast store."),

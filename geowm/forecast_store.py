@@ -25,7 +25,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from geowm.cube.store import cube_exists, cube_lock, has_commits, storage_for
+from geowm.cube.store import cube_exists, cube_lock, has_commits, in_order, storage_for
 
 FORMAT = "geowm-forecast/1"
 PROVENANCE = ("geowm:run_id", "geowm:config_hash")
@@ -91,6 +91,7 @@ def open_forecasts(store: str | Path, snapshot: str | None = None) -> xr.Dataset
     ds = xr.open_zarr(session.store, consolidated=False)
     if ds.attrs.get("geowm:format") != FORMAT:
         raise ForecastStoreError(f"{store}: not a geowm forecast store (format {ds.attrs.get('geowm:format')!r})")
+    ds = in_order(ds, ("ndvi", "embedding", "latent_spread", "n_context"))  # then the bands, by name
     ds.attrs["geowm:store_snapshot"] = session.snapshot_id
     return ds
 

@@ -12,6 +12,11 @@ Rules (documented in the README):
   file-name suffix (``*_B2.TIF`` -> ``B2``), else ``band1``, ``band2``...
 * **Grouping of a folder**: files whose names differ only by a band suffix form one scene
   (Landsat style, one file per band); a multi-band file is a scene of its own.
+* **Sentinel-2 SAFE products** (a ``*.SAFE`` folder, or the ``.zip`` it is delivered in, read in place through
+  GDAL's ``/vsizip/``): one scene per product, named by it, from the JPEG 2000 band files of ``IMG_DATA``,
+  each band at its finest resolution (``R10m`` before ``R20m``); scale and offset from the product metadata
+  (``MTD_MSIL2A.xml``: quantification value and, from processing baseline 04.00, ``BOA_ADD_OFFSET``), else
+  from the processing baseline in the product name (``_N0400_``: offset -1000).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 from geowm.bands import COMMON_NAMES, common_name_of, sensor_of
 
-RASTER_SUFFIXES = (".tif", ".tiff")
+RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
+ARCHIVE_SUFFIXES = (".zip",)  # read in place through GDAL's /vsizip/
 RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "cloud-optimized")
 
 # a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud, red, nir08...
@@ -41,6 +47,15 @@ _BAND_SUFFIX = re.compile(
 AUXILIARY = re.compile(
     r"(?:^|[_.])(?:ST_(?:ATRAN|CDIST|DRAD|EMIS|EMSD|QA|TRAD|URAD)|SR_QA_AEROSOL|QA_AEROSOL|QA_RADSAT|[SV][AZ]A|"
     r"AOT|WVP|VISUAL|TCI|THUMBNAIL|PREVIEW)$", re.IGNORECASE)
+# a resolution token ending a file stem (Sentinel-2 L2A: T33UUP_20230601T100559_B04_10m)
+_RESOLUTION = re.compile(r"_(\d{1,4})m$", re.IGNORECASE)
+_S2_BASELINE = re.compile(r"_N(\d{2})(\d{2})_")  # processing baseline in a Sentinel-2 product name: _N0400_
+S2_QUANTIFICATION = 10000.0  # Sentinel-2 L1C/L2A: reflectance = (value + offset) / 10000
+S2_OFFSET_FROM = (4, 0)  # processing baseline 04.00 (25 January 2022) added an offset of -1000 to every band
+S2_OFFSET = -1000.0
+_S2_BAND_IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")  # MTD band_id
+_VSIZIP = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
+_IN_SAFE = re.compile(r"^(.*\.SAFE)(?:[/\\]|$)", re.IGNORECASE)  # the last *.SAFE folder of a path
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
 _DT_DOY = re.compile(r"(?<!\d)(\d{4})(\d{3})T(\d{2})(\d{2})(\d{2})(?!\d)")  # HLS: year, day of year, time
@@ -158,36 +173,48 @@ def datetime_from_filename(name: str) -> datetime | None:
 
 def band_from_filename(name: str) -> tuple[str, str | None]:
     """Split a file name into (scene key, band suffix or None): ``X_B2.TIF`` -> (``X``, ``B2``),
-    ``HLS.L30.X.v2.0.Fmask.tif`` -> (``HLS.L30.X.v2.0``, ``Fmask``), ``red.tif`` -> ("", ``red``) (a file named
-    by its band alone: its folder is the scene)."""
+    ``HLS.L30.X.v2.0.Fmask.tif`` -> (``HLS.L30.X.v2.0``, ``Fmask``), ``X_B04_10m.jp2`` -> (``X``, ``B04``) (a
+    resolution token after the band), ``red.tif`` -> ("", ``red``) (a file named by its band alone: its folder is
+    the scene)."""
     stem = Path(name).stem
-    m = _BAND_SUFFIX.search(stem)
+    m = _BAND_SUFFIX.search(_RESOLUTION.sub("", stem))  # T33UUP_..._B04_10m: band B04 (at 10 m)
     if not m:
         return stem, None
     return stem[: m.start(1)].rstrip("_."), m.group(1)
 
 
 def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None) -> dict[str, list] | None:
-    """``{path: [size, mtime_ns, sha256]}`` of local files (None if any is a URL). A file whose size and
-    mtime equal its entry in ``known`` keeps that entry's SHA-256 unread (the rsync quick check)."""
+    """``{path: [size, mtime_ns, sha256]}`` of local files (None if any is a URL); a file inside a zip archive
+    (``/vsizip/``) has its archive's. A file whose size and mtime equal its entry in ``known`` keeps that
+    entry's SHA-256 unread (the rsync quick check)."""
     import hashlib
     import os
 
-    out = {}
+    out: dict[str, list] = {}
+    done: dict[str, list] = {}  # local file -> its record (an archive is read once for all its members)
     for p in paths:
         if "://" in p:
             return None
-        st = os.stat(p)
-        old = (known or {}).get(p)
-        if old and old[:2] == [st.st_size, st.st_mtime_ns]:
-            out[p] = old
-            continue
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while block := f.read(1 << 22):
-                h.update(block)
-        out[p] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        local = local_file(p)
+        if local not in done:
+            st = os.stat(local)
+            old = (known or {}).get(p)
+            if old and old[:2] == [st.st_size, st.st_mtime_ns]:
+                done[local] = old
+            else:
+                h = hashlib.sha256()
+                with open(local, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                done[local] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+        out[p] = done[local]
     return out
+
+
+def local_file(path: str) -> str:
+    """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, else ``path`` itself."""
+    m = _VSIZIP.match(path)
+    return m.group(1) if m else path
 
 
 def natural_key(name: str) -> tuple:
@@ -214,7 +241,7 @@ def product_scaling(scene_id: str, band: str) -> tuple[float, float] | None:
     return None
 
 
-def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None, list[bool]]:
+def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None, list[bool]]:
     """Band count, band descriptions, the date of its tags (or None) and, per band, whether it has scale/offset
     tags."""
     import rasterio
@@ -238,19 +265,85 @@ def _tiff_meta(path: Path) -> tuple[int, list[str | None], datetime | None, list
 
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
-                   and not AUXILIARY.search(p.stem))
+    files = [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
+    unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
+    for archive in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in ARCHIVE_SUFFIXES):
+        # a product unpacked beside its download is read from its folder, once
+        files += [f for f in archive_rasters(archive) if Path(safe_root(f)).name not in unpacked]
+    return _scenes_from_files(_band_files(files), mask_band, folder)
+
+
+def _band_files(files: list[str]) -> list[str]:
+    """``files`` less auxiliary layers and, inside a Sentinel-2 SAFE product, all but its ``IMG_DATA`` (quality
+    masks and previews live beside it)."""
+    out = []
+    for f in files:
+        root = safe_root(f)
+        if AUXILIARY.search(_RESOLUTION.sub("", Path(f).stem)):
+            continue
+        if root is None or "IMG_DATA" in Path(f).parts[len(Path(root).parts):]:
+            out.append(f)
+    return out
+
+
+def archive_rasters(archive: Path) -> list[str]:
+    """The raster files of the Sentinel-2 SAFE products inside a zip archive, as GDAL ``/vsizip/`` paths (other
+    archives hold no scenes: [])."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise SourceError(f"{archive}: not a readable zip archive ({exc})") from None
+    return [f"/vsizip/{archive.resolve()}/{n}" for n in names
+            if Path(n).suffix.lower() in RASTER_SUFFIXES and safe_root(n) is not None]
+
+
+def safe_root(path: str) -> str | None:
+    """The Sentinel-2 SAFE product folder (``*.SAFE``) that holds ``path`` or is it, else None (a string
+    operation: a ``/vsizip//abs/...`` path keeps its form)."""
+    m = _IN_SAFE.match(path)
+    return m.group(1) if m else None
+
+
+def _file_resolution(path: str) -> float | None:
+    """The resolution in metres a file's name states (``..._B04_10m.jp2``: 10), or None."""
+    m = _RESOLUTION.search(Path(path).stem)
+    return float(m.group(1)) if m else None
+
+
+def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> list[Scene]:
     if not files:
-        raise SourceError(f"{folder}: no GeoTIFF files (*.tif, *.tiff) found")
-    groups: dict[str, list[tuple[Path, str | None]]] = {}
+        raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, or Sentinel-2 SAFE products in .zip "
+                          "archives) found")
+    groups: dict[str, list[tuple[str, str | None]]] = {}
     for path in files:
-        key, suffix = band_from_filename(path.name)  # key "": the file is named by its band alone
-        groups.setdefault(str(path.parent / key) if key else str(path.parent), []).append((path, suffix))
+        key, suffix = band_from_filename(path)  # key "": the file is named by its band alone
+        root, parent = safe_root(path), str(Path(path).parent)
+        if root is not None:  # a SAFE product: one scene per granule (band files share a stem across R10m, R20m)
+            group = f"{root}/{key}"
+        else:
+            group = str(Path(parent) / key) if key else parent
+        groups.setdefault(group, []).append((path, suffix))
+    per_product: dict[str, int] = {}
+    for group in groups:
+        if (root := safe_root(group)) is not None:
+            per_product[root] = per_product.get(root, 0) + 1
+    scalings: dict[str, dict[str, tuple[float, float]]] = {}
     scenes = []
     for key, members in groups.items():
+        root = safe_root(key)
+        if root is not None:
+            product = Path(root).name[: -len(".SAFE")]
+            scene_id = product if per_product[root] == 1 else f"{product}_{Path(key).name}"
+            if root not in scalings:
+                scalings[root] = safe_scaling(root)
+        else:
+            scene_id = Path(key).name
         bands: dict[str, BandRef] = {}
-        dates: list[tuple[datetime, Path]] = []
-        for path, suffix in members:
+        dates: list[tuple[datetime, str]] = []
+        for path, suffix in sorted(members, key=lambda m: _file_resolution(m[0]) or 0.0):  # finest first
             count, descriptions, dt, tagged = _tiff_meta(path)
             for i in range(1, count + 1):
                 desc = descriptions[i - 1]
@@ -263,27 +356,112 @@ def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
                 else:
                     name = f"band{i}"
                 if name in bands:
+                    if _file_resolution(path) and _file_resolution(bands[name].path):
+                        continue  # the band again at a coarser resolution (Sentinel-2 L2A's R20m, R60m)
                     raise SourceError(f"{path}: band {name!r} also found in {bands[name].path}")
-                scaling = None if tagged[i - 1] else product_scaling(Path(key).name, name)
-                bands[name] = BandRef(str(path), i, name, *(scaling or (None, None)))
+                if tagged[i - 1]:
+                    scaling = None
+                elif root is not None:
+                    scaling = scalings[root].get(_s2_band_key(name))
+                else:
+                    scaling = product_scaling(scene_id, name)
+                bands[name] = BandRef(path, i, name, *(scaling or (None, None)))
             if dt is None:
-                dt = datetime_from_filename(path.name)
-            if dt is None and key == str(path.parent):  # a file named by its band: its folder names the scene
-                dt = datetime_from_filename(path.parent.name)
+                dt = datetime_from_filename(Path(path).name)
+            folder_named = root is None and key == str(Path(path).parent)
+            if dt is None and folder_named:  # a file named by its band: its folder names the scene
+                dt = datetime_from_filename(Path(path).parent.name)
             if dt is None:
                 raise SourceError(
                     f"{path}: unparseable date: no STAC datetime, no ACQUISITION_DATETIME/TIFFTAG_DATETIME "
                     "tag and no YYYYMMDD or YYYYMMDDTHHMMSS in the file name"
-                    + (" or its folder's" if key == str(path.parent) else "")
+                    + (" or its folder's" if folder_named else "")
                 )
             dates.append((dt, path))
         days = {d.date() for d, _ in dates}
         if len(days) > 1:
-            detail = ", ".join(f"{p.name}={d.date()}" for d, p in dates)
+            detail = ", ".join(f"{Path(p).name}={d.date()}" for d, p in dates)
             raise SourceError(f"{key}: files of one scene carry different dates ({detail})")
-        scene = Scene(Path(key).name, min(d for d, _ in dates), bands, origin=key)
+        scene = Scene(scene_id, min(d for d, _ in dates), bands, origin=key)
         scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
     return scenes
+
+
+# ---------------------------------------------------------------- Sentinel-2 SAFE metadata
+
+
+def _s2_band_key(name: str) -> str | None:
+    """``B04`` -> ``B4``, ``B8A`` -> ``B8A`` (the product metadata's physical band names); None for others."""
+    m = re.fullmatch(r"B0*(\d{1,2})(A?)", name.strip(), re.IGNORECASE)
+    return f"B{int(m.group(1))}{m.group(2).upper()}" if m else None
+
+
+def _safe_metadata(root: str) -> tuple[str, bytes] | None:
+    """(path, content) of a SAFE product's metadata file (``MTD_MSIL2A.xml`` / ``MTD_MSIL1C.xml``), or None."""
+    import zipfile
+
+    m = _VSIZIP.match(root)
+    if m is None:
+        hits = sorted(Path(root).glob("MTD_MSIL*.xml"))
+        return (str(hits[0]), hits[0].read_bytes()) if hits else None
+    archive, inner = m.group(1), m.group(2) or ""
+    try:
+        with zipfile.ZipFile(archive) as z:
+            names = sorted(n for n in z.namelist() if re.fullmatch(re.escape(inner) + r"/MTD_MSIL\w+\.xml", n))
+            return (f"{archive}/{names[0]}", z.read(names[0])) if names else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise SourceError(f"{archive}: not a readable zip archive ({exc})") from None
+
+
+def safe_scaling(root: str) -> dict[str, tuple[float, float]]:
+    """Per band (``B1`` ... ``B12``, ``B8A``), the (scale, offset) that turn a Sentinel-2 SAFE product's values
+    into reflectance: from its metadata (the quantification value and, from processing baseline 04.00, the
+    ``BOA_ADD_OFFSET`` / ``RADIO_ADD_OFFSET`` of each band id), else from the processing baseline in the product
+    name (``_N0400_``); {} when neither is there (the bands are then taken at the cube's scale). A metadata file
+    that cannot be read, or that states baseline 04.00 or later without offsets, is refused (an offset is never
+    assumed to be zero)."""
+    from xml.etree import ElementTree
+
+    m = _S2_BASELINE.search(Path(root).name)
+    baseline = (int(m.group(1)), int(m.group(2))) if m else None
+    found = _safe_metadata(root)
+    if found is None:
+        if baseline is None:
+            return {}
+        offset = S2_OFFSET if baseline >= S2_OFFSET_FROM else 0.0
+        return {b: (1 / S2_QUANTIFICATION, offset / S2_QUANTIFICATION) for b in _S2_BAND_IDS}
+    path, content = found
+    try:
+        tree = ElementTree.fromstring(content)
+    except ElementTree.ParseError as exc:
+        raise SourceError(f"{path}: unreadable Sentinel-2 product metadata ({exc})") from None
+    quant, offsets, ids = None, {}, {}
+    for el in tree.iter():
+        tag, text = str(el.tag).rsplit("}", 1)[-1], (el.text or "").strip()
+        try:
+            if tag in ("BOA_QUANTIFICATION_VALUE", "QUANTIFICATION_VALUE", "L2A_BOA_QUANTIFICATION_VALUE"):
+                quant = float(text)
+            elif tag in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
+                offsets[int(el.get("band_id", ""))] = float(text)
+            elif tag == "Spectral_Information" and el.get("bandId") is not None:
+                ids[int(el.get("bandId"))] = _s2_band_key(el.get("physicalBand", ""))
+            elif tag == "PROCESSING_BASELINE":
+                baseline = tuple(int(v) for v in text.split(".")[:2])
+        except ValueError:
+            raise SourceError(f"{path}: {tag} {text!r} (band_id {el.get('band_id')!r}) is not a number") from None
+    if quant is None or not math.isfinite(quant) or quant <= 0:
+        raise SourceError(f"{path}: no valid BOA_QUANTIFICATION_VALUE / QUANTIFICATION_VALUE "
+                          f"({quant!r}); cannot decode reflectance")
+    if not offsets and baseline is not None and baseline >= S2_OFFSET_FROM:
+        raise SourceError(f"{path}: processing baseline {baseline[0]:02d}.{baseline[1]:02d} but no BOA_ADD_OFFSET / "
+                          "RADIO_ADD_OFFSET values: cannot tell the offset of its bands")
+    out = {b: (1 / quant, 0.0) for b in _S2_BAND_IDS}
+    for band_id, offset in offsets.items():
+        band = ids.get(band_id) or (_S2_BAND_IDS[band_id] if 0 <= band_id < len(_S2_BAND_IDS) else None)
+        if band is None or not math.isfinite(offset):
+            raise SourceError(f"{path}: offset {offset!r} of unknown band_id {band_id}")
+        out[band] = (1 / quant, offset / quant)
+    return out
 
 
 # ---------------------------------------------------------------- STAC
@@ -445,7 +623,8 @@ def set_mask_rule(scene: Scene, mask_clear: Iterable[int] | None, mask_bits: Ite
 
 def discover(source: str | Path, mask_band: str | None = None, mask_clear: Iterable[int] | None = None,
              mask_bits: Iterable[int] | None = None) -> list[Scene]:
-    """Find the scenes of a folder of GeoTIFFs or of a STAC catalog/collection/item JSON file.
+    """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
+    .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
     ``mask_band`` names the quality band (default: SCL, QA_PIXEL or Fmask if present). It is read by value or
     bit by bit: ``mask_clear`` gives the values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked),
@@ -471,8 +650,14 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     elif path.suffix.lower() in RASTER_SUFFIXES:
         scenes = [s for s in _scenes_from_folder(path.parent, mask_band)
                   if path.name.startswith(s.id) or str(path) in s.files]
+    elif path.suffix.lower() in ARCHIVE_SUFFIXES:
+        files = archive_rasters(path)
+        if not files:
+            raise SourceError(f"{path}: no Sentinel-2 SAFE product (a *.SAFE folder of band files) in this archive")
+        scenes = _scenes_from_files(_band_files(files), mask_band, path)
     else:
-        raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif file or a STAC .json file")
+        raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip or a "
+                          "STAC .json file")
     for s in scenes:
         set_mask_rule(s, mask_clear, bits)
         if s.mask is not None and not s.mask_clear and not s.mask_bits:

@@ -32,9 +32,9 @@ def existing(tmp_path) -> Path:
     return tmp_path
 
 
-def run_bad(ws: Path, source: Path, *expected: str, args: tuple[str, ...] = ()) -> str:
+def run_bad(ws: Path, source: Path, *expected: str, args: tuple[str, ...] = (), scheduler: str = "synchronous") -> str:
     before = (tree_digest(ws / "cube"), tree_digest(ws / "catalog"))
-    res = runner.invoke(app, ["ingest", str(source), "--cube", str(ws / "cube"), "--scheduler", "synchronous", *args])
+    res = runner.invoke(app, ["ingest", str(source), "--cube", str(ws / "cube"), "--scheduler", scheduler, *args])
     text = " ".join((res.stderr or res.output).split())
     assert res.exit_code == 2, text
     assert "error:" in text
@@ -151,8 +151,10 @@ def test_unexpected_dtype(existing):
     run_bad(existing, bad, "S2T_20210601T103021.tif", "unexpected dtype float32")
 
 
-def test_corrupt_block_data_fails_during_read_and_cleans_up(existing):
-    """Header fine, compressed bytes garbled: found only while reading pixels, after chunks were written."""
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_corrupt_block_data_fails_during_read_and_cleans_up(existing, scheduler):
+    """Header fine, compressed bytes garbled: found only while reading pixels, after chunks were written; on a
+    dask worker too (the error comes back as itself, not as distributed's bare Exception)."""
     import rasterio
 
     bad = existing / "bad"
@@ -165,7 +167,7 @@ def test_corrupt_block_data_fails_during_read_and_cleans_up(existing):
     raw = bytearray(f.read_bytes())
     raw[off: off + size] = bytes([0xFF]) * size
     f.write_bytes(bytes(raw))
-    run_bad(existing, bad, f.name, "failed while reading pixels")
+    run_bad(existing, bad, f.name, "failed while reading pixels", scheduler=scheduler)
 
 
 def test_missing_source_path(existing):

@@ -70,6 +70,10 @@ def test_forecast_inits_are_catalogued(dashboard_workdir, tmp_path):
 
     store = dashboard_workdir / "forecasts"
     fc = open_forecasts(store)
+    # one order of variables and dims on every open (the store lists its arrays in no fixed order)
+    orders = {(tuple(f.data_vars), tuple(f.sizes)) for f in (open_forecasts(store) for _ in range(12))}
+    assert orders == {(("ndvi", "embedding", "latent_spread", "n_context", "B02", "B03", "B04", "B08"),
+                       ("init_time", "lead_time", "quantile", "y", "x", "py", "px", "latent"))}
     cat_dir = tmp_path / "catalog"
     root = add_forecasts(cat_dir, store)
     assert validate_catalog(root) == []

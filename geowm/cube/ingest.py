@@ -31,7 +31,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 
 from geowm.cube.grid import CubeGrid, Tile
-from geowm.cube.reader import Encoding, band_scaling, implicit_nodata, mosaic_date, same_scaling
+from geowm.cube.reader import Encoding, ReadError, band_scaling, implicit_nodata, mosaic_date, same_scaling
 from geowm.cube.store import (
     BRANCH,
     FORMAT,
@@ -46,6 +46,7 @@ from geowm.cube.store import (
 from geowm.sources import (
     BandRef,
     Scene,
+    SourceError,
     describe_mask_rule,
     discover,
     file_fingerprints,
@@ -428,13 +429,13 @@ class _Executor:
         from distributed import as_completed
 
         pending = iter(calls)
-        futures = [self.client.submit(fn, *a, pure=False) for a in _take(pending, window)]
+        futures = [self.client.submit(_portable, fn, *a, pure=False) for a in _take(pending, window)]
         ac = as_completed(futures)
         for fut in ac:
             result = fut.result()
             fut.release()
             for a in _take(pending, 1):
-                ac.add(self.client.submit(fn, *a, pure=False))
+                ac.add(self.client.submit(_portable, fn, *a, pure=False))
             yield result
 
     def close(self) -> None:
@@ -442,6 +443,18 @@ class _Executor:
             self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+def _portable(fn: Callable, *args):
+    """``fn(*args)`` on a dask worker. A geowm error (a file that fails while its pixels are read) is raised
+    again without the library exception it was raised from: distributed pickles an exception with its chain and
+    sends a bare ``Exception`` in its place when a link does not unpickle (rasterio's), which the caller would
+    not recognise."""
+    try:
+        return fn(*args)
+    except (ReadError, IngestError, SourceError) as exc:
+        error = exc
+    raise type(error)(*error.args)
 
 
 def _take(it, n):

@@ -93,9 +93,24 @@ def open_cube(path: str | Path, snapshot: str | None = None) -> xr.Dataset:
     ds = xr.open_zarr(session.store, consolidated=False)
     if ds.attrs.get("geowm:format") != FORMAT:
         raise CubeError(f"{path}: not a geowm cube (format {ds.attrs.get('geowm:format')!r})")
-    ds = ds.set_coords("spatial_ref")
+    ds = in_order(ds.set_coords("spatial_ref"), ("reflectance", "valid"))
     ds.attrs["geowm:snapshot"] = session.snapshot_id
     return ds
+
+
+def in_order(ds: xr.Dataset, first: tuple[str, ...]) -> xr.Dataset:
+    """``ds`` with its variables in a fixed order: those of ``first``, then the others by name; dims in the order
+    the variables use them, coordinates by dim then by name. Icechunk lists a store's arrays in no fixed order,
+    which ``xr.open_zarr`` would pass on to the dims (``time, y, x, band`` one time, ``time, band, y, x`` the
+    next) and to every repr."""
+    from geowm.sources import natural_key
+
+    names = [v for v in first if v in ds.data_vars]
+    names += sorted((v for v in ds.data_vars if v not in first), key=natural_key)
+    dims = list(dict.fromkeys(d for n in names for d in ds[n].dims))
+    coords = [d for d in dims if d in ds.coords] + sorted(c for c in ds.coords if c not in dims)
+    return xr.Dataset({n: ds[n].variable for n in names}, coords={c: ds[c].variable for c in coords},
+                      attrs=ds.attrs)
 
 
 def date_sources(ds: xr.Dataset) -> dict[str, str] | None:

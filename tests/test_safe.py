@@ -1,0 +1,279 @@
+"""Sentinel-2 SAFE products as ESA delivers them: JPEG 2000 band files at 10, 20 and 60 m in ``IMG_DATA``, the
+SCL mask at 20 m, product metadata with the quantification value and (from processing baseline 04.00) an
+offset of -1000 on every band; unpacked, or in the .zip they are downloaded in."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from geowm.cube import IngestOptions, cube_checksum, ingest, open_cube
+from geowm.cube.reader import ReadError
+from geowm.sources import SourceError, discover
+
+OPTS = dict(tile_size=32, time_chunk=2, scheduler="synchronous")
+SIZE = 48  # px at 10 m
+CRS = "EPSG:32721"
+X0, Y0 = 600000, 7100000
+BANDS = ("B02", "B03", "B04", "B08")
+OLD = ("S2B_MSIL2A_20211220T133839_N0301_R124_T21JUN_20211220T161541", "T21JUN_20211220T133839")
+NEW = ("S2A_MSIL2A_20220208T133841_N0400_R124_T21JUN_20220208T171544", "T21JUN_20220208T133841")
+
+_MTD = """<?xml version="1.0" encoding="UTF-8"?>
+<n1:Level-2A_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-2A.xsd">
+ <n1:General_Info>
+  <Product_Info><PROCESSING_BASELINE>{baseline}</PROCESSING_BASELINE></Product_Info>
+  <Product_Image_Characteristics>
+   <Special_Values><SPECIAL_VALUE_TEXT>NODATA</SPECIAL_VALUE_TEXT><SPECIAL_VALUE_INDEX>0</SPECIAL_VALUE_INDEX>
+   </Special_Values>
+   <QUANTIFICATION_VALUES_LIST>
+    <BOA_QUANTIFICATION_VALUE unit="none">10000</BOA_QUANTIFICATION_VALUE>
+    <AOT_QUANTIFICATION_VALUE unit="none">1000.0</AOT_QUANTIFICATION_VALUE>
+    <WVP_QUANTIFICATION_VALUE unit="cm">1000.0</WVP_QUANTIFICATION_VALUE>
+   </QUANTIFICATION_VALUES_LIST>
+   {offsets}
+   <Spectral_Information_List>{spectral}</Spectral_Information_List>
+  </Product_Image_Characteristics>
+ </n1:General_Info>
+</n1:Level-2A_User_Product>
+"""
+_IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+
+
+def _jp2(path: Path, data: np.ndarray, res: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="JP2OpenJPEG", width=data.shape[1], height=data.shape[0], count=1,
+                       dtype=data.dtype, crs=CRS, transform=Affine(res, 0, X0, 0, -res, Y0), QUALITY=100,
+                       REVERSIBLE="YES") as dst:
+        dst.write(data, 1)
+
+
+def _reflectance(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {b: rng.uniform(0.02, 0.5, (SIZE, SIZE)) for b in BANDS}
+
+
+def _scl() -> np.ndarray:  # at 20 m
+    scl = np.full((SIZE // 2, SIZE // 2), 4, np.uint8)  # vegetation
+    scl[:3] = 6  # water: clear
+    scl[5:9, 4:15] = 9  # cloud, high probability
+    scl[12:14] = 3  # cloud shadow
+    scl[18:, 18:] = 0  # no data
+    return scl
+
+
+def make_safe(folder: Path, names: tuple[str, str], rho: dict[str, np.ndarray], offset: int, *,
+              metadata: str | None = "auto") -> Path:
+    """A Sentinel-2 L2A SAFE product: ``rho`` (reflectance at 10 m) stored as ``rho * 10000 - offset`` (offset
+    -1000 from baseline 04.00), at 10 m (R10m), block means at 20 m and 60 m, SCL at 20 and 60 m, aerosol and
+    water-vapour layers, a true-colour image, QI_DATA masks and the product metadata."""
+    product, stem = names
+    safe = folder / f"{product}.SAFE"
+    img = safe / "GRANULE" / f"L2A_T21JUN_A034567_{stem[7:]}" / "IMG_DATA"
+
+    def dn(a: np.ndarray) -> np.ndarray:
+        return np.round(a * 10000 - offset).astype(np.uint16)
+
+    def coarse(a: np.ndarray, k: int) -> np.ndarray:
+        return a.reshape(a.shape[0] // k, k, a.shape[1] // k, k).mean(axis=(1, 3))
+
+    for b in BANDS:
+        _jp2(img / "R10m" / f"{stem}_{b}_10m.jp2", dn(rho[b]), 10)
+        if b != "B08":
+            _jp2(img / "R20m" / f"{stem}_{b}_20m.jp2", dn(coarse(rho[b], 2)), 20)
+            _jp2(img / "R60m" / f"{stem}_{b}_60m.jp2", dn(coarse(rho[b], 6)), 60)
+    _jp2(img / "R20m" / f"{stem}_B8A_20m.jp2", dn(coarse(rho["B08"], 2)), 20)
+    _jp2(img / "R60m" / f"{stem}_B01_60m.jp2", dn(coarse(rho["B02"], 6)), 60)
+    _jp2(img / "R20m" / f"{stem}_SCL_20m.jp2", _scl(), 20)
+    _jp2(img / "R60m" / f"{stem}_SCL_60m.jp2", _scl()[::3, ::3].copy(), 60)
+    for layer in ("AOT", "WVP"):
+        _jp2(img / "R10m" / f"{stem}_{layer}_10m.jp2", np.full((SIZE, SIZE), 150, np.uint16), 10)
+    _jp2(img / "R10m" / f"{stem}_TCI_10m.jp2", np.full((SIZE, SIZE), 90, np.uint8), 10)
+    qi = img.parent / "QI_DATA"
+    _jp2(qi / "MSK_CLDPRB_20m.jp2", np.zeros((SIZE // 2, SIZE // 2), np.uint8), 20)
+    _jp2(qi / f"{stem}_PVI.jp2", np.zeros((8, 8), np.uint8), 60)
+    (safe / "DATASTRIP").mkdir(parents=True)
+    (safe / "manifest.safe").write_text("<xfdu/>")
+    if metadata == "auto":
+        offsets = "".join(f'<BOA_ADD_OFFSET band_id="{i}">{offset}</BOA_ADD_OFFSET>' for i in range(13))
+        metadata = _MTD.format(
+            baseline="04.00" if offset else "03.01",
+            offsets=f"<BOA_ADD_OFFSET_VALUES_LIST>{offsets}</BOA_ADD_OFFSET_VALUES_LIST>" if offset else "",
+            spectral="".join(f'<Spectral_Information bandId="{i}" physicalBand="{b}"/>' for i, b in enumerate(_IDS)))
+    if metadata is not None:
+        (safe / "MTD_MSIL2A.xml").write_text(metadata)
+    return safe
+
+
+def zip_safe(safe: Path, archive: Path) -> Path:
+    """The product as the Copernicus Data Space delivers it: ``<product>.SAFE/...`` in a zip."""
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(safe.rglob("*")):
+            z.write(f, f.relative_to(safe.parent).as_posix())
+    return archive
+
+
+def _clear_at_10m() -> np.ndarray:
+    return np.isin(np.repeat(np.repeat(_scl(), 2, 0), 2, 1), [4, 5, 6, 7])
+
+
+def test_safe_products_across_processing_baseline_0400_ingest_to_one_reflectance(tmp_path):
+    from geowm.baselines import ndvi
+
+    old, new = _reflectance(0), _reflectance(1)
+    make_safe(tmp_path / "src", OLD, old, 0)
+    make_safe(tmp_path / "src", NEW, new, -1000)
+    scenes = discover(tmp_path / "src")
+    assert [s.id for s in scenes] == [OLD[0], NEW[0]]
+    s = scenes[1]
+    assert sorted(s.bands) == ["B01", "B02", "B03", "B04", "B08", "B8A"]  # no AOT, WVP, TCI, QI_DATA masks
+    assert s.bands["B02"].path.endswith("_B02_10m.jp2") and s.bands["B8A"].path.endswith("_B8A_20m.jp2")
+    assert s.mask.path.endswith("_SCL_20m.jp2") and s.mask_clear == {4, 5, 6, 7}
+    assert (s.bands["B04"].scale, s.bands["B04"].offset) == (1e-4, -0.1)
+    assert (scenes[0].bands["B04"].scale, scenes[0].bands["B04"].offset) == (1e-4, 0.0)
+    assert s.common_names == {"B01": "coastal", "B02": "blue", "B03": "green", "B04": "red", "B08": "nir",
+                              "B8A": "nir08"}
+
+    ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS, bands=list(BANDS)))
+    ds = open_cube(tmp_path / "cube")
+    # dims time, band, y, x on every open (the store lists its arrays in no fixed order)
+    assert {(tuple(open_cube(tmp_path / "cube").sizes), tuple(open_cube(tmp_path / "cube").data_vars))
+            for _ in range(12)} == {(("time", "band", "y", "x"), ("reflectance", "valid"))}
+    assert ds.sizes["y"] == ds.sizes["x"] == SIZE and float(ds.x[1] - ds.x[0]) == 10.0
+    assert list(ds.common_name.values) == ["blue", "green", "red", "nir"]
+    assert ds.reflectance.encoding["scale_factor"] == np.float32(1e-4)
+    valid = ds.valid.values
+    clear = _clear_at_10m()
+    np.testing.assert_array_equal(valid[0], clear)
+    np.testing.assert_array_equal(valid[1], clear)
+    # one reflectance across the baseline change: the later product's values are 1000 higher for the same surface
+    for t, rho in enumerate((old, new)):
+        for b in BANDS:
+            got = ds.reflectance.sel(band=b).isel(time=t).values
+            np.testing.assert_allclose(got[clear], rho[b][clear], atol=0.6e-4, err_msg=f"{b} at time {t}")
+    red, nir = new["B04"], new["B08"]
+    np.testing.assert_allclose(ndvi(ds).isel(time=1).values[clear], ((nir - red) / (nir + red))[clear], atol=1e-3)
+
+    # the same products in the other order: the cube takes the first one's offset, the older product is converted
+    make_safe(tmp_path / "first", NEW, new, -1000)
+    ingest(tmp_path / "first", tmp_path / "cube2", IngestOptions(**OPTS, bands=list(BANDS)))
+    make_safe(tmp_path / "then", OLD, old, 0)
+    ingest(tmp_path / "then", tmp_path / "cube2", IngestOptions(**OPTS))
+    ds2 = open_cube(tmp_path / "cube2")
+    assert ds2.reflectance.encoding["add_offset"] == np.float32(-0.1)
+    np.testing.assert_allclose(ds2.reflectance.values[:, :, clear], ds.reflectance.values[:, :, clear], atol=1e-6)
+
+
+def test_a_zipped_safe_is_read_in_place_and_recorded_by_its_archive(tmp_path):
+    from catalog.stac import update_catalog, validate_catalog
+
+    rho = _reflectance(2)
+    safe = make_safe(tmp_path / "unpacked", NEW, rho, -1000)
+    archive = zip_safe(safe, tmp_path / "downloads" / f"{NEW[0]}.zip")
+    with zipfile.ZipFile(tmp_path / "downloads" / "other.zip", "w") as z:  # an archive without a product
+        z.writestr("readme.txt", "not imagery")
+    scenes = discover(archive)
+    assert [s.id for s in scenes] == [NEW[0]]
+    assert scenes[0].bands["B04"].path == f"/vsizip/{archive.resolve()}/{NEW[0]}.SAFE/GRANULE/" \
+                                         f"L2A_T21JUN_A034567_{NEW[1][7:]}/IMG_DATA/R10m/{NEW[1]}_B04_10m.jp2"
+    assert (scenes[0].bands["B04"].scale, scenes[0].bands["B04"].offset) == (1e-4, -0.1)
+
+    report = ingest(archive, tmp_path / "cube", IngestOptions(**OPTS, bands=list(BANDS)))
+    assert report.added_times
+    ingest(safe.parent, tmp_path / "ref", IngestOptions(**OPTS, bands=list(BANDS)))
+    a, b = open_cube(tmp_path / "cube"), open_cube(tmp_path / "ref")
+    np.testing.assert_array_equal(a.reflectance.values, b.reflectance.values)
+    np.testing.assert_array_equal(a.valid.values, b.valid.values)
+    from geowm.cube.store import read_state
+
+    (rec,) = read_state(tmp_path / "cube").sources
+    assert {v[2] for v in rec["content"].values()} == {__import__("hashlib").sha256(archive.read_bytes()).hexdigest()}
+    before = cube_checksum(tmp_path / "cube")
+    again = ingest(archive, tmp_path / "cube", IngestOptions(**OPTS))
+    assert not again.added_times and again.skipped_scenes == [NEW[0]]
+    assert cube_checksum(tmp_path / "cube") == before
+    # the catalog lists the archive, and which file inside it each band came from
+    validate = validate_catalog(update_catalog(tmp_path / "catalog", tmp_path / "cube"))
+    assert validate == []
+    import json
+
+    items = [json.loads(p.read_text()) for p in (tmp_path / "catalog").rglob("*.json")]
+    (item,) = [i for i in items if i.get("id") == NEW[0]]
+    asset = item["assets"][f"{NEW[1]}_B04_10m"]
+    assert asset["type"] == "application/zip" and asset["href"].endswith(f"downloads/{NEW[0]}.zip")
+    assert asset["geowm:archive_member"].endswith(f"IMG_DATA/R10m/{NEW[1]}_B04_10m.jp2")
+    # a folder of downloads: the product zips are scenes, the archive without a product is left alone
+    assert [s.id for s in discover(tmp_path / "downloads")] == [NEW[0]]
+    # a product unpacked beside its zip is one scene, read from the folder
+    zip_safe(safe, tmp_path / "unpacked" / f"{NEW[0]}.zip")
+    (scene,) = discover(tmp_path / "unpacked")
+    assert scene.bands["B04"].path == str(next(safe.rglob("*_B04_10m.jp2")))
+    with pytest.raises(SourceError, match="no Sentinel-2 SAFE product"):
+        discover(tmp_path / "downloads" / "other.zip")
+
+
+def test_product_name_gives_the_offset_when_the_metadata_is_missing_and_l1c_metadata_is_read(tmp_path):
+    make_safe(tmp_path / "src", NEW, _reflectance(3), -1000, metadata=None)
+    make_safe(tmp_path / "src", OLD, _reflectance(4), 0, metadata=None)
+    old, new = discover(tmp_path / "src")
+    assert (new.bands["B02"].scale, new.bands["B02"].offset) == (1e-4, -0.1)
+    assert (old.bands["B02"].scale, old.bands["B02"].offset) == (1e-4, 0.0)
+    # Level-1C: top-of-atmosphere QUANTIFICATION_VALUE and RADIO_ADD_OFFSET, by band id (B8A is id 8)
+    l1c = """<n1:Level-1C_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-1C.xsd">
+     <n1:General_Info><Product_Info><PROCESSING_BASELINE>04.00</PROCESSING_BASELINE></Product_Info>
+     <Product_Image_Characteristics><QUANTIFICATION_VALUE unit="none">10000</QUANTIFICATION_VALUE>
+     <Radiometric_Offset_List><RADIO_ADD_OFFSET band_id="3">-1000</RADIO_ADD_OFFSET>
+     <RADIO_ADD_OFFSET band_id="8">-2000</RADIO_ADD_OFFSET></Radiometric_Offset_List>
+     </Product_Image_Characteristics></n1:General_Info></n1:Level-1C_User_Product>"""
+    names = (NEW[0].replace("MSIL2A", "MSIL1C"), NEW[1])
+    safe = make_safe(tmp_path / "l1c", names, _reflectance(5), -1000, metadata=None)
+    (safe / "MTD_MSIL1C.xml").write_text(l1c)
+    (scene,) = discover(tmp_path / "l1c")
+    assert scene.id == names[0]
+    assert {b: (r.scale, r.offset) for b, r in scene.bands.items() if b in ("B02", "B04", "B8A")} == \
+        {"B02": (1e-4, 0.0), "B04": (1e-4, -0.1), "B8A": (1e-4, -0.2)}
+
+
+@pytest.mark.parametrize("metadata, problem", [
+    ("<n1:Level-2A_User_Product", "unreadable Sentinel-2 product metadata"),
+    (_MTD.format(baseline="04.00", offsets="", spectral=""), r"processing baseline 04\.00 but no BOA_ADD_OFFSET"),
+    (_MTD.format(baseline="04.00", spectral="", offsets='<BOA_ADD_OFFSET band_id="3">-1e3x</BOA_ADD_OFFSET>'),
+     r"BOA_ADD_OFFSET '-1e3x' \(band_id '3'\) is not a number"),
+    (_MTD.format(baseline="03.01", offsets="", spectral="").replace(">10000<", ">0<"),
+     "no valid BOA_QUANTIFICATION_VALUE"),
+])
+def test_bad_product_metadata_or_archive_is_refused_and_the_cube_kept(tmp_path, metadata, problem):
+    make_safe(tmp_path / "good", OLD, _reflectance(5), 0)
+    ingest(tmp_path / "good", tmp_path / "cube", IngestOptions(**OPTS, bands=list(BANDS)))
+    before = cube_checksum(tmp_path / "cube")
+    safe = make_safe(tmp_path / "bad", NEW, _reflectance(6), -1000, metadata=metadata)
+    with pytest.raises(SourceError, match=problem) as err:
+        ingest(tmp_path / "bad", tmp_path / "cube", IngestOptions(**OPTS))
+    assert str(safe / "MTD_MSIL2A.xml") in str(err.value)
+    assert cube_checksum(tmp_path / "cube") == before
+
+
+def test_a_zip_cut_short_is_refused_and_the_cube_kept(tmp_path):
+    make_safe(tmp_path / "good", OLD, _reflectance(5), 0)
+    ingest(tmp_path / "good", tmp_path / "cube", IngestOptions(**OPTS, bands=list(BANDS)))
+    before = cube_checksum(tmp_path / "cube")
+    whole = zip_safe(make_safe(tmp_path / "ok", NEW, _reflectance(6), -1000), tmp_path / "whole.zip").read_bytes()
+    cut = tmp_path / "cut" / f"{NEW[0]}.zip"
+    cut.parent.mkdir()
+    cut.write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(SourceError, match="not a readable zip archive") as err:
+        ingest(cut, tmp_path / "cube", IngestOptions(**OPTS))
+    assert str(cut) in str(err.value)
+    # an unpacked product with a band file cut short: found while its pixels are read, on a dask worker
+    band = next(make_safe(tmp_path / "partial", NEW, _reflectance(6), -1000).rglob("*_B04_10m.jp2"))
+    band.write_bytes(band.read_bytes()[: band.stat().st_size // 2])
+    with pytest.raises(ReadError, match="failed while reading pixels") as err:
+        ingest(tmp_path / "partial", tmp_path / "cube", IngestOptions(**{**OPTS, "scheduler": "threads"}))
+    assert str(band) in str(err.value)
+    assert cube_checksum(tmp_path / "cube") == before
