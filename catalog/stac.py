@@ -27,6 +27,7 @@ import pandas as pd
 import pystac
 import rasterio
 from pystac.extensions.datacube import DatacubeExtension, Dimension, DimensionType, Variable, VariableType
+from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
 from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
@@ -134,9 +135,13 @@ def _cube_item(cube: str) -> pystac.Item:
     }
     if epsg:
         ProjectionExtension.ext(item, add_if_missing=True).epsg = epsg
-    item.add_asset("cube", pystac.Asset(str(Path(cube).absolute()), media_type="application/vnd+zarr",
-                                        roles=["data"], title="Icechunk repository (Zarr v3)",
-                                        extra_fields={"icechunk:branch": "main"}))
+    asset = pystac.Asset(str(Path(cube).absolute()), media_type="application/vnd+zarr", roles=["data"],
+                         title="Icechunk repository (Zarr v3)", extra_fields={"icechunk:branch": "main"})
+    item.add_asset("cube", asset)
+    # what each band is (STAC eo common names, where the cube records them), as geowm's STAC reader reads them
+    EOExtension.ext(asset, add_if_missing=True).bands = [
+        Band.create(name=b, common_name=c or None)
+        for b, c in zip(s["bands"], s["common_names"] or [""] * len(s["bands"]), strict=True)]
     return item
 
 

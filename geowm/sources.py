@@ -546,7 +546,7 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
                 raise SourceError(f"{doc}: STAC item {item.id!r} asset {key!r} band {i} has no name")
             scale, offset = scaling[i - 1] if i <= len(scaling) else (None, None)
             if scale is None and offset is None:
-                scale, offset = product_scaling(item.id, name) or (None, None)
+                scale, offset = product_scaling(item.id, name) or _s2_item_scaling(item, name) or (None, None)
             bands[name] = BandRef(path, i, name, scale, offset)
             if i <= len(commons) and commons[i - 1] in COMMON_NAMES:
                 common[name] = commons[i - 1]
@@ -554,6 +554,17 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
         raise SourceError(f"{doc}: STAC item {item.id!r} has no GeoTIFF/COG asset")
     scene = Scene(item.id, dt, bands, origin=doc, common_names=common)
     return with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"))), mask_band)
+
+
+def _s2_item_scaling(item, band: str) -> tuple[float, float] | None:
+    """(scale, offset) of a Sentinel-2 band of a STAC item that states its processing baseline
+    (``s2:processing_baseline``, as Microsoft Planetary Computer's items do) but no ``raster:bands`` scaling."""
+    baseline = str(item.properties.get("s2:processing_baseline") or "")
+    m = re.fullmatch(r"0*(\d{1,2})\.(\d{1,2})", baseline.strip())
+    if m is None or _s2_band_key(band) is None or sensor_of(item.id, item.properties.get("platform")) != "sentinel-2":
+        return None
+    offset = S2_OFFSET if (int(m.group(1)), int(m.group(2))) >= S2_OFFSET_FROM else 0.0
+    return 1 / S2_QUANTIFICATION, offset / S2_QUANTIFICATION
 
 
 def _scenes_from_stac(path: Path, mask_band: str | None) -> list[Scene]:

@@ -208,6 +208,10 @@ def test_a_zipped_safe_is_read_in_place_and_recorded_by_its_archive(tmp_path):
     asset = item["assets"][f"{NEW[1]}_B04_10m"]
     assert asset["type"] == "application/zip" and asset["href"].endswith(f"downloads/{NEW[0]}.zip")
     assert asset["geowm:archive_member"].endswith(f"IMG_DATA/R10m/{NEW[1]}_B04_10m.jp2")
+    (cube_item,) = [i for i in items if i.get("id") == "cube"]  # the cube's bands, and what each one is
+    assert cube_item["assets"]["cube"]["eo:bands"] == [{"name": b, "common_name": c} for b, c in
+                                                       zip(BANDS, ("blue", "green", "red", "nir"), strict=True)]
+    assert any("/eo/" in e for e in cube_item["stac_extensions"])
     # a folder of downloads: the product zips are scenes, the archive without a product is left alone
     assert [s.id for s in discover(tmp_path / "downloads")] == [NEW[0]]
     # a product unpacked beside its zip is one scene, read from the folder

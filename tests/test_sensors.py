@@ -271,3 +271,25 @@ def test_a_series_across_a_change_of_offset_is_harmonised_and_another_scale_refu
                                           r"stores uint16 values at scale 0.0001 and offset 0"):
         ingest(third, tmp_path / "cube", IngestOptions(**OPTS))
     assert cube_checksum(tmp_path / "cube") == before
+
+
+@pytest.mark.parametrize("baseline, offset", [("04.00", -0.1), ("05.09", -0.1), ("02.12", 0.0)])
+def test_stac_sentinel2_items_with_only_a_processing_baseline_get_its_offset(tmp_path, baseline, offset):
+    """Planetary Computer's Sentinel-2 L2A items give ``s2:processing_baseline`` and no ``raster:bands``
+    scale/offset; from baseline 04.00 their values carry the -1000 offset all the same."""
+    import pystac
+
+    item = pystac.Item("S2B_MSIL2A_20220208T133841_R124_T21JUN_20220210T042536", geometry=None, bbox=None,
+                       datetime=datetime(2022, 2, 8, 13, 38, tzinfo=UTC),
+                       properties={"platform": "Sentinel-2B", "s2:processing_baseline": baseline})
+    for name in ("B04", "B08", "SCL"):
+        path = write_tif(tmp_path / f"{name}.tif", np.full((SIZE, SIZE), 4 if name == "SCL" else 2000, np.uint16),
+                         nodata=0)
+        item.add_asset(name, pystac.Asset(str(path), media_type=pystac.MediaType.COG))
+    (tmp_path / "item.json").write_text(json.dumps(item.to_dict()))
+    (scene,) = discover(tmp_path / "item.json")
+    assert {b: (r.scale, r.offset) for b, r in scene.bands.items()} == {"B04": (1e-4, offset), "B08": (1e-4, offset)}
+    assert (scene.mask.scale, scene.mask.offset) == (None, None)  # the mask is classes, never scaled
+    ingest(tmp_path / "item.json", tmp_path / "cube", IngestOptions(**OPTS))
+    np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.sel(band="B04").values, 0.2 + offset,
+                               atol=1e-6)

@@ -50,6 +50,8 @@ def test_landsat_product_id_takes_acquisition_date():
     ("S2_20210101T103021.tif", ("S2_20210101T103021", None)), ("B02.tif", ("", "B02")),
     ("HLS.S30.T33UUP.2023152T100559.v2.0.Fmask.tif", ("HLS.S30.T33UUP.2023152T100559.v2.0", "Fmask")),
     ("x_2021_nir08.tif", ("x_2021", "nir08")), ("red.tif", ("", "red")), ("scene_reddish.tif", ("scene_reddish", None)),
+    ("T33UUP_20230601T100559_B8A_20m.jp2", ("T33UUP_20230601T100559", "B8A")),  # Sentinel-2 L2A: band, resolution
+    ("T33UUP_20230601T100559_SCL_60m.jp2", ("T33UUP_20230601T100559", "SCL")), ("mosaic_30m.tif", ("mosaic_30m", None)),
 ])
 def test_band_suffixes(name, expected):
     assert band_from_filename(name) == expected
