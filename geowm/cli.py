@@ -139,6 +139,9 @@ def ingest(
     replace: bool = typer.Option(False, "--replace", help="Overwrite dates already in the cube with the scenes "
                                                           "given (default: refuse a date or scene that differs)."),
     max_pixels: int = typer.Option(2**31, help="Refuse a source file (or a new cube grid) above this many pixels."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check the sources and show what would be ingested (grid, "
+                                                          "bands, scale/offset, mask, dates); write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="With --dry-run: print the plan as JSON."),
 ) -> None:
     """Ingest new scenes into a Zarr (Icechunk) cube: one atomic commit per run; re-runs change nothing."""
     from geowm.cube.ingest import IngestError, IngestOptions
@@ -153,15 +156,20 @@ def ingest(
         mask_clear=_ints(mask_clear, "--mask-clear"), mask_bits=_ints(mask_bits, "--mask-bits"),
         mask_buffer=mask_buffer,
         resampling=resampling,
-        scheduler=scheduler, replace=replace, max_pixels=max_pixels,
+        scheduler=scheduler, replace=replace, max_pixels=max_pixels, dry_run=dry_run,
     )
-    with _progress() as bar:
-        task = bar.add_task("ingest", total=None)
+    if as_json and not dry_run:
+        _fail(ValueError("--json prints the plan of a --dry-run; give both"))
+    with contextlib.nullcontext() if dry_run else _progress() as bar:  # a dry run reads headers only: no progress bar
+        task = None if bar is None else bar.add_task("ingest", total=None)
         try:
-            report = run_ingest(source, cube, opts,
-                                progress=lambda done, total: bar.update(task, completed=done, total=total))
+            report = run_ingest(source, cube, opts, progress=None if bar is None else (
+                lambda done, total: bar.update(task, completed=done, total=total)))
         except (SourceError, IngestError, CubeError, ReadError) as exc:
             _fail(exc)
+    if dry_run:
+        _print_plan(report, as_json)
+        return
     mb = report.source_bytes / 1e6
     if report.changed:
         err.print(f"ingested {len(report.added_times)} date(s) into {cube} in {report.seconds:.1f} s "
@@ -174,6 +182,44 @@ def ingest(
     from catalog.stac import update_catalog
 
     _catalog(catalog, no_catalog, cube, lambda d: update_catalog(d, cube, source))
+
+
+def _print_plan(report, as_json: bool) -> None:
+    """The plan of ``geowm ingest --dry-run``: as JSON, or each scene's bands (dtype, scale and offset read at)
+    and mask, then the cube it would make or add to."""
+    plan = report.plan
+    if as_json:
+        out.print_json(json.dumps({"cube": report.cube, "add": report.added_times, "replace": report.replaced_times,
+                                   "skip": report.skipped_scenes, "source_bytes": report.source_bytes, **(plan or {})}))
+        return
+    if plan is None:
+        err.print(f"dry run: nothing new, {len(report.skipped_scenes)} scene(s) already in {report.cube}")
+        return
+    from geowm.sources import describe_mask_rule
+
+    def scaling(b: dict) -> str:
+        return "the cube's" if b["scale"] is None else f"x {b['scale']:g} {b['offset']:+g}"
+
+    def line(text: str) -> None:
+        out.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    for sc in plan["scenes"]:
+        kinds: dict[str, list[str]] = {}
+        for name, b in sc["bands"].items():
+            kinds.setdefault(f"{b['dtype']}, {scaling(b)}", []).append(name)
+        mask = sc["mask"]
+        line(f"{sc['id']}  {sc['datetime'][:19]}  ({len(sc['files'])} file(s))")
+        for k, names in kinds.items():
+            line(f"  bands {','.join(names)}: {k}")
+        line(f"  mask  {mask['band']}: {describe_mask_rule(mask)}" if mask else "  mask  none: covered = clear")
+    g, e = plan["grid"], plan["encoding"]
+    bands = ", ".join(f"{b['name']} ({b['common_name']})" if b["common_name"] else b["name"] for b in plan["bands"])
+    err.print(f"{'new cube' if plan['new_cube'] else 'cube'} {report.cube}: {g['crs']}, {g['resolution']:g} per px, "
+              f"{g['width']} x {g['height']} px; bands {bands}; stored as {e['dtype']} x {e['scale']:g} "
+              f"{e['offset']:+g}")
+    err.print(f"would add {len(report.added_times)} date(s), replace {len(report.replaced_times)}, skip "
+              f"{len(report.skipped_scenes)} scene(s) already in the cube ({report.source_bytes / 1e6:.0f} MB of "
+              "source pixels); nothing was written")
 
 
 @app.command()

@@ -281,3 +281,49 @@ def test_a_zip_cut_short_is_refused_and_the_cube_kept(tmp_path):
         ingest(tmp_path / "partial", tmp_path / "cube", IngestOptions(**{**OPTS, "scheduler": "threads"}))
     assert str(band) in str(err.value)
     assert cube_checksum(tmp_path / "cube") == before
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path):
+    """``geowm ingest --dry-run``: the grid, bands, scale and offset each band would be read at, the mask rule
+    and the dates, from headers alone; no cube, no catalog, an existing cube unchanged."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from geowm.cli import app
+
+    runner = CliRunner()
+    make_safe(tmp_path / "src", OLD, _reflectance(7), 0)
+    make_safe(tmp_path / "src", NEW, _reflectance(8), -1000)
+    cube = tmp_path / "cube"
+    args = ["ingest", str(tmp_path / "src"), "--cube", str(cube), "--scheduler", "synchronous", "--dry-run"]
+    res = runner.invoke(app, [*args, "--json", "--bands", "B02,B03,B04,B08"])
+    assert res.exit_code == 0, res.output
+    plan = json.loads(res.stdout)
+    assert not cube.exists() and not (tmp_path / "catalog").exists()
+    assert plan["new_cube"] and plan["add"] == ["2021-12-20T13:38:39", "2022-02-08T13:38:41"]
+    assert {k: plan["grid"][k] for k in ("crs", "resolution", "width", "height")} == \
+        {"crs": "EPSG:32721", "resolution": 10.0, "width": SIZE, "height": SIZE}
+    assert plan["bands"] == [{"name": b, "common_name": c} for b, c in
+                             zip(BANDS, ("blue", "green", "red", "nir"), strict=True)]
+    assert plan["encoding"] == {"dtype": "uint16", "fill": 0.0, "scale": 1e-4, "offset": 0.0}
+    old, new = plan["scenes"]
+    assert (old["id"], new["id"]) == (OLD[0], NEW[0])
+    assert (old["bands"]["B04"]["offset"], new["bands"]["B04"]["offset"]) == (0.0, -0.1)
+    assert new["bands"]["B04"]["file"].endswith(f"R10m/{NEW[1]}_B04_10m.jp2")
+    assert new["mask"] == {"band": "SCL", "clear": [4, 5, 6, 7], "buffer_m": 0.0}
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0
+    text = " ".join(res.output.split())
+    assert f"{NEW[0]} 2022-02-08T13:38:41" in text and "uint16, x 0.0001 -0.1" in text
+    assert "mask SCL: clear values 4,5,6,7, buffer 0 m" in text
+    assert "would add 2 date(s), replace 0, skip 0 scene(s)" in text and "nothing was written" in text
+    assert not cube.exists()
+    # into an existing cube: the scene already there is skipped, the other would be added
+    ingest(tmp_path / "src" / f"{OLD[0]}.SAFE", cube, IngestOptions(**OPTS, bands=list(BANDS)))
+    before = cube_checksum(cube)
+    plan = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert not plan["new_cube"] and plan["add"] == ["2022-02-08T13:38:41"] and plan["skip"] == [OLD[0]]
+    assert plan["grid"]["crs"] == "EPSG:32721" and [b["name"] for b in plan["bands"]] == list(BANDS)
+    assert cube_checksum(cube) == before
+    assert runner.invoke(app, ["ingest", str(tmp_path / "src"), "--cube", str(cube), "--json"]).exit_code == 2

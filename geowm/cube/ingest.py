@@ -85,10 +85,13 @@ class IngestOptions:
     scheduler: str = "local"  # "local" (LocalCluster of processes), "threads", "synchronous", or an address
     max_pixels: int = MAX_PIXELS_DEFAULT  # per source file and for a new cube's grid
     replace: bool = False  # scenes of a date already in the cube replace that date instead of being refused
+    dry_run: bool = False  # check and plan everything, write nothing: the plan is the report's ``plan``
 
 
 @dataclass
 class IngestReport:
+    """What an ingest did (with ``dry_run``: would do; nothing written, ``plan`` says how)."""
+
     cube: str
     added_times: list[str] = field(default_factory=list)
     replaced_times: list[str] = field(default_factory=list)
@@ -97,6 +100,7 @@ class IngestReport:
     source_bytes: int = 0
     seconds: float = 0.0
     tiles_written: int = 0
+    plan: dict | None = None
 
     @property
     def changed(self) -> bool:
@@ -635,6 +639,12 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
                    if np.datetime64(r["datetime"][:10], "D") not in replaced_days]
 
         opts = _resolve_mask_rule(new, sources, opts)
+        if opts.dry_run:
+            report.plan = _plan(created, grid, bands, common, enc, new, infos, opts, ct)
+            report.added_times = [str(t) for t in groups if t not in replaced]
+            report.replaced_times = [str(t) for t in sorted(replaced)]
+            report.seconds = _time.perf_counter() - t_start
+            return report
         before = _local_files(cube)
         try:
             report.snapshot = _write(cube, created, state, grid, bands, common, merged, enc, ct, start, entries,
@@ -646,6 +656,28 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         report.replaced_times = [str(t) for t in sorted(replaced)]
     report.seconds = _time.perf_counter() - t_start
     return report
+
+
+def _plan(created: bool, grid: CubeGrid, bands: list[str], common: list[str], enc: Encoding, new: list[Scene],
+          infos: dict[str, FileInfo], opts: IngestOptions, time_chunk: int) -> dict:
+    """What an ingest would write (``--dry-run``): the cube's grid, bands and encoding, and per scene its date,
+    files, the scale and offset each band is read at (None: taken at the cube's) and its mask rule."""
+    def band(ref: BandRef) -> dict:
+        info = infos[ref.path]
+        scaling = band_scaling(ref, info.scales[ref.index - 1], info.offsets[ref.index - 1])
+        return {"file": ref.path, "index": ref.index, "dtype": info.dtypes[ref.index - 1],
+                "scale": scaling[0] if scaling else None, "offset": scaling[1] if scaling else None}
+
+    return {
+        "new_cube": created,
+        "grid": {"crs": rasterio.crs.CRS.from_user_input(grid.crs).to_string(), "resolution": grid.resolution,
+                 "width": grid.width, "height": grid.height, "bounds": list(grid.bounds),
+                 "tile_size": grid.tile_size, "time_chunk": time_chunk},
+        "bands": [{"name": b, "common_name": c} for b, c in zip(bands, common, strict=True)],
+        "encoding": {"dtype": enc.dtype, "fill": enc.fill, "scale": enc.scale, "offset": enc.offset},
+        "scenes": [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
+                    "bands": {b: band(s.bands[b]) for b in bands}, "mask": mask_rule(s, opts)} for s in new],
+    }
 
 
 def icechunk_repo(cube: str):
