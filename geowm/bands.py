@@ -65,10 +65,17 @@ def common_name_of(band: str, sensor: str | None = None) -> str:
     for ``sensor`` (``SR_B4`` of Landsat 8 -> ``red``, of Landsat 5 -> ``nir08``); "" when unknown."""
     if band.lower() in COMMON_NAMES:
         return band.lower()
-    m = _BAND_NUMBER.fullmatch(band.strip())
-    if m is None or sensor not in SENSORS:
+    number = band_number(band)
+    if number is None or sensor not in SENSORS:
         return ""
-    return SENSORS[sensor].get(f"B{int(m.group(1))}{m.group(2).upper()}", "")
+    return SENSORS[sensor].get(number, "")
+
+
+def band_number(band: str) -> str | None:
+    """A band name's number without zero padding or product prefix (``B04``, ``SR_B4`` -> ``B4``; ``B8A`` ->
+    ``B8A``), the key of ``SENSORS`` and of Sentinel-2's product metadata; None for names of another form."""
+    m = _BAND_NUMBER.fullmatch(band.strip())
+    return None if m is None else f"B{int(m.group(1))}{m.group(2).upper()}"
 
 
 _ROLES = {"blue": ("blue",), "green": ("green",), "red": ("red",), "nir": ("nir", "nir08")}  # in preference order

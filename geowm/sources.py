@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from geowm.bands import COMMON_NAMES, common_name_of, sensor_of
+from geowm.bands import COMMON_NAMES, band_number, common_name_of, sensor_of
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 ARCHIVE_SUFFIXES = (".zip",)  # read in place through GDAL's /vsizip/
@@ -265,9 +265,10 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
 
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
-    files = [str(p) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
+    found = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES]
     unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
-    for archive in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in ARCHIVE_SUFFIXES):
+    for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):
         # a product unpacked beside its download is read from its folder, once
         files += [f for f in archive_rasters(archive) if Path(safe_root(f)).name not in unpacked]
     return _scenes_from_files(_band_files(files), mask_band, folder)
@@ -362,7 +363,7 @@ def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> 
                 if tagged[i - 1]:
                     scaling = None
                 elif root is not None:
-                    scaling = scalings[root].get(_s2_band_key(name))
+                    scaling = scalings[root].get(band_number(name))
                 else:
                     scaling = product_scaling(scene_id, name)
                 bands[name] = BandRef(path, i, name, *(scaling or (None, None)))
@@ -388,12 +389,6 @@ def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> 
 
 
 # ---------------------------------------------------------------- Sentinel-2 SAFE metadata
-
-
-def _s2_band_key(name: str) -> str | None:
-    """``B04`` -> ``B4``, ``B8A`` -> ``B8A`` (the product metadata's physical band names); None for others."""
-    m = re.fullmatch(r"B0*(\d{1,2})(A?)", name.strip(), re.IGNORECASE)
-    return f"B{int(m.group(1))}{m.group(2).upper()}" if m else None
 
 
 def _safe_metadata(root: str) -> tuple[str, bytes] | None:
@@ -444,7 +439,7 @@ def safe_scaling(root: str) -> dict[str, tuple[float, float]]:
             elif tag in ("BOA_ADD_OFFSET", "RADIO_ADD_OFFSET"):
                 offsets[int(el.get("band_id", ""))] = float(text)
             elif tag == "Spectral_Information" and el.get("bandId") is not None:
-                ids[int(el.get("bandId"))] = _s2_band_key(el.get("physicalBand", ""))
+                ids[int(el.get("bandId"))] = band_number(el.get("physicalBand", ""))
             elif tag == "PROCESSING_BASELINE":
                 baseline = tuple(int(v) for v in text.split(".")[:2])
         except ValueError:
@@ -561,7 +556,7 @@ def _s2_item_scaling(item, band: str) -> tuple[float, float] | None:
     (``s2:processing_baseline``, as Microsoft Planetary Computer's items do) but no ``raster:bands`` scaling."""
     baseline = str(item.properties.get("s2:processing_baseline") or "")
     m = re.fullmatch(r"0*(\d{1,2})\.(\d{1,2})", baseline.strip())
-    if m is None or _s2_band_key(band) is None or sensor_of(item.id, item.properties.get("platform")) != "sentinel-2":
+    if m is None or band_number(band) is None or sensor_of(item.id, item.properties.get("platform")) != "sentinel-2":
         return None
     offset = S2_OFFSET if (int(m.group(1)), int(m.group(2))) >= S2_OFFSET_FROM else 0.0
     return 1 / S2_QUANTIFICATION, offset / S2_QUANTIFICATION

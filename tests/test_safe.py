@@ -326,4 +326,11 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path):
     assert not plan["new_cube"] and plan["add"] == ["2022-02-08T13:38:41"] and plan["skip"] == [OLD[0]]
     assert plan["grid"]["crs"] == "EPSG:32721" and [b["name"] for b in plan["bands"]] == list(BANDS)
     assert cube_checksum(cube) == before
+    # a scene of a date the cube has (acquired at another time of day) would replace that date, not add one
+    later = (OLD[0].replace("T133839", "T140012"), OLD[1].replace("T133839", "T140012"))
+    make_safe(tmp_path / "again", later, _reflectance(9), 0)
+    plan = json.loads(runner.invoke(app, ["ingest", str(tmp_path / "again"), "--cube", str(cube), "--scheduler",
+                                          "synchronous", "--dry-run", "--json", "--replace"]).stdout)
+    assert (plan["add"], plan["replace"]) == ([], ["2021-12-20T13:38:39"])
+    assert cube_checksum(cube) == before
     assert runner.invoke(app, ["ingest", str(tmp_path / "src"), "--cube", str(cube), "--json"]).exit_code == 2

@@ -299,10 +299,15 @@ def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None
         fill = implicit_nodata(str(first.dtypes[0]), first.nodata)
         if fill is None:  # signed ints without nodata: use the dtype minimum as fill
             fill = float(np.iinfo(dtype).min)
-        scale, offset = band_scaling(ref, first.scales[ref.index - 1], first.offsets[ref.index - 1]) or (1.0, 0.0)
+        scale, offset = _read_scaling(ref, first) or (1.0, 0.0)
         enc = Encoding(str(dtype), float(fill), float(scale), float(offset))
     _check_scaling(bands, enc)
     return enc
+
+
+def _read_scaling(ref: BandRef, info: FileInfo) -> tuple[float, float] | None:
+    """The (scale, offset) band ``ref`` is read at (:func:`band_scaling`, its file's tags from ``info``)."""
+    return band_scaling(ref, info.scales[ref.index - 1], info.offsets[ref.index - 1])
 
 
 def _check_scaling(bands: Sequence[tuple[BandRef, FileInfo]], enc: Encoding) -> None:
@@ -314,7 +319,7 @@ def _check_scaling(bands: Sequence[tuple[BandRef, FileInfo]], enc: Encoding) -> 
     the cube's."""
     to = (enc.scale, enc.offset)
     for ref, info in bands:
-        frm = band_scaling(ref, info.scales[ref.index - 1], info.offsets[ref.index - 1])
+        frm = _read_scaling(ref, info)
         if frm is None or same_scaling(frm, to) or np.dtype(enc.dtype).kind == "f":
             continue
         steps = (frm[1] - to[1]) / to[0]
@@ -641,7 +646,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         opts = _resolve_mask_rule(new, sources, opts)
         if opts.dry_run:
             report.plan = _plan(created, grid, bands, common, enc, new, infos, opts, ct)
-            report.added_times = [str(t) for t in groups if t not in replaced]
+            report.added_times = [str(t) for t in groups if t.astype("datetime64[D]") not in replaced_days]
             report.replaced_times = [str(t) for t in sorted(replaced)]
             report.seconds = _time.perf_counter() - t_start
             return report
@@ -664,7 +669,7 @@ def _plan(created: bool, grid: CubeGrid, bands: list[str], common: list[str], en
     files, the scale and offset each band is read at (None: taken at the cube's) and its mask rule."""
     def band(ref: BandRef) -> dict:
         info = infos[ref.path]
-        scaling = band_scaling(ref, info.scales[ref.index - 1], info.offsets[ref.index - 1])
+        scaling = _read_scaling(ref, info)
         return {"file": ref.path, "index": ref.index, "dtype": info.dtypes[ref.index - 1],
                 "scale": scaling[0] if scaling else None, "offset": scaling[1] if scaling else None}
 

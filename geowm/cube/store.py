@@ -31,6 +31,7 @@ from affine import Affine
 
 from geowm.cube.grid import CubeGrid
 from geowm.cube.reader import Encoding
+from geowm.sources import natural_key
 
 icechunk.set_logs_filter("error")  # its local-storage concurrency warning is handled by cube_lock
 
@@ -103,8 +104,6 @@ def in_order(ds: xr.Dataset, first: tuple[str, ...]) -> xr.Dataset:
     the variables use them, coordinates by dim then by name. Icechunk lists a store's arrays in no fixed order,
     which ``xr.open_zarr`` would pass on to the dims (``time, y, x, band`` one time, ``time, band, y, x`` the
     next) and to every repr."""
-    from geowm.sources import natural_key
-
     names = [v for v in first if v in ds.data_vars]
     names += sorted((v for v in ds.data_vars if v not in first), key=natural_key)
     dims = list(dict.fromkeys(d for n in names for d in ds[n].dims))
