@@ -46,7 +46,7 @@ _PLATFORM_SENSOR = (  # STAC ``platform`` -> sensor
     (re.compile(r"^landsat-?0?[89]$", re.I), "landsat-oli"),
     (re.compile(r"^landsat-?0?[4-7]$", re.I), "landsat-tm"),
 )
-_BAND_NUMBER = re.compile(r"(?:SR_|ST_|TOA_)?B0*(\d{1,2})(A?)", re.I)
+_BAND_NUMBER = re.compile(r"(?:SR_|ST_|TOA_)?B0*(\d{1,2})(A?)(?:_VCID_[12])?", re.I)  # Landsat 7: B6_VCID_1
 
 
 def sensor_of(scene_id: str, platform: str | None = None) -> str | None:
@@ -72,8 +72,9 @@ def common_name_of(band: str, sensor: str | None = None) -> str:
 
 
 def band_number(band: str) -> str | None:
-    """A band name's number without zero padding or product prefix (``B04``, ``SR_B4`` -> ``B4``; ``B8A`` ->
-    ``B8A``), the key of ``SENSORS`` and of Sentinel-2's product metadata; None for names of another form."""
+    """A band name's number without zero padding, product prefix or gain suffix (``B04``, ``SR_B4`` -> ``B4``;
+    ``B8A`` -> ``B8A``; ``B6_VCID_1`` -> ``B6``), the key of ``SENSORS`` and of Sentinel-2's product metadata; None
+    for names of another form."""
     m = _BAND_NUMBER.fullmatch(band.strip())
     return None if m is None else f"B{int(m.group(1))}{m.group(2).upper()}"
 

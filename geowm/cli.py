@@ -120,14 +120,16 @@ def ingest(
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
-    mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL when present)."),
+    mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL, QA_PIXEL, Fmask or "
+                                                    "BQA when present)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
                                                      "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
                                                      "unclassified, add 11 to keep snow)."),
     mask_bits: str | None = typer.Option(None, help="Comma-separated bits (0 = least significant) of a bit mask "
                                                     "that flag a pixel as not clear, instead of --mask-clear "
                                                     "(default: the cube's rule; new cube, Landsat QA_PIXEL: "
-                                                    "0,1,2,3,4,5; HLS Fmask: 1,2,3,4)."),
+                                                    "0,1,2,3,4,5; HLS Fmask: 1,2,3,4; Landsat "
+                                                    "Collection 1 BQA: 0,1,4,6,8,10,12)."),
     mask_buffer: float | None = typer.Option(None, help="Metres around every flagged mask pixel (cloud, shadow, "
                                                         "...) that are not clear either (cloud edges the mask "
                                                         "missed; default: the cube's rule, new cube 0)."),

@@ -11,7 +11,8 @@ Rules (documented in the README):
 * **Band names**: STAC ``eo:bands``/``bands`` names, else the GeoTIFF band descriptions, else the
   file-name suffix (``*_B2.TIF`` -> ``B2``), else ``band1``, ``band2``...
 * **Grouping of a folder**: files whose names differ only by a band suffix form one scene
-  (Landsat style, one file per band); a multi-band file is a scene of its own.
+  (Landsat style, one file per band); a multi-band file is a scene of its own. A Landsat Level-1 product's
+  metadata file beside its bands (``*_MTL.txt`` / ``.json`` / ``.xml``) gives their top-of-atmosphere rescaling.
 * **Sentinel-2 SAFE products** (a ``*.SAFE`` folder, or the ``.zip`` it is delivered in, read in place through
   GDAL's ``/vsizip/``): one scene per product, named by it, from the JPEG 2000 band files of ``IMG_DATA``,
   each band at its finest resolution (``R10m`` before ``R20m``); scale and offset from the product metadata
@@ -37,7 +38,7 @@ RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "clo
 
 # a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud, red, nir08...
 _BAND_SUFFIX = re.compile(
-    r"(?:^|[_.])((?:SR_|ST_)?B\d{1,2}A?|SCL|QA(?:_[A-Z]+)?|BQA|FMASK|MASK|CLOUD(?:_?MASK)?"
+    r"(?:^|[_.])((?:SR_|ST_)?B\d{1,2}(?:A|_VCID_[12])?|SCL|QA(?:_[A-Z]+)?|BQA|FMASK|MASK|CLOUD(?:_?MASK)?"
     r"|COASTAL|BLUE|GREEN|RED|YELLOW|REDEDGE\d?|PAN|NIR(?:08|09)?|CIRRUS|SWIR(?:16|22)|LWIR(?:11|12)?)$",
     re.IGNORECASE
 )
@@ -78,6 +79,10 @@ KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
     # HLS v2 Fmask: 1 cloud, 2 adjacent to cloud or shadow, 3 cloud shadow, 4 snow/ice; 5 water and the
     # aerosol level (6-7) are kept (--mask-bits 1,2,3,4,7 also masks moderate and high aerosol)
     "FMASK": frozenset({1, 2, 3, 4}),
+    # Landsat Collection 1 Level-1 BQA (OLI and TM/ETM+): 0 fill, 1 terrain occlusion (TM/ETM+: dropped pixel),
+    # 4 cloud; the high bit of each two-bit confidence (medium or high): 6 cloud, 8 cloud shadow, 10 snow/ice,
+    # 12 cirrus (OLI; unused on TM/ETM+). Radiometric saturation (2-3) and low confidences are kept.
+    "BQA": frozenset({0, 1, 4, 6, 8, 10, 12}),
 }
 MAX_MASK_BIT = 31
 
@@ -98,13 +103,16 @@ class BandRef:
     """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``.
     ``scale`` and ``offset`` turn its values into physical ones (reflectance = value * scale + offset) where the
     file's own GeoTIFF scale/offset tags do not: from the STAC item's ``raster:bands``, or the product's
-    published convention (Landsat Collection 2 Level-2); None: the file's tags."""
+    published convention (Landsat Collection 2 Level-2); None: the file's tags. ``own_scaling``: that scale and
+    offset are the scene's own (Landsat Level-1, by its sun elevation), so no integer encoding fits a series of
+    such scenes: a new cube stores float32."""
 
     path: str
     index: int
     name: str
     scale: float | None = None
     offset: float | None = None
+    own_scaling: bool = False
 
 
 @dataclass
@@ -241,6 +249,124 @@ def product_scaling(scene_id: str, band: str) -> tuple[float, float] | None:
     return None
 
 
+# Landsat Level-1 products (Collection 1 and 2) and their metadata files beside the band files
+_LANDSAT_L1 = re.compile(r"^L[COTEM]0?\d_L1(?:TP|GT|GS)_", re.I)
+MTL_SUFFIXES = ("_MTL.txt", "_MTL.json", "_MTL.xml")
+_MTL_BAND = re.compile(r"B0*(\d{1,2})((?:_VCID_[12])?)", re.I)  # B4 -> "4", B6_VCID_1 -> "6_VCID_1"
+
+
+def _mtl_groups(path: Path) -> dict[str, dict[str, str]]:
+    """The ``KEY = value`` pairs of a Landsat metadata file (``_MTL.txt`` ODL, ``_MTL.json`` or ``_MTL.xml``), by
+    the name of the group that holds them."""
+    from xml.etree import ElementTree
+
+    text = path.read_text(errors="replace")
+    out: dict[str, dict[str, str]] = {}
+    if path.suffix.lower() == ".json":
+        def walk(obj, group):
+            for k, v in obj.items():
+                if isinstance(v, dict):
+                    walk(v, k)
+                else:
+                    out.setdefault(group, {})[k] = str(v)
+        walk(json.loads(text), "")
+    elif path.suffix.lower() == ".xml":
+        def visit(el, group):
+            for child in el:
+                if len(child):
+                    visit(child, child.tag)
+                else:
+                    out.setdefault(group, {})[child.tag] = (child.text or "").strip()
+        visit(ElementTree.fromstring(text), "")
+    else:
+        stack = [""]
+        for line in text.splitlines():
+            key, eq, value = (p.strip() for p in line.partition("="))
+            if not eq:
+                continue
+            if key == "GROUP":
+                stack.append(value)
+            elif key == "END_GROUP":
+                stack.pop() if len(stack) > 1 else None
+            else:
+                out.setdefault(stack[-1], {})[key] = value.strip('"')
+    return out
+
+
+def landsat_mtl_scaling(path: str | Path) -> dict[str, tuple[float, float]]:
+    """Per band (``B4``, ``B6_VCID_1``), the (scale, offset) USGS gives a Landsat Level-1 product's values in its
+    metadata file (Collection 1 ``RADIOMETRIC_RESCALING``, Collection 2 ``LEVEL1_RADIOMETRIC_RESCALING``):
+    ``REFLECTANCE_MULT_BAND_n`` / ``REFLECTANCE_ADD_BAND_n`` divided by the sine of ``SUN_ELEVATION``
+    (top-of-atmosphere reflectance, as USGS defines it) where given, else ``RADIANCE_MULT`` / ``RADIANCE_ADD``
+    (thermal bands: radiance). A file that cannot be read, or holds no rescaling, no sun elevation for its
+    reflectance or a value that is not a finite number, is refused."""
+    from xml.etree import ElementTree
+
+    path = Path(path)
+    try:
+        groups = _mtl_groups(path)
+    except (OSError, json.JSONDecodeError, ElementTree.ParseError, AttributeError) as exc:
+        raise SourceError(f"{path}: unreadable Landsat metadata file ({exc})") from None
+    values = {k: v for g, kv in groups.items() if g.upper().endswith("RADIOMETRIC_RESCALING") for k, v in kv.items()}
+    sun = next((kv["SUN_ELEVATION"] for kv in groups.values() if "SUN_ELEVATION" in kv), None)
+    out: dict[str, tuple[float, float]] = {}
+    for kind in ("RADIANCE", "REFLECTANCE"):  # reflectance, where given, over radiance
+        for key, text in values.items():
+            m = re.fullmatch(kind + r"_MULT_BAND_(\w+)", key, re.I)
+            if m is None:
+                continue
+            add_key = f"{kind}_ADD_BAND_{m.group(1)}"
+            try:
+                scale, offset = float(text), float(values[add_key])
+            except KeyError:
+                raise SourceError(f"{path}: {key} is given but not {add_key}") from None
+            except ValueError:
+                raise SourceError(f"{path}: {key} {text!r} / {add_key} {values[add_key]!r} are not numbers") from None
+            if not (math.isfinite(scale) and math.isfinite(offset) and scale != 0):
+                raise SourceError(f"{path}: {key} {scale!r} / {add_key} {offset!r}: need a finite, non-zero scale "
+                                  "and a finite offset")
+            if kind == "REFLECTANCE":
+                try:
+                    elevation = float(sun)
+                except (TypeError, ValueError):
+                    raise SourceError(f"{path}: SUN_ELEVATION {sun!r} is not a number; cannot turn {key} into "
+                                      "reflectance") from None
+                if not 0 < elevation <= 90:
+                    raise SourceError(f"{path}: SUN_ELEVATION {elevation:g} is not between 0 and 90 degrees")
+                scale, offset = scale / math.sin(math.radians(elevation)), offset / math.sin(math.radians(elevation))
+            out[f"B{m.group(1).upper()}"] = (scale, offset)
+    if not out:
+        raise SourceError(f"{path}: no RADIOMETRIC_RESCALING values (REFLECTANCE_MULT_BAND_n, ...); cannot decode "
+                          "the product's values")
+    return out
+
+
+def _landsat_l1_scaling(group: str, scene_id: str) -> tuple[Path, dict[str, tuple[float, float]]] | None:
+    """The metadata file of the Landsat Level-1 product whose band files are ``group`` + ``_B4.TIF``, ..., and
+    its band scaling (:func:`landsat_mtl_scaling`); None for other products or without the file."""
+    if "://" in group or "/vsi" in group or not _LANDSAT_L1.match(scene_id):
+        return None
+    for suffix in MTL_SUFFIXES:
+        for candidate in (Path(group + suffix), Path(group + suffix.upper())):
+            if candidate.is_file():
+                return candidate, landsat_mtl_scaling(candidate)
+    return None
+
+
+def _mtl_band(mtl: tuple[Path, dict[str, tuple[float, float]]] | None, band: str,
+              path: str) -> tuple[float, float] | None:
+    """The (scale, offset) of ``band`` (of file ``path``) in a Landsat metadata file's scaling, None without one or
+    for a band of another form (a quality band); a numbered band the file does not rescale is refused."""
+    m = _MTL_BAND.fullmatch(band.strip())
+    if mtl is None or m is None:
+        return None
+    key = f"B{int(m.group(1))}{m.group(2).upper()}"
+    if key not in mtl[1]:
+        raise SourceError(f"{mtl[0]}: no REFLECTANCE_MULT_BAND / RADIANCE_MULT_BAND for band {band} ({path}); "
+                          "cannot decode it")
+    return mtl[1][key]
+
+
 def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None, list[bool]]:
     """Band count, band descriptions, the date of its tags (or None) and, per band, whether it has scale/offset
     tags."""
@@ -340,8 +466,10 @@ def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> 
             scene_id = product if per_product[root] == 1 else f"{product}_{Path(key).name}"
             if root not in scalings:
                 scalings[root] = safe_scaling(root)
+            mtl = None
         else:
             scene_id = Path(key).name
+            mtl = _landsat_l1_scaling(key, scene_id)
         bands: dict[str, BandRef] = {}
         dates: list[tuple[datetime, str]] = []
         for path, suffix in sorted(members, key=lambda m: _file_resolution(m[0]) or 0.0):  # finest first
@@ -366,6 +494,8 @@ def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> 
                     scaling = scalings[root].get(band_number(name))
                 else:
                     scaling = product_scaling(scene_id, name)
+                    if scaling is None and (scaling := _mtl_band(mtl, name, path)) is not None:
+                        scaling = (*scaling, True)
                 bands[name] = BandRef(path, i, name, *(scaling or (None, None)))
             if dt is None:
                 dt = datetime_from_filename(Path(path).name)
@@ -600,7 +730,7 @@ def _name_bands(scene: Scene, sensor: str | None) -> Scene:
 
 
 def with_mask(scene: Scene, mask_band: str | None) -> Scene:
-    """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL, QA_PIXEL, Fmask) if
+    """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL, QA_PIXEL, Fmask, BQA) if
     present, with its known rule."""
     lookup = {n.upper(): n for n in scene.bands}
     if mask_band:
@@ -632,11 +762,12 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
     .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
-    ``mask_band`` names the quality band (default: SCL, QA_PIXEL or Fmask if present). It is read by value or
+    ``mask_band`` names the quality band (default: SCL, QA_PIXEL, Fmask or BQA if present). It is read by value or
     bit by bit: ``mask_clear`` gives the values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked),
     ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear (default for Landsat
     Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS Fmask: 1-4, cloud,
-    adjacent, shadow, snow); one of the two is required for other mask bands, not both.
+    adjacent, shadow, snow; for Collection 1 BQA: 0, 1, 4, 6, 8, 10, 12); one of the two is required for other
+    mask bands, not both.
     Scenes come back sorted by (datetime, id). Raises :class:`SourceError` on bad input.
     """
     if mask_clear is not None and mask_bits is not None:

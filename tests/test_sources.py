@@ -142,7 +142,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 stems = st.from_regex(r"[a-z0-9]{1,10}(-[a-z0-9]{1,6}){0,2}", fullmatch=True)
 band_names = st.one_of(st.from_regex(r"B(0?[1-9]|1[0-2])A?", fullmatch=True),
                        st.from_regex(r"SR_B[1-7]", fullmatch=True),
-                       st.sampled_from(["SCL", "QA_PIXEL", "BQA", "Fmask"]))
+                       st.sampled_from(["SCL", "QA_PIXEL", "BQA", "Fmask", "B6_VCID_1", "B6_VCID_2"]))
 safe_ids = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,40}", fullmatch=True)
 
 

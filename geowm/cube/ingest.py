@@ -281,7 +281,8 @@ def _native_bounds(info: FileInfo) -> tuple[float, float, float, float]:
 
 def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None) -> Encoding:
     """How the cube stores values: the cube's (``state``), else the new cube's from its first source band (dtype
-    of all the bands); every band must fit it (:func:`_check_scaling`)."""
+    of all the bands), or float32 physical values where its bands come at scales no one integer encoding holds;
+    every band must fit it (:func:`_check_scaling`)."""
     infos = [i for _, i in bands]
     if state is not None:
         for i in infos:
@@ -301,6 +302,9 @@ def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None
             fill = float(np.iinfo(dtype).min)
         scale, offset = _read_scaling(ref, first) or (1.0, 0.0)
         enc = Encoding(str(dtype), float(fill), float(scale), float(offset))
+        if any(r.own_scaling or not _holds(enc, _read_scaling(r, i)) for r, i in bands):
+            # bands of several scales (Landsat Level-1: one per scene, and on Landsat 4-7 per band): float32
+            enc = Encoding("float32", float("nan"), 1.0, 0.0)
     _check_scaling(bands, enc)
     return enc
 
@@ -316,19 +320,26 @@ def _check_scaling(bands: Sequence[tuple[BandRef, FileInfo]], enc: Encoding) -> 
     for the same scale and an offset of whole steps (Sentinel-2's processing baseline 04.00 added -1000 to
     every value: reflectance offset -0.1 at scale 0.0001). Other mixes are refused, naming the file. A band
     whose scale and offset nothing states (a GeoTIFF without tags, no STAC or product convention) is taken at
-    the cube's."""
+    the cube's. (A new cube of such a mix is float32: :func:`_encoding`.)"""
     to = (enc.scale, enc.offset)
     for ref, info in bands:
         frm = _read_scaling(ref, info)
-        if frm is None or same_scaling(frm, to) or np.dtype(enc.dtype).kind == "f":
-            continue
-        steps = (frm[1] - to[1]) / to[0]
-        if abs(frm[0] - to[0]) > 1e-6 * abs(to[0]) or abs(steps - round(steps)) > 1e-3:
+        if not _holds(enc, frm):
             raise IngestError(
                 f"{ref.path}: band {ref.name!r} has scale {frm[0]:g} and offset {frm[1]:g}, but the cube stores "
                 f"{enc.dtype} values at scale {to[0]:g} and offset {to[1]:g}, which cannot hold them exactly; "
                 "ingest bands of another scale (such as a thermal band beside reflectance) into their own cube "
                 "(--bands); nothing was ingested")
+
+
+def _holds(enc: Encoding, frm: tuple[float, float] | None) -> bool:
+    """Whether the cube's encoding holds values of scale/offset ``frm`` exactly (None: taken at the cube's): a float
+    cube any, an integer one the same scale with an offset of whole steps."""
+    to = (enc.scale, enc.offset)
+    if frm is None or same_scaling(frm, to) or np.dtype(enc.dtype).kind == "f":
+        return True
+    steps = (frm[1] - to[1]) / to[0]
+    return abs(frm[0] - to[0]) <= 1e-6 * abs(to[0]) and abs(steps - round(steps)) <= 1e-3
 
 
 # ------------------------------------------------------------------------------------------- workers
