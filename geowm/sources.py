@@ -17,7 +17,8 @@ Rules (documented in the README):
   GDAL's ``/vsizip/``): one scene per product, named by it, from the JPEG 2000 band files of ``IMG_DATA``,
   each band at its finest resolution (``R10m`` before ``R20m``); scale and offset from the product metadata
   (``MTD_MSIL2A.xml``: quantification value and, from processing baseline 04.00, ``BOA_ADD_OFFSET``), else
-  from the processing baseline in the product name (``_N0400_``: offset -1000).
+  from the processing baseline in the product name (``_N0400_``: offset -1000). An L1C product (no SCL) is
+  masked by its granule's ``QI_DATA/MSK_CLASSI_B00.jp2`` cloud layers.
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
     # 4 cloud; the high bit of each two-bit confidence (medium or high): 6 cloud, 8 cloud shadow, 10 snow/ice,
     # 12 cirrus (OLI; unused on TM/ETM+). Radiometric saturation (2-3) and low confidences are kept.
     "BQA": frozenset({0, 1, 4, 6, 8, 10, 12}),
+    # Sentinel-2 L1C from processing baseline 04.00 (QI_DATA/MSK_CLASSI_B00.jp2, 60 m): three 0/1 layers read as
+    # bits 0 opaque cloud, 1 cirrus, 2 snow/ice (a granule's mask where the product has no SCL)
+    "MSK_CLASSI": frozenset({0, 1, 2}),
 }
+_CLASSI = re.compile(r"^MSK_CLASSI_B00$", re.IGNORECASE)
 MAX_MASK_BIT = 31
 
 
@@ -100,7 +105,9 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class BandRef:
-    """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``.
+    """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``; index 0 (masks
+    only): every band of the file, a 0/1 flag layer each, read as bit ``k - 1`` of band ``k`` (Sentinel-2's
+    ``MSK_CLASSI``).
     ``scale`` and ``offset`` turn its values into physical ones (reflectance = value * scale + offset) where the
     file's own GeoTIFF scale/offset tags do not: from the STAC item's ``raster:bands``, or the product's
     published convention (Landsat Collection 2 Level-2); None: the file's tags. ``own_scaling``: that scale and
@@ -397,7 +404,7 @@ def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
     for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):
         # a product unpacked beside its download is read from its folder, once
         files += [f for f in archive_rasters(archive) if Path(safe_root(f)).name not in unpacked]
-    return _scenes_from_files(_band_files(files), mask_band, folder)
+    return _scenes_from_files(files, mask_band, folder)
 
 
 def _band_files(files: list[str]) -> list[str]:
@@ -440,7 +447,17 @@ def _file_resolution(path: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> list[Scene]:
+def _granule(path: str, root: str) -> tuple[str, str]:
+    """(product, granule folder) of a file inside a SAFE product (``GRANULE/<granule>/...``; "" outside one)."""
+    rel = Path(path).parts[len(Path(root).parts):]
+    return root, rel[1] if len(rel) > 2 and rel[0] == "GRANULE" else ""
+
+
+def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> list[Scene]:
+    """Scenes of raster files (``found``: all of them; auxiliary layers and SAFE quality files are sorted out)."""
+    files = _band_files(found)
+    classi = {_granule(f, root): f for f in found
+              if (root := safe_root(f)) is not None and _CLASSI.match(Path(f).stem)}
     if not files:
         raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, or Sentinel-2 SAFE products in .zip "
                           "archives) found")
@@ -514,6 +531,10 @@ def _scenes_from_files(files: list[str], mask_band: str | None, where: Path) -> 
             detail = ", ".join(f"{Path(p).name}={d.date()}" for d, p in dates)
             raise SourceError(f"{key}: files of one scene carry different dates ({detail})")
         scene = Scene(scene_id, min(d for d, _ in dates), bands, origin=key)
+        flags = classi.get(_granule(members[0][0], root)) if root is not None else None
+        if flags and (mask_band.upper() == "MSK_CLASSI" if mask_band else
+                      not {b.upper() for b in bands} & {*KNOWN_MASKS, *KNOWN_BIT_MASKS}):
+            bands["MSK_CLASSI"] = BandRef(flags, 0, "MSK_CLASSI")  # L1C: its cloud mask (L2A keeps its SCL)
         scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
     return scenes
 
@@ -791,7 +812,7 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         files = archive_rasters(path)
         if not files:
             raise SourceError(f"{path}: no Sentinel-2 SAFE product (a *.SAFE folder of band files) in this archive")
-        scenes = _scenes_from_files(_band_files(files), mask_band, path)
+        scenes = _scenes_from_files(files, mask_band, path)
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip or a "
                           "STAC .json file")

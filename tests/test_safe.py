@@ -12,7 +12,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from geowm.cube import IngestOptions, cube_checksum, ingest, open_cube
+from geowm.cube import IngestError, IngestOptions, cube_checksum, ingest, open_cube
 from geowm.cube.reader import ReadError
 from geowm.sources import SourceError, discover
 
@@ -47,10 +47,11 @@ _IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11
 
 def _jp2(path: Path, data: np.ndarray, res: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="JP2OpenJPEG", width=data.shape[1], height=data.shape[0], count=1,
-                       dtype=data.dtype, crs=CRS, transform=Affine(res, 0, X0, 0, -res, Y0), QUALITY=100,
-                       REVERSIBLE="YES") as dst:
-        dst.write(data, 1)
+    data = data[None] if data.ndim == 2 else data
+    with rasterio.open(path, "w", driver="JP2OpenJPEG", width=data.shape[2], height=data.shape[1],
+                       count=data.shape[0], dtype=data.dtype, crs=CRS, transform=Affine(res, 0, X0, 0, -res, Y0),
+                       QUALITY=100, REVERSIBLE="YES") as dst:
+        dst.write(data)
 
 
 def _reflectance(seed: int) -> dict[str, np.ndarray]:
@@ -96,6 +97,8 @@ def make_safe(folder: Path, names: tuple[str, str], rho: dict[str, np.ndarray], 
     _jp2(img / "R10m" / f"{stem}_TCI_10m.jp2", np.full((SIZE, SIZE), 90, np.uint8), 10)
     qi = img.parent / "QI_DATA"
     _jp2(qi / "MSK_CLDPRB_20m.jp2", np.zeros((SIZE // 2, SIZE // 2), np.uint8), 20)
+    # L2A products carry the L1C cloud layers too (opaque, cirrus, snow at 60 m); SCL is their mask, not this
+    _jp2(qi / "MSK_CLASSI_B00.jp2", np.ones((3, SIZE // 6, SIZE // 6), np.uint8), 60)
     _jp2(qi / f"{stem}_PVI.jp2", np.zeros((8, 8), np.uint8), 60)
     (safe / "DATASTRIP").mkdir(parents=True)
     (safe / "manifest.safe").write_text("<xfdu/>")
@@ -334,3 +337,78 @@ def test_dry_run_shows_the_plan_and_writes_nothing(tmp_path):
     assert (plan["add"], plan["replace"]) == ([], ["2021-12-20T13:38:39"])
     assert cube_checksum(cube) == before
     assert runner.invoke(app, ["ingest", str(tmp_path / "src"), "--cube", str(cube), "--json"]).exit_code == 2
+
+
+_L1C_MTD = """<?xml version="1.0" encoding="UTF-8"?>
+<n1:Level-1C_User_Product xmlns:n1="https://psd-14.sentinel2.eo.esa.int/PSD/User_Product_Level-1C.xsd">
+ <n1:General_Info><Product_Info><PROCESSING_BASELINE>05.09</PROCESSING_BASELINE></Product_Info>
+ <Product_Image_Characteristics><QUANTIFICATION_VALUE unit="none">10000</QUANTIFICATION_VALUE>
+ <Radiometric_Offset_List>{offsets}</Radiometric_Offset_List>
+ </Product_Image_Characteristics></n1:General_Info></n1:Level-1C_User_Product>"""
+L1C = ("S2B_MSIL1C_20230601T133839_N0509_R124_T21JUN_20230601T152014", "T21JUN_20230601T133839")
+
+
+def _classi() -> np.ndarray:
+    """MSK_CLASSI_B00 at 60 m (8 x 8 px): layers opaque cloud, cirrus, snow/ice."""
+    flags = np.zeros((3, SIZE // 6, SIZE // 6), np.uint8)
+    flags[0, 1:3, 1:5] = 1
+    flags[1, 4, :] = 1
+    flags[2, 6:, 6:] = 1
+    flags[:, 7, 0] = 1  # all three at once
+    return flags
+
+
+def make_l1c(folder: Path, rho: dict[str, np.ndarray]) -> Path:
+    """A Sentinel-2 L1C SAFE product (baseline 05.09): band files directly in IMG_DATA (B02, B03, B04, B08 at
+    10 m, B8A at 20 m, B01 at 60 m, a true-colour image) and, in QI_DATA, the cloud layers MSK_CLASSI_B00 and
+    per-band detector-footprint and quality masks."""
+    product, stem = L1C
+    safe = folder / f"{product}.SAFE"
+    granule = safe / "GRANULE" / f"L1C_T21JUN_A032567_{stem[7:]}"
+    for b in BANDS:
+        _jp2(granule / "IMG_DATA" / f"{stem}_{b}.jp2", np.round(rho[b] * 10000 + 1000).astype(np.uint16), 10)
+    _jp2(granule / "IMG_DATA" / f"{stem}_B8A.jp2", np.full((SIZE // 2, SIZE // 2), 3000, np.uint16), 20)
+    _jp2(granule / "IMG_DATA" / f"{stem}_B01.jp2", np.full((SIZE // 6, SIZE // 6), 2000, np.uint16), 60)
+    _jp2(granule / "IMG_DATA" / f"{stem}_TCI.jp2", np.full((3, SIZE, SIZE), 90, np.uint8), 10)
+    qi = granule / "QI_DATA"
+    _jp2(qi / "MSK_CLASSI_B00.jp2", _classi(), 60)
+    for b in ("B02", "B04"):
+        _jp2(qi / f"MSK_DETFOO_{b}.jp2", np.ones((SIZE // 2, SIZE // 2), np.uint8), 20)
+        _jp2(qi / f"MSK_QUALIT_{b}.jp2", np.zeros((8, SIZE // 6, SIZE // 6), np.uint8), 60)
+    offsets = "".join(f'<RADIO_ADD_OFFSET band_id="{i}">-1000</RADIO_ADD_OFFSET>' for i in range(13))
+    (safe / "MTD_MSIL1C.xml").write_text(_L1C_MTD.format(offsets=offsets))
+    return safe
+
+
+def test_l1c_products_are_masked_by_their_msk_classi_cloud_layers(tmp_path):
+    """L1C has no SCL: from processing baseline 04.00 its cloud mask is QI_DATA/MSK_CLASSI_B00.jp2, three 0/1
+    layers at 60 m (opaque cloud, cirrus, snow/ice), read as bits 0, 1 and 2."""
+    rho = _reflectance(7)
+    safe = make_l1c(tmp_path / "src", rho)
+    (scene,) = discover(tmp_path / "src")
+    assert scene.id == L1C[0] and sorted(scene.bands) == ["B01", "B02", "B03", "B04", "B08", "B8A"]
+    assert scene.mask.name == "MSK_CLASSI" and scene.mask.index == 0 and scene.mask.path.endswith("MSK_CLASSI_B00.jp2")
+    assert scene.mask_bits == {0, 1, 2} and (scene.bands["B04"].scale, scene.bands["B04"].offset) == (1e-4, -0.1)
+    flagged = np.repeat(np.repeat(_classi().any(axis=0), 6, 0), 6, 1)  # any layer, at 10 m
+    ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    np.testing.assert_array_equal(ds.valid.isel(time=0).values, ~flagged)
+    np.testing.assert_allclose(ds.reflectance.sel(band="B04").isel(time=0).values, rho["B04"], atol=1e-4)
+    from geowm.cube.info import summarize
+
+    assert summarize(tmp_path / "cube")["mask_rules"] == [
+        {"band": "MSK_CLASSI", "clear": [], "bits": [0, 1, 2], "buffer_m": 0.0, "scenes": 1}]
+    # --mask-bits 0,1 keeps snow; the zipped product is read the same way
+    ingest(zip_safe(safe, tmp_path / "zip" / f"{L1C[0]}.zip"), tmp_path / "snow",
+           IngestOptions(**OPTS, mask_bits=[0, 1]))
+    cloud = np.repeat(np.repeat(_classi()[:2].any(axis=0), 6, 0), 6, 1)
+    np.testing.assert_array_equal(open_cube(tmp_path / "snow").valid.isel(time=0).values, ~cloud)
+    # a product whose mask is unreadable fails naming it, and the cube is kept
+    before = cube_checksum(tmp_path / "cube")
+    other = make_l1c(tmp_path / "bad", _reflectance(8))
+    mask = next(other.rglob("MSK_CLASSI_B00.jp2"))
+    mask.write_bytes(mask.read_bytes()[:200])
+    other.rename(other.with_name(other.name.replace("T152014", "T170000")))  # another product id: not skipped
+    with pytest.raises(IngestError, match=r"QI_DATA/MSK_CLASSI_B00.jp2: not a readable raster"):
+        ingest(tmp_path / "bad", tmp_path / "cube", IngestOptions(**OPTS, replace=True))
+    assert cube_checksum(tmp_path / "cube") == before

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import rasterio
@@ -178,7 +178,10 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
     b = max(0, int(buffer_px))
     big = Tile(tile.row, tile.col, slice(tile.y.start - b, tile.y.stop + b), slice(tile.x.start - b, tile.x.stop + b))
     mask = np.zeros(big.shape, np.int64)
-    if scene.mask_bits:  # a bit mask: only a declared nodata is fill, and a pixel it does not cover is not clear
+    if scene.mask.index == 0:  # flag layers, one bit each (MSK_CLASSI): 0 is "no flag" (nodata or not)
+        has_mask = _read_flag_layers(src, scene.mask, grid, big, mask)
+        clear = clear_by_bits(scene.mask_bits, mask) if scene.mask_bits else _clear_lookup(scene.mask_clear, mask)
+    elif scene.mask_bits:  # a bit mask: only a declared nodata is fill, and a pixel it does not cover is not clear
         has_mask = _read_band(src, scene.mask, grid, big, mask, -1, Resampling.nearest, implicit_fill=False)
         clear = has_mask & clear_by_bits(scene.mask_bits, mask)
     else:
@@ -192,6 +195,20 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
             clear &= ndimage.distance_transform_edt(~flagged) > b  # Euclidean distance to the nearest flagged pixel
     h, w = tile.shape
     return clear[b: b + h, b: b + w]
+
+
+def _read_flag_layers(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray) -> np.ndarray:
+    """Every band of a file of 0/1 flag layers (``ref.index`` 0) into ``out`` as bits, band k as bit k - 1; returns
+    where the file covers ``tile`` (a flag's 0 is "no flag" even where declared nodata: the bands' footprint
+    decides what was observed)."""
+    out[...] = 0
+    layer = np.zeros(tile.shape, np.int64)
+    covered = np.zeros(tile.shape, bool)
+    for k in range(1, src.count + 1):
+        covered |= _read_band(src, replace(ref, index=k), grid, tile, layer, 0, Resampling.nearest,
+                              implicit_fill=False)
+        out |= (layer > 0).astype(np.int64) << (k - 1)
+    return covered
 
 
 def clear_by_bits(bits: frozenset[int], mask: np.ndarray) -> np.ndarray:
