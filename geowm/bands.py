@@ -49,14 +49,21 @@ _PLATFORM_SENSOR = (  # STAC ``platform`` -> sensor
 _BAND_NUMBER = re.compile(r"(?:SR_|ST_|TOA_)?B0*(\d{1,2})(A?)(?:_VCID_[12])?", re.I)  # Landsat 7: B6_VCID_1
 
 
-def sensor_of(scene_id: str, platform: str | None = None) -> str | None:
-    """The sensor (a key of ``SENSORS``) of a scene by its STAC ``platform`` or its id / file name, or None."""
+# band names only Sentinel-2 products have (a Google Earth Engine export names its bands so, in any file name)
+_S2_ONLY_BANDS = frozenset({"B8A", "SCL", "QA60", "MSK_CLDPRB", "MSK_SNWPRB", "MSK_CLASSI"})
+
+
+def sensor_of(scene_id: str, platform: str | None = None, bands: Sequence[str] = ()) -> str | None:
+    """The sensor (a key of ``SENSORS``) of a scene by its STAC ``platform``, its id / file name, else a band
+    only that sensor's products have (``B8A``, ``SCL``, ``QA60``: Sentinel-2), or None."""
     for pattern, sensor in _PLATFORM_SENSOR:
         if platform and pattern.match(platform.strip()):
             return sensor
     for pattern, sensor in _ID_SENSOR:
         if pattern.search(scene_id):
             return sensor
+    if {str(b).upper() for b in bands} & _S2_ONLY_BANDS:
+        return "sentinel-2"
     return None
 
 

@@ -120,8 +120,9 @@ def ingest(
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
-    mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: SCL, QA_PIXEL, Fmask or "
-                                                    "BQA when present)."),
+    mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: a known one "
+                                                    "when present: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, "
+                                                    "QA60)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
                                                      "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
                                                      "unclassified, add 11 to keep snow)."),

@@ -13,6 +13,7 @@ Rules (documented in the README):
 * **Grouping of a folder**: files whose names differ only by a band suffix form one scene
   (Landsat style, one file per band); a multi-band file is a scene of its own. A Landsat Level-1 product's
   metadata file beside its bands (``*_MTL.txt`` / ``.json`` / ``.xml``) gives their top-of-atmosphere rescaling.
+  PlanetScope files of one ``<date>_<time>_<satellite>`` id are one scene: the analytic bands, masked by the udm2.
 * **Sentinel-2 SAFE products** (a ``*.SAFE`` folder, or the ``.zip`` it is delivered in, read in place through
   GDAL's ``/vsizip/``): one scene per product, named by it, from the JPEG 2000 band files of ``IMG_DATA``,
   each band at its finest resolution (``R10m`` before ``R20m``); scale and offset from the product metadata
@@ -62,6 +63,14 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder a
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
 _DT_DOY = re.compile(r"(?<!\d)(\d{4})(\d{3})T(\d{2})(\d{2})(\d{2})(?!\d)")  # HLS: year, day of year, time
 _DT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
+# PlanetScope ortho scene files: <YYYYMMDD_HHMMSS[_NN]_<satellite>>_3B_<asset>[_harmonized][_clip]: the analytic
+# bands (AnalyticMS_SR: surface reflectance x 10000; AnalyticMS: radiance x 100; _8b: SuperDove's 8 bands), the
+# usable-data mask udm2, and the older udm and the Visual RGB image (not read)
+_PLANET = re.compile(r"^((\d{4})(\d{2})(\d{2})_(\d{2})(\d{2})(\d{2})(?:_\d{2})?_[0-9a-f]{4})_[13]B_"
+                     r"(AnalyticMS(?:_SR)?(?:_8b)?|udm2|AnalyticMS_DN_udm|udm|Visual)(?:_harmonized)?(?:_clip)?$",
+                     re.IGNORECASE)
+PLANET_BANDS = {4: ("blue", "green", "red", "nir"),
+                8: ("coastal", "blue", "green_i", "green", "yellow", "red", "rededge", "nir")}
 
 # mask bands recognised without --mask-band, and which of their values mean "clear observation"
 KNOWN_MASKS: dict[str, frozenset[int]] = {
@@ -71,6 +80,8 @@ KNOWN_MASKS: dict[str, frozenset[int]] = {
     # products do (a snow cover says nothing about the land cover under it and is weather, not a change of
     # state); pass --mask-clear 4,5,6,7,11 to keep it.
     "SCL": frozenset({4, 5, 6, 7}),
+    # PlanetScope udm2's first band, its clear map: 1 clear (no cloud, shadow, haze or snow), 0 not
+    "UDM2": frozenset({1}),
 }
 # quality bands read bit by bit, and which of their bits flag a pixel as not clear (clear: none of them set)
 KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
@@ -87,9 +98,23 @@ KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
     # Sentinel-2 L1C from processing baseline 04.00 (QI_DATA/MSK_CLASSI_B00.jp2, 60 m): three 0/1 layers read as
     # bits 0 opaque cloud, 1 cirrus, 2 snow/ice (a granule's mask where the product has no SCL)
     "MSK_CLASSI": frozenset({0, 1, 2}),
+    # Sentinel-2 QA60 (60 m, as Google Earth Engine exports it): 10 opaque cloud, 11 cirrus
+    "QA60": frozenset({10, 11}),
 }
 _CLASSI = re.compile(r"^MSK_CLASSI_B00$", re.IGNORECASE)
 MAX_MASK_BIT = 31
+
+
+# quality and auxiliary layers as bands of a multi-band file (a Google Earth Engine export of Sentinel-2 or Landsat:
+# QA10, QA60, MSK_CLDPRB, TCI_R, AOT, SR_ATMOS_OPACITY, QA_RADSAT...): never chosen as data bands by default
+_QUALITY_BAND = re.compile(r"^(?:QA\d*(?:_\w+)?|MSK_\w+|TCI_[RGB]|SR_ATMOS_OPACITY|SR_CLOUD_QA|UDM2?)$", re.IGNORECASE)
+
+
+def is_auxiliary_band(name: str) -> bool:
+    """Whether band ``name`` is a quality or auxiliary layer, not a measurement of the surface (a known mask band,
+    ``QA60``, ``MSK_CLDPRB``, ``AOT``, ``TCI_R``, ``VZA``, ...)."""
+    upper = name.upper()
+    return upper in KNOWN_MASKS or upper in KNOWN_BIT_MASKS or bool(_QUALITY_BAND.match(name) or AUXILIARY.search(name))
 
 
 def describe_mask_rule(rule: dict) -> str:
@@ -167,6 +192,12 @@ def datetime_from_filename(name: str) -> datetime | None:
     """First ``YYYYMMDDTHHMMSS``, ``YYYYDDDTHHMMSS`` (day of year, as HLS names) or ``YYYYMMDD`` in a file
     name, as aware UTC; None if absent/invalid."""
     stem = Path(name).name
+    planet = _PLANET.match(Path(name).stem)
+    if planet:
+        try:
+            return datetime(*map(int, planet.groups()[1:7]), tzinfo=UTC)
+        except ValueError:
+            pass
     m = _DT_FULL.search(stem)
     if m:
         try:
@@ -192,6 +223,9 @@ def band_from_filename(name: str) -> tuple[str, str | None]:
     resolution token after the band), ``red.tif`` -> ("", ``red``) (a file named by its band alone: its folder is
     the scene)."""
     stem = Path(name).stem
+    planet = _PLANET.match(stem)  # 20230601_101010_12_2461_3B_udm2_clip -> (20230601_101010_12_2461, udm2)
+    if planet:
+        return planet.group(1), planet.group(8)
     m = _BAND_SUFFIX.search(_RESOLUTION.sub("", stem))  # T33UUP_..._B04_10m: band B04 (at 10 m)
     if not m:
         return stem, None
@@ -415,6 +449,9 @@ def _band_files(files: list[str]) -> list[str]:
         root = safe_root(f)
         if AUXILIARY.search(_RESOLUTION.sub("", Path(f).stem)):
             continue
+        if (planet := _PLANET.match(Path(f).stem)) and planet.group(8).lower() in ("udm", "analyticms_dn_udm",
+                                                                                    "visual"):
+            continue  # PlanetScope's older usable-data mask (its udm2 is read) and RGB preview
         if root is None or "IMG_DATA" in Path(f).parts[len(Path(root).parts):]:
             out.append(f)
     return out
@@ -491,10 +528,17 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
         dates: list[tuple[datetime, str]] = []
         for path, suffix in sorted(members, key=lambda m: _file_resolution(m[0]) or 0.0):  # finest first
             count, descriptions, dt, tagged = _tiff_meta(path)
+            planet = _PLANET.match(Path(path).stem)
             for i in range(1, count + 1):
                 desc = descriptions[i - 1]
-                if desc:
+                if planet and suffix.lower() == "udm2":
+                    if i > 1:
+                        continue  # snow, shadow, haze, cloud, confidence, udm1: the clear map (band 1) says it all
+                    name = "UDM2"
+                elif desc:
                     name = desc
+                elif planet and count in PLANET_BANDS:
+                    name = PLANET_BANDS[count][i - 1]
                 elif suffix and count == 1:
                     name = suffix
                 elif suffix:
@@ -509,6 +553,8 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
                     scaling = None
                 elif root is not None:
                     scaling = scalings[root].get(band_number(name))
+                elif planet and suffix.lower().startswith("analyticms"):  # Planet's published scales
+                    scaling = (1e-4, 0.0) if "_SR" in suffix.upper() else (0.01, 0.0)
                 else:
                     scaling = product_scaling(scene_id, name)
                     if scaling is None and (scaling := _mtl_band(mtl, name, path)) is not None:
@@ -535,7 +581,7 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
         if flags and (mask_band.upper() == "MSK_CLASSI" if mask_band else
                       not {b.upper() for b in bands} & {*KNOWN_MASKS, *KNOWN_BIT_MASKS}):
             bands["MSK_CLASSI"] = BandRef(flags, 0, "MSK_CLASSI")  # L1C: its cloud mask (L2A keeps its SCL)
-        scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id)), mask_band))
+        scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id, bands=list(bands))), mask_band))
     return scenes
 
 
@@ -699,7 +745,7 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
     if not bands:
         raise SourceError(f"{doc}: STAC item {item.id!r} has no GeoTIFF/COG asset")
     scene = Scene(item.id, dt, bands, origin=doc, common_names=common)
-    return with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"))), mask_band)
+    return with_mask(_name_bands(scene, sensor_of(item.id, item.properties.get("platform"), list(bands))), mask_band)
 
 
 def _s2_item_scaling(item, band: str) -> tuple[float, float] | None:
@@ -751,8 +797,8 @@ def _name_bands(scene: Scene, sensor: str | None) -> Scene:
 
 
 def with_mask(scene: Scene, mask_band: str | None) -> Scene:
-    """Move the mask band out of ``scene.bands``: the named one, or a known one (SCL, QA_PIXEL, Fmask, BQA) if
-    present, with its known rule."""
+    """Move the mask band out of ``scene.bands``: the named one, or a known one (``KNOWN_MASKS``, then
+    ``KNOWN_BIT_MASKS``: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, QA60) if present, with its known rule."""
     lookup = {n.upper(): n for n in scene.bands}
     if mask_band:
         name = lookup.get(mask_band.upper())
@@ -783,7 +829,8 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
     .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
-    ``mask_band`` names the quality band (default: SCL, QA_PIXEL, Fmask or BQA if present). It is read by value or
+    ``mask_band`` names the quality band (default: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI or QA60 if
+    present). It is read by value or
     bit by bit: ``mask_clear`` gives the values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked),
     ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear (default for Landsat
     Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS Fmask: 1-4, cloud,

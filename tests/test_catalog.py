@@ -32,8 +32,10 @@ def test_catalog_tracks_ingests_and_validates(tmp_path):
     assert dims["time"]["extent"][0].startswith("2021-03-01T10:30:21")
     assert set(item.properties["cube:variables"]) == {"reflectance", "valid"}
     assert "https://stac-extensions.github.io/datacube/" in " ".join(item.stac_extensions)
-    # S2T_ scene ids name no sensor: the bands' names, without common names
-    assert item.assets["cube"].extra_fields["eo:bands"] == [{"name": b} for b in ("B02", "B03", "B04", "B08")]
+    # S2T_ scene ids name no sensor, their SCL band does (Sentinel-2): the bands' names with their common names
+    assert item.assets["cube"].extra_fields["eo:bands"] == [
+        {"name": b, "common_name": c} for b, c in zip(("B02", "B03", "B04", "B08"), ("blue", "green", "red", "nir"),
+                                                      strict=True)]
     # a later ingest adds its scenes and moves the cube item forward
     src2 = tmp_path / "src2"
     for i, d in enumerate(days(2, start=days(3)[-1])):

@@ -293,3 +293,91 @@ def test_stac_sentinel2_items_with_only_a_processing_baseline_get_its_offset(tmp
     ingest(tmp_path / "item.json", tmp_path / "cube", IngestOptions(**OPTS))
     np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.sel(band="B04").values, 0.2 + offset,
                                atol=1e-6)
+
+
+def test_an_earth_engine_export_of_sentinel2_is_recognised_by_its_bands(tmp_path):
+    """A Google Earth Engine export is one multi-band GeoTIFF per date, named as the user likes, its bands named
+    as in the collection: ``B8A``, ``SCL`` or ``QA60`` make it Sentinel-2 (so ``B8`` is the near-infrared, not
+    Landsat 8's ``B5`` convention), its quality layers are the mask or left out, never data bands."""
+    from geowm.bands import ndvi_bands
+
+    rng = np.random.default_rng(8)
+    names = ["B2", "B3", "B4", "B5", "B8", "B8A", "B10", "AOT", "WVP", "SCL", "TCI_R", "TCI_G", "TCI_B", "MSK_CLDPRB",
+             "QA10", "QA60"]
+    data = rng.integers(100, 5000, (len(names), SIZE, SIZE)).astype(np.uint16)
+    scl = np.full((SIZE, SIZE), 4, np.uint16)
+    scl[:10] = 9
+    data[names.index("SCL")] = scl
+    write_tif(tmp_path / "sr" / "my_field_2023-06-01.tif", data, descriptions=names, tags={
+        "ACQUISITION_DATETIME": "2023-06-01T10:05:59Z"})
+    (scene,) = discover(tmp_path / "sr")
+    assert scene.mask.name == "SCL" and scene.mask_clear == {4, 5, 6, 7}
+    assert scene.common_names["B8"] == "nir" and scene.common_names["B5"] == "rededge"
+    ingest(tmp_path / "sr", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    assert list(ds.band.values) == ["B2", "B3", "B4", "B5", "B8", "B8A"]  # no cirrus, AOT, WVP, TCI, MSK, QA
+    assert ndvi_bands(list(ds.band.values), list(ds.common_name.values)) == (2, 4)  # B4 and B8, not B4 and B5
+    valid = ds.valid.isel(time=0).values
+    assert not valid[:10].any() and valid[10:].all()
+
+    # Level-1C: QA60 is the mask, bit 10 opaque cloud and bit 11 cirrus
+    qa60 = np.zeros((SIZE, SIZE), np.uint16)
+    qa60[:6] = 1 << 10
+    qa60[6:12] = 1 << 11
+    l1c = np.concatenate([data[:5], qa60[None]])
+    write_tif(tmp_path / "toa" / "toa_20230606.tif", l1c, descriptions=["B2", "B3", "B4", "B5", "B8", "QA60"])
+    (scene,) = discover(tmp_path / "toa")
+    assert scene.mask.name == "QA60" and scene.mask_bits == {10, 11} and scene.common_names["B8"] == "nir"
+    ingest(tmp_path / "toa", tmp_path / "toa_cube", IngestOptions(**OPTS))
+    valid = open_cube(tmp_path / "toa_cube").valid.isel(time=0).values
+    assert not valid[:12].any() and valid[12:].all()
+
+
+def _planet(folder: Path, scene: str, analytic: np.ndarray, clear: np.ndarray, kind: str = "AnalyticMS_SR",
+            tail: str = "_clip") -> None:
+    """A PlanetScope ortho scene as an order delivers it: analytic bands, udm2 (8 bands: clear, snow, shadow,
+    light haze, heavy haze, cloud, confidence, udm1), the older udm, the Visual image and metadata."""
+    write_tif(folder / f"{scene}_3B_{kind}{tail}.tif", analytic.astype(np.uint16), nodata=0)
+    udm2 = np.zeros((8, SIZE, SIZE), np.uint8)
+    udm2[0] = clear
+    udm2[5] = ~clear  # cloud
+    udm2[6] = 80
+    write_tif(folder / f"{scene}_3B_udm2{tail}.tif", udm2)
+    write_tif(folder / f"{scene}_3B_AnalyticMS_DN_udm{tail}.tif", np.zeros((SIZE, SIZE), np.uint8))
+    write_tif(folder / f"{scene}_3B_Visual{tail}.tif", np.full((3, SIZE, SIZE), 90, np.uint8))
+    (folder / f"{scene}_3B_AnalyticMS_metadata{tail}.xml").write_text("<ps:EarthObservation/>")
+    (folder / f"{scene}_metadata.json").write_text("{}")
+
+
+def test_planetscope_scenes_with_their_udm2(tmp_path):
+    """PlanetScope: one scene per ``<date>_<time>_<satellite>`` id, its multi-band analytic file named by
+    Planet's bands (blue, green, red, nir; SuperDove's 8), surface reflectance at 0.0001, masked by the clear map
+    of its udm2; the older udm, the Visual image and the metadata files are not scenes."""
+    from geowm.bands import ndvi_bands
+
+    rng = np.random.default_rng(9)
+    clear = np.ones((SIZE, SIZE), bool)
+    clear[5:15, 10:30] = False
+    values = {}
+    for scene in ("20230601_101010_12_2461", "20230606_100515_77_24a1"):
+        values[scene] = rng.integers(200, 6000, (4, SIZE, SIZE))
+        _planet(tmp_path / "ps", scene, values[scene], clear)
+    scenes = discover(tmp_path / "ps")
+    assert [s.id for s in scenes] == list(values)
+    s = scenes[0]
+    assert s.datetime.isoformat() == "2023-06-01T10:10:10+00:00"
+    assert list(s.bands) == ["blue", "green", "red", "nir"] and s.mask.name == "UDM2" and s.mask.index == 1
+    assert s.mask_clear == {1} and (s.bands["red"].scale, s.bands["red"].offset) == (1e-4, 0.0)
+    ingest(tmp_path / "ps", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    assert ds.sizes["time"] == 2 and list(ds.common_name.values) == ["blue", "green", "nir", "red"]
+    assert ndvi_bands(list(ds.band.values), list(ds.common_name.values)) == (3, 2)
+    np.testing.assert_allclose(ds.reflectance.sel(band="nir").isel(time=1).values,
+                               values["20230606_100515_77_24a1"][3] * 1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ds.valid.isel(time=0).values, clear)
+    # SuperDove's 8 bands, harmonized to Sentinel-2
+    _planet(tmp_path / "sd", "20240510_093012_41_2507", rng.integers(200, 6000, (8, SIZE, SIZE)), clear,
+            kind="AnalyticMS_SR_8b", tail="_harmonized_clip")
+    (s,) = discover(tmp_path / "sd")
+    assert list(s.bands) == ["coastal", "blue", "green_i", "green", "yellow", "red", "rededge", "nir"]
+    assert s.common_names["rededge"] == "rededge" and "green_i" not in s.common_names and s.mask.name == "UDM2"

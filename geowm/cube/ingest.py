@@ -50,6 +50,7 @@ from geowm.sources import (
     describe_mask_rule,
     discover,
     file_fingerprints,
+    is_auxiliary_band,
     natural_key,
     set_mask_rule,
     with_mask,
@@ -202,8 +203,10 @@ def _resolve_bands(scenes: Sequence[Scene], state: CubeState | None, wanted: Seq
         bands = list(state.bands)
     elif wanted:
         bands = list(wanted)
-    else:  # every band, but those of another kind than surface reflectance (panchromatic, thermal, cirrus)
+    else:  # every band, but those of another kind than surface reflectance (panchromatic, thermal, cirrus) and
+        # quality or auxiliary layers (QA60, MSK_CLDPRB, AOT, TCI_R... of a multi-band export)
         other = {b for s in scenes for b, c in s.common_names.items() if c in NOT_REFLECTANCE}
+        other |= {b for s in scenes for b in s.bands if is_auxiliary_band(b)}
         bands = sorted({b for s in scenes for b in s.bands} - other, key=natural_key)
     for s in scenes:
         missing = [b for b in bands if b not in s.bands]
