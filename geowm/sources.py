@@ -484,6 +484,44 @@ def _file_resolution(path: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def _file_band_names(path: str, suffix: str | None, descriptions: list[str | None]) -> list[str | None]:
+    """The names of a file's bands (None: a band not read): a PlanetScope udm2's clear map alone (``UDM2``),
+    else the band descriptions, PlanetScope's band order, the file-name suffix (``_2``, ``_3``... after it in a
+    multi-band file), else ``band1``, ``band2``..."""
+    count, planet = len(descriptions), _PLANET.match(Path(path).stem)
+    if planet and planet.group(8).lower() == "udm2":  # its other bands (snow, shadow, haze, cloud...) are in it
+        return ["UDM2"] + [None] * (count - 1)
+    out: list[str | None] = []
+    for i, desc in enumerate(descriptions, start=1):
+        if desc:
+            out.append(desc)
+        elif planet and count in PLANET_BANDS:
+            out.append(PLANET_BANDS[count][i - 1])
+        elif suffix:
+            out.append(suffix if count == 1 else f"{suffix}_{i}")
+        else:
+            out.append(f"band{i}")
+    return out
+
+
+def _stated_scaling(path: str, name: str, scene_id: str, safe: dict[str, tuple[float, float]] | None,
+                    mtl: tuple[Path, dict[str, tuple[float, float]]] | None) -> tuple[float, float, bool] | None:
+    """(scale, offset, own_scaling) of band ``name`` of ``path`` as its product states it where the file's tags do
+    not: a SAFE product's metadata (``safe``), PlanetScope's published scales, a product convention
+    (``PRODUCT_SCALING``), a Landsat Level-1 MTL file (``mtl``: the scene's own, by its sun elevation); else None."""
+    if safe is not None:
+        found = safe.get(band_number(name))
+        return (*found, False) if found else None
+    planet = _PLANET.match(Path(path).stem)
+    if planet and planet.group(8).lower().startswith("analyticms"):  # reflectance x 10000, radiance x 100
+        return (1e-4, 0.0, False) if "_SR" in planet.group(8).upper() else (0.01, 0.0, False)
+    if (found := product_scaling(scene_id, name)) is not None:
+        return (*found, False)
+    if (found := _mtl_band(mtl, name, path)) is not None:
+        return (*found, True)
+    return None
+
+
 def _granule(path: str, root: str) -> tuple[str, str]:
     """(product, granule folder) of a file inside a SAFE product (``GRANULE/<granule>/...``; "" outside one)."""
     rel = Path(path).parts[len(Path(root).parts):]
@@ -528,38 +566,15 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
         dates: list[tuple[datetime, str]] = []
         for path, suffix in sorted(members, key=lambda m: _file_resolution(m[0]) or 0.0):  # finest first
             count, descriptions, dt, tagged = _tiff_meta(path)
-            planet = _PLANET.match(Path(path).stem)
-            for i in range(1, count + 1):
-                desc = descriptions[i - 1]
-                if planet and suffix.lower() == "udm2":
-                    if i > 1:
-                        continue  # snow, shadow, haze, cloud, confidence, udm1: the clear map (band 1) says it all
-                    name = "UDM2"
-                elif desc:
-                    name = desc
-                elif planet and count in PLANET_BANDS:
-                    name = PLANET_BANDS[count][i - 1]
-                elif suffix and count == 1:
-                    name = suffix
-                elif suffix:
-                    name = f"{suffix}_{i}"
-                else:
-                    name = f"band{i}"
+            for i, name in enumerate(_file_band_names(path, suffix, descriptions), start=1):
+                if name is None:
+                    continue
                 if name in bands:
                     if _file_resolution(path) and _file_resolution(bands[name].path):
                         continue  # the band again at a coarser resolution (Sentinel-2 L2A's R20m, R60m)
                     raise SourceError(f"{path}: band {name!r} also found in {bands[name].path}")
-                if tagged[i - 1]:
-                    scaling = None
-                elif root is not None:
-                    scaling = scalings[root].get(band_number(name))
-                elif planet and suffix.lower().startswith("analyticms"):  # Planet's published scales
-                    scaling = (1e-4, 0.0) if "_SR" in suffix.upper() else (0.01, 0.0)
-                else:
-                    scaling = product_scaling(scene_id, name)
-                    if scaling is None and (scaling := _mtl_band(mtl, name, path)) is not None:
-                        scaling = (*scaling, True)
-                bands[name] = BandRef(path, i, name, *(scaling or (None, None)))
+                scaling = None if tagged[i - 1] else _stated_scaling(path, name, scene_id, scalings.get(root), mtl)
+                bands[name] = BandRef(path, i, name, *(scaling or ()))
             if dt is None:
                 dt = datetime_from_filename(Path(path).name)
             folder_named = root is None and key == str(Path(path).parent)
@@ -830,12 +845,11 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
     ``mask_band`` names the quality band (default: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI or QA60 if
-    present). It is read by value or
-    bit by bit: ``mask_clear`` gives the values meaning "clear" (default for SCL: 4, 5, 6, 7, snow masked),
-    ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear (default for Landsat
-    Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS Fmask: 1-4, cloud,
-    adjacent, shadow, snow; for Collection 1 BQA: 0, 1, 4, 6, 8, 10, 12); one of the two is required for other
-    mask bands, not both.
+    present). It is read by value or bit by bit: ``mask_clear`` gives the values meaning "clear" (default for
+    SCL: 4, 5, 6, 7, snow masked), ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear
+    (default for Landsat Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS
+    Fmask: 1-4, cloud, adjacent, shadow, snow; for Collection 1 BQA: 0, 1, 4, 6, 8, 10, 12); one of the two is
+    required for other mask bands, not both.
     Scenes come back sorted by (datetime, id). Raises :class:`SourceError` on bad input.
     """
     if mask_clear is not None and mask_bits is not None:
