@@ -665,7 +665,9 @@ def _replace_store(ds: xr.Dataset, path, consolidated: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        ds.to_zarr(tmp, mode="w", consolidated=consolidated, zarr_format=3)
+        with warnings.catch_warnings():  # zarr notes that v3 has no consolidated metadata yet: xarray reads it
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            ds.to_zarr(tmp, mode="w", consolidated=consolidated, zarr_format=3)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -734,4 +736,6 @@ def open_scores(path) -> xr.Dataset:
         path = path / "scores.zarr"
     if not path.is_dir():
         raise FileNotFoundError(f"no score raster at {path}")
-    return xr.open_zarr(path, consolidated=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        return xr.open_zarr(path, consolidated=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import zarr
 
-from geowm.cube.store import open_repo
+from geowm.cube.store import fill_value_of, open_repo
 
 
 @dataclass
@@ -104,8 +104,7 @@ class CubeReader:
         attrs = dict(self.refl.attrs)
         self.scale = float(attrs.get("scale_factor", 1.0))
         self.offset = float(attrs.get("add_offset", 0.0))
-        fill = attrs.get("_FillValue")
-        self.fill = None if fill is None else float(fill)
+        self.fill = fill_value_of(self.refl) if "_FillValue" in attrs else None
         self.times = g["time"][:].astype("int64").astype("datetime64[s]")
         self.bands = [str(b) for b in g["band"][:]]
         self.common_names = [str(c) for c in g["common_name"][:]] if "common_name" in g else None

@@ -155,6 +155,15 @@ class CubeState:
     common_names: list[str] | None = None  # per band, "" unknown; None: a cube made before they were recorded
 
 
+def fill_value_of(arr) -> float | None:
+    """The fill value of a cube's Zarr array as a float (None: none): its CF ``_FillValue`` attribute, which xarray
+    writes base64-encoded for a float NaN, so then the array's own fill value (the same)."""
+    fill = arr.attrs.get("_FillValue", arr.fill_value)
+    if isinstance(fill, str):
+        fill = arr.fill_value
+    return None if fill is None else float(fill)
+
+
 def read_state(path: str | Path) -> CubeState:
     repo = open_repo(path)
     session = repo.readonly_session(BRANCH)
@@ -168,14 +177,12 @@ def read_state(path: str | Path) -> CubeState:
     grid = CubeGrid(sref["crs_wkt"], Affine.from_gdal(*gt), int(refl.shape[3]), int(refl.shape[2]),
                     int(attrs["geowm:tile_size"]))
     ra = dict(refl.attrs)
-    fill = ra.get("_FillValue", refl.fill_value)
-    if isinstance(fill, str):  # xarray stores a float NaN _FillValue base64-encoded: the array's own is the same
-        fill = refl.fill_value
+    fill = fill_value_of(refl)
     return CubeState(
         grid=grid,
         bands=[str(b) for b in g["band"][:]],
         times=(g["time"][:].astype("int64")).astype("datetime64[s]"),
-        encoding=Encoding(str(refl.dtype), float(fill) if fill is not None else float("nan"),
+        encoding=Encoding(str(refl.dtype), float("nan") if fill is None else fill,
                           float(ra.get("scale_factor", 1.0)), float(ra.get("add_offset", 0.0))),
         sources=list(attrs.get("geowm:sources", [])),
         time_chunk=int(refl.chunks[0]),
