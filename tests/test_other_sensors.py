@@ -79,8 +79,9 @@ def test_a_radar_series_is_trained_forecast_and_scored(radar_cube, tmp_path):
     patch = SIZE // surprise.shape[0]
     flooded = np.zeros(surprise.shape, bool)
     flooded[FLOOD[0].start // patch: FLOOD[0].stop // patch, FLOOD[1].start // patch: FLOOD[1].stop // patch] = True
-    # the flood's patches are the most surprising (its edge ones most: a uniform drop across a whole patch is the
-    # change a briefly trained encoder sees least) and its alerts are the only ones, from its first acquisition
+    # the flood's patches are the most surprising (those where it cuts through a field most: an even drop across
+    # a whole field is the change a briefly trained encoder sees least) and its alerts are the only ones, from its
+    # first acquisition
     assert np.nanmax(surprise[flooded]) > 1.5 * np.nanmax(surprise[~flooded])
     assert len(alerts) >= 1 and (alerts["first_detected"] == pd.Timestamp(onset)).all()
     x0, y0 = 500000 + 10 * FLOOD[1].start, 5400000 - 10 * FLOOD[0].stop  # write_tif's grid, EPSG:32633
