@@ -33,7 +33,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
-from geowm.sources import local_file
+from geowm.sources import is_vector_mask, local_file
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"
@@ -71,6 +71,8 @@ def _footprint(paths: list[str]) -> tuple[dict, list[float], dict]:
     """Union footprint (GeoJSON in EPSG:4326), bbox and projection info of a scene's files."""
     shapes, proj = [], {}
     for p in paths:
+        if is_vector_mask(p):  # a GML cloud mask: polygons inside the footprint of the scene's bands
+            continue
         with rasterio.open(p) as src:
             geom = transform_geom(src.crs, "EPSG:4326", mapping(box(*src.bounds)), precision=7)
             shapes.append(geom)
@@ -96,7 +98,8 @@ def _scene_item(src: dict) -> pystac.Item:
             asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/zip", roles=["data"],
                                  extra_fields={"geowm:archive_member": f[len(f"/vsizip/{archive}/"):]})
         else:
-            media = pystac.MediaType.JPEG2000 if f.lower().endswith(".jp2") else pystac.MediaType.GEOTIFF
+            media = (pystac.MediaType.JPEG2000 if f.lower().endswith(".jp2") else
+                     "application/gml+xml" if is_vector_mask(f) else pystac.MediaType.GEOTIFF)
             asset = pystac.Asset(str(Path(f).absolute()), media_type=media, roles=["data"])
         item.add_asset(key, asset)
     if proj.get("epsg"):

@@ -50,7 +50,7 @@ _BAND_NUMBER = re.compile(r"(?:SR_|ST_|TOA_)?B0*(\d{1,2})(A?)(?:_VCID_[12])?", r
 
 
 # band names only Sentinel-2 products have (a Google Earth Engine export names its bands so, in any file name)
-_S2_ONLY_BANDS = frozenset({"B8A", "SCL", "QA60", "MSK_CLDPRB", "MSK_SNWPRB", "MSK_CLASSI"})
+_S2_ONLY_BANDS = frozenset({"B8A", "SCL", "QA60", "MSK_CLDPRB", "MSK_SNWPRB", "MSK_CLASSI", "MSK_CLOUDS"})
 
 
 def sensor_of(scene_id: str, platform: str | None = None, bands: Sequence[str] = ()) -> str | None:

@@ -122,7 +122,7 @@ def ingest(
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: a known one "
                                                     "when present: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, "
-                                                    "QA60)."),
+                                                    "MSK_CLOUDS, QA60)."),
     mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
                                                      "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
                                                      "unclassified, add 11 to keep snow)."),

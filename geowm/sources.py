@@ -19,7 +19,8 @@ Rules (documented in the README):
   each band at its finest resolution (``R10m`` before ``R20m``); scale and offset from the product metadata
   (``MTD_MSIL2A.xml``: quantification value and, from processing baseline 04.00, ``BOA_ADD_OFFSET``), else
   from the processing baseline in the product name (``_N0400_``: offset -1000). An L1C product (no SCL) is
-  masked by its granule's ``QI_DATA/MSK_CLASSI_B00.jp2`` cloud layers.
+  masked by its granule's ``QI_DATA/MSK_CLASSI_B00.jp2`` cloud layers, or before baseline 04.00 by the cloud
+  polygons of ``QI_DATA/MSK_CLOUDS_B00.gml``.
 """
 
 from __future__ import annotations
@@ -98,10 +99,17 @@ KNOWN_BIT_MASKS: dict[str, frozenset[int]] = {
     # Sentinel-2 L1C from processing baseline 04.00 (QI_DATA/MSK_CLASSI_B00.jp2, 60 m): three 0/1 layers read as
     # bits 0 opaque cloud, 1 cirrus, 2 snow/ice (a granule's mask where the product has no SCL)
     "MSK_CLASSI": frozenset({0, 1, 2}),
+    # Sentinel-2 L1C before baseline 04.00 (QI_DATA/MSK_CLOUDS_B00.gml): polygons of type OPAQUE and CIRRUS,
+    # burnt into bits 0 and 1 as MSK_CLASSI's (geowm.cube.vector_mask)
+    "MSK_CLOUDS": frozenset({0, 1}),
     # Sentinel-2 QA60 (60 m, as Google Earth Engine exports it): 10 opaque cloud, 11 cirrus
     "QA60": frozenset({10, 11}),
 }
 _CLASSI = re.compile(r"^MSK_CLASSI_B00$", re.IGNORECASE)
+# Sentinel-2 L1C before processing baseline 04.00: the granule's cloud polygons, QI_DATA/MSK_CLOUDS_B00.gml (and
+# S2A_OPER_MSK_CLOUDS_<...>_B00_MSIL1C.gml in the products of 2015-2016)
+_CLOUDS_GML = re.compile(r"^(?:S2[A-D]_OPER_)?MSK_CLOUDS_(?:\w+_)?B00(?:_MSIL1C)?$", re.IGNORECASE)
+VECTOR_MASK_SUFFIXES = (".gml",)
 MAX_MASK_BIT = 31
 
 
@@ -132,7 +140,7 @@ class SourceError(ValueError):
 class BandRef:
     """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``; index 0 (masks
     only): every band of the file, a 0/1 flag layer each, read as bit ``k - 1`` of band ``k`` (Sentinel-2's
-    ``MSK_CLASSI``).
+    ``MSK_CLASSI``), or the flag polygons of a GML mask (``MSK_CLOUDS``, :mod:`geowm.cube.vector_mask`).
     ``scale`` and ``offset`` turn its values into physical ones (reflectance = value * scale + offset) where the
     file's own GeoTIFF scale/offset tags do not: from the STAC item's ``raster:bands``, or the product's
     published convention (Landsat Collection 2 Level-2); None: the file's tags. ``own_scaling``: that scale and
@@ -264,6 +272,25 @@ def local_file(path: str) -> str:
     """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, else ``path`` itself."""
     m = _VSIZIP.match(path)
     return m.group(1) if m else path
+
+
+def is_vector_mask(path: str) -> bool:
+    """Whether the mask file at ``path`` holds polygons (GML: :mod:`geowm.cube.vector_mask`) rather than pixels."""
+    return path.lower().endswith(VECTOR_MASK_SUFFIXES)
+
+
+def read_bytes(path: str) -> bytes:
+    """The content of a local file, or of a file inside a zip archive given as a GDAL ``/vsizip/`` path."""
+    import zipfile
+
+    m = _VSIZIP.match(path)
+    if m is None:
+        return Path(path).read_bytes()
+    try:
+        with zipfile.ZipFile(m.group(1)) as z:
+            return z.read(m.group(2) or "")
+    except zipfile.BadZipFile as exc:
+        raise OSError(f"not a readable zip archive ({exc})") from None
 
 
 def natural_key(name: str) -> tuple:
@@ -433,7 +460,7 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
     found = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-    files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES]
+    files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES or _is_granule_gml_mask(str(p))]
     unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
     for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):
         # a product unpacked beside its download is read from its folder, once
@@ -468,7 +495,13 @@ def archive_rasters(archive: Path) -> list[str]:
     except (zipfile.BadZipFile, OSError) as exc:
         raise SourceError(f"{archive}: not a readable zip archive ({exc})") from None
     return [f"/vsizip/{archive.resolve()}/{n}" for n in names
-            if Path(n).suffix.lower() in RASTER_SUFFIXES and safe_root(n) is not None]
+            if (Path(n).suffix.lower() in RASTER_SUFFIXES and safe_root(n) is not None) or _is_granule_gml_mask(n)]
+
+
+def _is_granule_gml_mask(path: str) -> bool:
+    """Whether ``path`` is a Sentinel-2 granule's GML cloud mask (``QI_DATA/MSK_CLOUDS_B00.gml``)."""
+    return (is_vector_mask(path) and safe_root(path) is not None
+            and _CLOUDS_GML.match(Path(path).stem) is not None)
 
 
 def safe_root(path: str) -> str | None:
@@ -531,8 +564,13 @@ def _granule(path: str, root: str) -> tuple[str, str]:
 def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> list[Scene]:
     """Scenes of raster files (``found``: all of them; auxiliary layers and SAFE quality files are sorted out)."""
     files = _band_files(found)
-    classi = {_granule(f, root): f for f in found
-              if (root := safe_root(f)) is not None and _CLASSI.match(Path(f).stem)}
+    qi_masks: dict[tuple[str, str], dict[str, str]] = {}  # (product, granule) -> its cloud masks by band name
+    for f in found:
+        if (root := safe_root(f)) is not None:
+            if _CLASSI.match(Path(f).stem):
+                qi_masks.setdefault(_granule(f, root), {})["MSK_CLASSI"] = f
+            elif _is_granule_gml_mask(f):
+                qi_masks.setdefault(_granule(f, root), {})["MSK_CLOUDS"] = f
     if not files:
         raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, or Sentinel-2 SAFE products in .zip "
                           "archives) found")
@@ -592,12 +630,24 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
             detail = ", ".join(f"{Path(p).name}={d.date()}" for d, p in dates)
             raise SourceError(f"{key}: files of one scene carry different dates ({detail})")
         scene = Scene(scene_id, min(d for d, _ in dates), bands, origin=key)
-        flags = classi.get(_granule(members[0][0], root)) if root is not None else None
-        if flags and (mask_band.upper() == "MSK_CLASSI" if mask_band else
-                      not {b.upper() for b in bands} & {*KNOWN_MASKS, *KNOWN_BIT_MASKS}):
-            bands["MSK_CLASSI"] = BandRef(flags, 0, "MSK_CLASSI")  # L1C: its cloud mask (L2A keeps its SCL)
+        if (flag := _granule_cloud_mask(qi_masks.get(_granule(members[0][0], root), {}) if root else {},
+                                        bands, mask_band)) is not None:
+            bands[flag.name] = flag
         scenes.append(with_mask(_name_bands(scene, sensor_of(scene.id, bands=list(bands))), mask_band))
     return scenes
+
+
+def _granule_cloud_mask(masks: dict[str, str], bands: dict[str, BandRef], mask_band: str | None) -> BandRef | None:
+    """The cloud mask of an L1C granule (it has no SCL) from its ``QI_DATA`` (``masks``: band name -> file): the
+    raster ``MSK_CLASSI`` (baseline 04.00 on), else the polygons of ``MSK_CLOUDS`` (before it); the one
+    ``mask_band`` names; None where the scene already has a known mask band (L2A keeps its SCL)."""
+    if mask_band:
+        name = mask_band.upper() if mask_band.upper() in masks else None
+    elif not {b.upper() for b in bands} & {*KNOWN_MASKS, *KNOWN_BIT_MASKS}:
+        name = next((n for n in ("MSK_CLASSI", "MSK_CLOUDS") if n in masks), None)
+    else:
+        name = None
+    return None if name is None else BandRef(masks[name], 0, name)
 
 
 # ---------------------------------------------------------------- Sentinel-2 SAFE metadata
@@ -813,7 +863,8 @@ def _name_bands(scene: Scene, sensor: str | None) -> Scene:
 
 def with_mask(scene: Scene, mask_band: str | None) -> Scene:
     """Move the mask band out of ``scene.bands``: the named one, or a known one (``KNOWN_MASKS``, then
-    ``KNOWN_BIT_MASKS``: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, QA60) if present, with its known rule."""
+    ``KNOWN_BIT_MASKS``: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, MSK_CLOUDS, QA60) if present, with its known
+    rule."""
     lookup = {n.upper(): n for n in scene.bands}
     if mask_band:
         name = lookup.get(mask_band.upper())
@@ -844,8 +895,8 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
     .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
-    ``mask_band`` names the quality band (default: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI or QA60 if
-    present). It is read by value or bit by bit: ``mask_clear`` gives the values meaning "clear" (default for
+    ``mask_band`` names the quality band (default: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, MSK_CLOUDS or QA60
+    if present). It is read by value or bit by bit: ``mask_clear`` gives the values meaning "clear" (default for
     SCL: 4, 5, 6, 7, snow masked), ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear
     (default for Landsat Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS
     Fmask: 1-4, cloud, adjacent, shadow, snow; for Collection 1 BQA: 0, 1, 4, 6, 8, 10, 12); one of the two is

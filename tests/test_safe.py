@@ -4,6 +4,8 @@ offset of -1000 on every band; unpacked, or in the .zip they are downloaded in."
 
 from __future__ import annotations
 
+import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -412,3 +414,137 @@ def test_l1c_products_are_masked_by_their_msk_classi_cloud_layers(tmp_path):
     with pytest.raises(IngestError, match=r"QI_DATA/MSK_CLASSI_B00.jp2: not a readable raster"):
         ingest(tmp_path / "bad", tmp_path / "cube", IngestOptions(**OPTS, replace=True))
     assert cube_checksum(tmp_path / "cube") == before
+
+
+OLD_L1C = ("S2A_MSIL1C_20190705T133841_N0207_R124_T21JUN_20190705T151832", "T21JUN_20190705T133841")
+_GML = """<?xml version="1.0" encoding="UTF-8"?>
+<eop:Mask xmlns:eop="http://www.opengis.net/eop/2.0" xmlns:gml="http://www.opengis.net/gml/3.2" gml:id="{id}">
+  <gml:name>MSK_CLOUDS pixels mask from data-strip {id}</gml:name>
+  <gml:boundedBy>{bounded}</gml:boundedBy>
+  <eop:maskMembers>{members}</eop:maskMembers>
+</eop:Mask>"""
+# pixel rectangles (rows r0:r1, cols c0:c1 at 10 m) of each feature, and holes in them
+_CLOUDS = [("OPAQUE", (2, 10, 4, 20), [(4, 6, 8, 12)]), ("OPAQUE", (30, 40, 0, 8), []),
+           ("CIRRUS", (8, 24, 16, 30), [])]
+
+
+def _ring(r0: int, r1: int, c0: int, c1: int) -> str:
+    """A closed ring around pixel rows r0:r1, cols c0:c1 of the test grid, as a gml:posList (x y, in the CRS)."""
+    x0, x1, y0, y1 = X0 + 10 * c0, X0 + 10 * c1, Y0 - 10 * r0, Y0 - 10 * r1
+    return " ".join(f"{x} {y}" for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)))
+
+
+def _clouds_gml(features=_CLOUDS, srs: str = "urn:ogc:def:crs:EPSG:8.7:32721", id_: str = "MSK_CLOUDS_B00") -> str:
+    """A Sentinel-2 MSK_CLOUDS GML mask as L1C products before baseline 04.00 carry it ([]: a cloudless one)."""
+    members = ""
+    for i, (kind, outer, holes) in enumerate(features):
+        inner = "".join(f"<gml:interior><gml:LinearRing><gml:posList srsDimension=\"2\">{_ring(*h)}</gml:posList>"
+                        "</gml:LinearRing></gml:interior>" for h in holes)
+        members += (f'<eop:MaskFeature gml:id="{kind}.{i}"><eop:maskType codeSpace="urn:gs2:S2PDGS:maskType">{kind}'
+                    f'</eop:maskType><eop:extentOf><gml:Polygon gml:id="{kind}.{i}_Polygon"><gml:exterior>'
+                    f'<gml:LinearRing><gml:posList srsDimension="2">{_ring(*outer)}</gml:posList></gml:LinearRing>'
+                    f"</gml:exterior>{inner}</gml:Polygon></eop:extentOf></eop:MaskFeature>")
+    bounded = (f'<gml:Envelope srsName="{srs}"><gml:lowerCorner>{X0} {Y0 - 480}</gml:lowerCorner>'
+               f"<gml:upperCorner>{X0 + 480} {Y0}</gml:upperCorner></gml:Envelope>" if features
+               else "<gml:Null>Inapplicable</gml:Null>")
+    return _GML.format(id=id_, bounded=bounded, members=members)
+
+
+def _flagged(kinds=("OPAQUE", "CIRRUS")) -> np.ndarray:
+    out = np.zeros((SIZE, SIZE), bool)
+    for kind, (r0, r1, c0, c1), holes in _CLOUDS:
+        if kind in kinds:
+            part = np.zeros_like(out)
+            part[r0:r1, c0:c1] = True
+            for h0, h1, k0, k1 in holes:
+                part[h0:h1, k0:k1] = False
+            out |= part
+    return out
+
+
+def make_old_l1c(folder: Path, rho: dict[str, np.ndarray], gml: str, *, names=OLD_L1C, psd13: bool = False) -> Path:
+    """An L1C product of processing baseline 02.07 (no offset), with its cloud mask as GML polygons in
+    ``QI_DATA/MSK_CLOUDS_B00.gml``; ``psd13``: the file names of 2015-2016 products (``S2A_OPER_MSI_L1C_TL_...``,
+    ``S2A_OPER_MSK_CLOUDS_..._B00_MSIL1C.gml``), with the other GML masks beside it."""
+    product, stem = names
+    safe = folder / f"{product}.SAFE"
+    tile = "S2A_OPER_MSI_L1C_TL_SGS__20160929T154211_A006640_T21JUN" if psd13 else stem
+    granule = safe / "GRANULE" / (f"{tile}_N02.04" if psd13 else f"L1C_T21JUN_A021234_{stem[7:]}")
+    for b in BANDS:
+        _jp2(granule / "IMG_DATA" / f"{tile}_{b}.jp2", np.round(rho[b] * 10000).astype(np.uint16), 10)
+    qi = granule / "QI_DATA"
+    qi.mkdir(parents=True)
+    if psd13:
+        (qi / "S2A_OPER_MSK_CLOUDS_SGS__20160929T154211_A006640_T21JUN_B00_MSIL1C.gml").write_text(gml)
+        (qi / "S2A_OPER_MSK_NODATA_SGS__20160929T154211_A006640_T21JUN_B02_MSIL1C.gml").write_text("<not-a-mask/>")
+    else:
+        (qi / "MSK_CLOUDS_B00.gml").write_text(gml)
+        (qi / "MSK_DETFOO_B02.gml").write_text("<not-a-mask/>")
+    (safe / "MTD_MSIL1C.xml").write_text(_L1C_MTD.replace("05.09", "02.07").format(offsets=""))
+    return safe
+
+
+def test_older_l1c_products_are_masked_by_their_gml_cloud_polygons(tmp_path):
+    """Before processing baseline 04.00 (January 2022) an L1C granule's cloud mask is vector: QI_DATA/
+    MSK_CLOUDS_B00.gml, OPAQUE and CIRRUS polygons (with holes) in the tile's UTM zone. They flag bits 0 and 1."""
+    from catalog.stac import update_catalog, validate_catalog
+    from geowm.cube.info import summarize
+
+    rho = _reflectance(9)
+    make_old_l1c(tmp_path / "src", rho, _clouds_gml())
+    (scene,) = discover(tmp_path / "src")
+    assert scene.id == OLD_L1C[0] and sorted(scene.bands) == list(BANDS)
+    assert scene.mask.name == "MSK_CLOUDS" and scene.mask.path.endswith("QI_DATA/MSK_CLOUDS_B00.gml")
+    assert scene.mask_bits == {0, 1} and (scene.bands["B04"].scale, scene.bands["B04"].offset) == (1e-4, 0.0)
+    ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    np.testing.assert_array_equal(ds.valid.isel(time=0).values, ~_flagged())  # holes are clear
+    np.testing.assert_allclose(ds.reflectance.sel(band="B04").isel(time=0).values, rho["B04"], atol=1e-4)
+    assert summarize(tmp_path / "cube")["mask_rules"] == [
+        {"band": "MSK_CLOUDS", "clear": [], "bits": [0, 1], "buffer_m": 0.0, "scenes": 1}]
+    assert validate_catalog(update_catalog(tmp_path / "catalog", tmp_path / "cube")) == []
+    (item,) = [json.loads(p.read_text()) for p in (tmp_path / "catalog").rglob("*.json")
+               if OLD_L1C[0] in p.name and '"Feature"' in p.read_text()]
+    assert {a["type"] for a in item["assets"].values()} == {"image/jp2", "application/gml+xml"}
+
+    # the products of 2015-2016, zipped, and --mask-bits 0 (cirrus kept): only the opaque polygons mask
+    names = ("S2A_OPER_PRD_MSIL1C_PDMC_20160929T185902_R124_V20160929T133842_20160929T133842",) * 2
+    safe = make_old_l1c(tmp_path / "psd13", rho, _clouds_gml(id_="S2A_OPER_MSK_CLOUDS_SGS__2016"), names=names,
+                        psd13=True)
+    ingest(zip_safe(safe, tmp_path / "zip" / f"{names[0]}.zip"), tmp_path / "opaque",
+           IngestOptions(**OPTS, mask_bits=[0]))
+    np.testing.assert_array_equal(open_cube(tmp_path / "opaque").valid.isel(time=0).values,
+                                  ~_flagged(("OPAQUE",)))
+
+    # a cube on another grid (the next UTM zone): the polygons are reprojected with the bands
+    ingest(tmp_path / "src", tmp_path / "utm22", IngestOptions(**OPTS, crs="EPSG:32722", resolution=10))
+    other = open_cube(tmp_path / "utm22")
+    from rasterio.warp import Resampling, reproject
+
+    expected = np.zeros(other.valid.shape[1:], np.uint8)
+    x, y = other.x.values, other.y.values
+    reproject(_flagged().astype(np.uint8), expected, src_transform=Affine(10, 0, X0, 0, -10, Y0), src_crs=CRS,
+              dst_transform=Affine(10, 0, x[0] - 5, 0, -10, y[0] + 5), dst_crs="EPSG:32722",
+              resampling=Resampling.nearest)
+    covered = other.reflectance.sel(band="B04").isel(time=0).notnull().values
+    agree = (other.valid.isel(time=0).values == (covered & (expected == 0)))[covered].mean()
+    assert agree > 0.97, agree
+
+    # a cloudless granule's GML (no polygons, no srsName) masks nothing
+    make_old_l1c(tmp_path / "clear", rho, _clouds_gml([]))
+    ingest(tmp_path / "clear", tmp_path / "cube3", IngestOptions(**OPTS))
+    assert open_cube(tmp_path / "cube3").valid.all()
+
+    # a truncated or malformed mask fails naming it, and the cube is kept
+    before = cube_checksum(tmp_path / "cube")
+    for bad, why in ((_clouds_gml()[:300], "not a readable GML mask"),
+                     (_clouds_gml().replace(">OPAQUE<", ">SHADOW<", 1), "type 'SHADOW'"),
+                     (_clouds_gml().replace("srsDimension=\"2\">600040", "srsDimension=\"2\">6x0040", 1),
+                      "not a number"),
+                     (_clouds_gml(srs=""), "without a coordinate reference system")):
+        other = make_old_l1c(tmp_path / "bad", _reflectance(8), bad,
+                             names=(OLD_L1C[0].replace("T151832", "T170000"), OLD_L1C[1]))
+        with pytest.raises(IngestError, match=rf"QI_DATA/MSK_CLOUDS_B00.gml: .*{why}"):
+            ingest(tmp_path / "bad", tmp_path / "cube", IngestOptions(**OPTS))
+        assert cube_checksum(tmp_path / "cube") == before
+        shutil.rmtree(other)

@@ -43,6 +43,7 @@ from geowm.cube.store import (
     read_state,
     storage_for,
 )
+from geowm.cube.vector_mask import read_vector_mask
 from geowm.sources import (
     BandRef,
     Scene,
@@ -51,6 +52,7 @@ from geowm.sources import (
     discover,
     file_fingerprints,
     is_auxiliary_band,
+    is_vector_mask,
     natural_key,
     set_mask_rule,
     with_mask,
@@ -173,6 +175,14 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
             count=src.count, width=src.width, height=src.height,
             pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
         )
+
+
+def _check_vector_mask(path: str) -> None:
+    """A GML mask must be readable; raises :class:`IngestError` naming the file."""
+    try:
+        read_vector_mask(path)
+    except SourceError as exc:
+        raise IngestError(str(exc)) from None
 
 
 def _overlaps(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -615,7 +625,9 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         infos = {}
         for s in new:
             for ref in [*(s.bands[b] for b in bands), *([s.mask] if s.mask else [])]:
-                if ref.path not in infos:
+                if is_vector_mask(ref.path):  # polygons, no grid of their own: read them now, to fail before writing
+                    _check_vector_mask(ref.path)
+                elif ref.path not in infos:
                     infos[ref.path] = inspect_file(ref.path, cube_crs, opts.max_pixels)
         grid = state.grid if state else _new_grid(list(infos.values()), opts)
         if state is None:  # bounds were in each file's own CRS: express them in the new cube's

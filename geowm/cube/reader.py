@@ -19,7 +19,8 @@ from rasterio.warp import reproject
 from rasterio.windows import Window
 
 from geowm.cube.grid import CubeGrid, Tile
-from geowm.sources import BandRef, Scene
+from geowm.cube.vector_mask import burn_vector_mask
+from geowm.sources import BandRef, Scene, SourceError, is_vector_mask
 
 
 class ReadError(RuntimeError):
@@ -166,9 +167,12 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
             valid = covered.copy()
             if scene.mask is not None:
                 current = scene.mask.path
-                valid &= _clear_with_buffer(src_of(scene.mask), scene, grid, tile, buffer_px)
+                src = None if is_vector_mask(current) else src_of(scene.mask)
+                valid &= _clear_with_buffer(src, scene, grid, tile, buffer_px)
         except (rasterio.errors.RasterioError, OSError) as exc:
             raise ReadError(f"{current}: failed while reading pixels ({exc})") from None
+        except SourceError as exc:
+            raise ReadError(str(exc)) from None
     return data, valid, covered
 
 
@@ -178,8 +182,12 @@ def _clear_with_buffer(src, scene: Scene, grid: CubeGrid, tile: Tile, buffer_px:
     b = max(0, int(buffer_px))
     big = Tile(tile.row, tile.col, slice(tile.y.start - b, tile.y.stop + b), slice(tile.x.start - b, tile.x.stop + b))
     mask = np.zeros(big.shape, np.int64)
-    if scene.mask.index == 0:  # flag layers, one bit each (MSK_CLASSI): 0 is "no flag" (nodata or not)
-        has_mask = _read_flag_layers(src, scene.mask, grid, big, mask)
+    if src is None or scene.mask.index == 0:
+        if src is None:  # flag polygons (a GML mask, ``src`` None): every pixel outside them is clear
+            mask = burn_vector_mask(scene.mask.path, grid, big)
+            has_mask = np.ones(big.shape, bool)
+        else:  # flag layers, one bit each (MSK_CLASSI): 0 is "no flag" (nodata or not)
+            has_mask = _read_flag_layers(src, scene.mask, grid, big, mask)
         clear = clear_by_bits(scene.mask_bits, mask) if scene.mask_bits else _clear_lookup(scene.mask_clear, mask)
     elif scene.mask_bits:  # a bit mask: only a declared nodata is fill, and a pixel it does not cover is not clear
         has_mask = _read_band(src, scene.mask, grid, big, mask, -1, Resampling.nearest, implicit_fill=False)
