@@ -120,6 +120,11 @@ def ingest(
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
+    band_names: str | None = typer.Option(None, help="Comma-separated names of the bands of multi-band files, in "
+                                                     "file order, for stacks without band descriptions (e.g. "
+                                                     "blue,green,red,nir: common names make NDVI known; default: "
+                                                     "the files' own, or the names the cube's unnamed files were "
+                                                     "given)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: a known one "
                                                     "when present: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, "
                                                     "MSK_CLOUDS, QA60)."),
@@ -155,7 +160,8 @@ def ingest(
 
     opts = IngestOptions(
         crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
-        time_chunk=time_chunk, bands=bands.split(",") if bands else None, mask_band=mask_band,
+        time_chunk=time_chunk, bands=bands.split(",") if bands else None,
+        band_names=band_names.split(",") if band_names is not None else None, mask_band=mask_band,
         mask_clear=_ints(mask_clear, "--mask-clear"), mask_bits=_ints(mask_bits, "--mask-bits"),
         mask_buffer=mask_buffer,
         resampling=resampling,

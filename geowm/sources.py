@@ -28,8 +28,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -882,6 +882,40 @@ def with_mask(scene: Scene, mask_band: str | None) -> Scene:
     return scene
 
 
+def check_band_names(names: Iterable[str], where: str | Path) -> list[str]:
+    """``--band-names`` as a list: distinct (case aside), non-empty; else :class:`SourceError`."""
+    out = [str(n).strip() for n in names]
+    if not out or not all(out) or len({n.upper() for n in out}) != len(out):
+        raise SourceError(f"{where}: --band-names {','.join(out)!r}: give one distinct, non-empty name per band")
+    return out
+
+
+def is_unnamed(scene: Scene) -> bool:
+    """Whether the bands of ``scene`` carry no names of their own (``band1``, ``band2``... in file order)."""
+    refs = [*scene.bands.values(), *([scene.mask] if scene.mask else [])]
+    return all(r.name == f"band{r.index}" for r in refs)
+
+
+def assign_band_names(scene: Scene, names: Sequence[str], mask_band: str | None = None) -> Scene:
+    """Name the bands of a scene that one multi-band file holds by ``names``, in the file's band order
+    (``--band-names``: a stack whose bands carry no descriptions, or carry others). Common names follow from the
+    new names (``red``, ``nir``; ``B4`` of a sensor the scene id tells) and the mask from them (``mask_band``, else
+    a known mask band such as ``SCL``). A scene of several files, or a file of another band count, is refused
+    naming it."""
+    refs = [*scene.bands.values(), *([scene.mask] if scene.mask else [])]
+    files = sorted({r.path for r in refs})
+    if len(files) != 1:
+        raise SourceError(f"{scene.origin or files[0]}: --band-names names the bands of a multi-band file, but scene "
+                          f"{scene.id!r} is {len(files)} files (one per band, named by their file names)")
+    if sorted(r.index for r in refs) != list(range(1, len(names) + 1)):
+        raise SourceError(f"{files[0]}: {len(refs)} bands, but --band-names gives {len(names)} names "
+                          f"({', '.join(names)})")
+    by_index = {r.index: r for r in refs}
+    scene.bands = {n: replace(by_index[i], name=n) for i, n in enumerate(names, start=1)}
+    scene.mask, scene.mask_clear, scene.mask_bits, scene.common_names = None, frozenset(), frozenset(), {}
+    return with_mask(_name_bands(scene, sensor_of(scene.id, bands=list(scene.bands))), mask_band)
+
+
 def set_mask_rule(scene: Scene, mask_clear: Iterable[int] | None, mask_bits: Iterable[int] | None) -> None:
     """Read ``scene``'s mask by the clear values or the flag bits given (None: keep its rule)."""
     if scene.mask is not None and mask_clear is not None:
@@ -891,7 +925,7 @@ def set_mask_rule(scene: Scene, mask_clear: Iterable[int] | None, mask_bits: Ite
 
 
 def discover(source: str | Path, mask_band: str | None = None, mask_clear: Iterable[int] | None = None,
-             mask_bits: Iterable[int] | None = None) -> list[Scene]:
+             mask_bits: Iterable[int] | None = None, band_names: Iterable[str] | None = None) -> list[Scene]:
     """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
     .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
 
@@ -900,7 +934,8 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     SCL: 4, 5, 6, 7, snow masked), ``mask_bits`` the bits (0 = least significant) that flag a pixel as not clear
     (default for Landsat Collection 2 QA_PIXEL: 0-5, fill, dilated cloud, cirrus, cloud, shadow, snow; for HLS
     Fmask: 1-4, cloud, adjacent, shadow, snow; for Collection 1 BQA: 0, 1, 4, 6, 8, 10, 12); one of the two is
-    required for other mask bands, not both.
+    required for other mask bands, not both. ``band_names`` names the bands of every scene, each a multi-band file,
+    in file order (:func:`assign_band_names`).
     Scenes come back sorted by (datetime, id). Raises :class:`SourceError` on bad input.
     """
     if mask_clear is not None and mask_bits is not None:
@@ -911,24 +946,28 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         raise SourceError(f"{source}: mask bits {sorted(bits)}: give bit numbers from 0 (least significant) to "
                           f"{MAX_MASK_BIT}")
     path = Path(source)
+    names = None if band_names is None else check_band_names(band_names, path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
+    found_mask = None if names else mask_band  # with new names, the mask is looked for among them
     if path.is_dir():
-        scenes = _scenes_from_folder(path, mask_band)
+        scenes = _scenes_from_folder(path, found_mask)
     elif path.suffix.lower() == ".json":
-        scenes = _scenes_from_stac(path, mask_band)
+        scenes = _scenes_from_stac(path, found_mask)
     elif path.suffix.lower() in RASTER_SUFFIXES:
-        scenes = [s for s in _scenes_from_folder(path.parent, mask_band)
+        scenes = [s for s in _scenes_from_folder(path.parent, found_mask)
                   if path.name.startswith(s.id) or str(path) in s.files]
     elif path.suffix.lower() in ARCHIVE_SUFFIXES:
         files = archive_rasters(path)
         if not files:
             raise SourceError(f"{path}: no Sentinel-2 SAFE product (a *.SAFE folder of band files) in this archive")
-        scenes = _scenes_from_files(files, mask_band, path)
+        scenes = _scenes_from_files(files, found_mask, path)
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip or a "
                           "STAC .json file")
     for s in scenes:
+        if names:
+            assign_band_names(s, names, mask_band)
         set_mask_rule(s, mask_clear, bits)
         if s.mask is not None and not s.mask_clear and not s.mask_bits:
             raise SourceError(

@@ -48,10 +48,12 @@ from geowm.sources import (
     BandRef,
     Scene,
     SourceError,
+    assign_band_names,
     describe_mask_rule,
     discover,
     file_fingerprints,
     is_auxiliary_band,
+    is_unnamed,
     is_vector_mask,
     natural_key,
     set_mask_rule,
@@ -79,6 +81,9 @@ class IngestOptions:
     tile_size: int = 256
     time_chunk: int = 8
     bands: Sequence[str] | None = None
+    # the names of the bands of multi-band files, in file order (a stack without band descriptions); None: theirs,
+    # or on an append, the names the cube's unnamed sources were given
+    band_names: Sequence[str] | None = None
     mask_band: str | None = None
     mask_clear: Sequence[int] | None = None  # None: the cube's rule for the scenes' mask band, else its default
     mask_bits: Sequence[int] | None = None  # a bit mask's flag bits (instead of clear values); None: as mask_clear
@@ -604,7 +609,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
     if opts.mask_buffer is not None and not (math.isfinite(opts.mask_buffer) and
                                              0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
         raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
-    scenes = discover(source, opts.mask_band, opts.mask_clear, opts.mask_bits)
+    scenes = discover(source, opts.mask_band, opts.mask_clear, opts.mask_bits, opts.band_names)
     report = IngestReport(cube=cube)
     local = "://" not in cube
     existed = Path(cube).exists() if local else True
@@ -613,6 +618,8 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
             raise CubeError(f"{cube}: exists and is not a geowm cube; refusing to write into it")
         created = not cube_exists(cube) or not has_commits(icechunk_repo(cube))
         state = None if created else read_state(cube)
+        if opts.band_names is None and state is not None:
+            opts = _adopt_band_names(scenes, state.sources, opts)
         new = _new_scenes(scenes, state, opts.replace, report)
         if opts.mask_band is None and state is not None:
             _adopt_mask_band(new, state.sources, opts)
@@ -730,6 +737,19 @@ def mask_rule(scene: Scene, opts: IngestOptions) -> dict | None:
     return rule
 
 
+def _adopt_band_names(scenes: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> IngestOptions:
+    """Scenes whose bands carry no names (``band1``...) take the ``--band-names`` the cube's latest sources were
+    given, where their band count fits (an append by ``geowm ingest`` or the pipeline leaving the option out reads
+    a stack as the cube's first delivery was read); returns the options with those names, for the record."""
+    given = next((rec["band_names"] for rec in reversed(kept) if rec.get("band_names")), None)
+    hits = [s for s in scenes if given and len(s.files) == 1 and is_unnamed(s)
+            and len(s.bands) + (s.mask is not None) == len(given)]
+    for s in hits:
+        assign_band_names(s, given, opts.mask_band)
+        set_mask_rule(s, opts.mask_clear, opts.mask_bits)
+    return replace(opts, band_names=list(given)) if hits else opts
+
+
 def _adopt_mask_band(new: Sequence[Scene], kept: Sequence[dict], opts: IngestOptions) -> None:
     """A scene without a mask band whose band of the name the cube's mask band has (a custom mask named by
     ``--mask-band`` when the cube was made) takes that band as its mask, so that an append leaving
@@ -841,7 +861,8 @@ def _write(cube, created, state, grid, bands, common, merged, enc, ct, start, en
         g["time"].resize((len(merged),))
         g["time"][:] = merged.astype("int64")
     sources = list(sources) + [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
-                                "content": file_fingerprints(s.files), "mask": mask_rule(s, opts)} for s in new]
+                                "content": file_fingerprints(s.files), "mask": mask_rule(s, opts),
+                                **({"band_names": list(opts.band_names)} if opts.band_names else {})} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
     session.commit("prepare ingest (metadata)")
     session = repo.writable_session(tmp)
