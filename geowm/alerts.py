@@ -37,6 +37,7 @@ with a supporting observation: in [0, 1), increasing in both peak score and supp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -187,6 +188,54 @@ def empty_alerts(crs="EPSG:4326") -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(df, geometry=gpd.GeoSeries([], crs=crs), crs=crs)
 
 
+WGS84_A, WGS84_F = 6378137.0, 1 / 298.257223563  # the ellipsoid geographic cell areas are measured on
+
+
+def _zone_area(lat_deg: np.ndarray) -> np.ndarray:
+    """Area (m^2) of the WGS 84 ellipsoid between the equator and latitude ``lat_deg``, per radian of longitude."""
+    e2 = WGS84_F * (2 - WGS84_F)
+    e, s = np.sqrt(e2), np.sin(np.radians(lat_deg))
+    return WGS84_A**2 * (1 - e2) / 2 * (s / (1 - e2 * s**2) + np.log((1 + e * s) / (1 - e * s)) / (2 * e))
+
+
+@functools.lru_cache(maxsize=8)
+def _projection(crs: str):
+    """(pyproj CRS, transformer to lon/lat, Proj) of ``crs``, built once per CRS (an alert run measures many
+    footprints)."""
+    from pyproj import CRS, Proj, Transformer
+
+    c = CRS.from_user_input(crs)
+    if c.is_geographic:
+        return c, None, None
+    return c, Transformer.from_crs(c, 4326, always_xy=True), Proj(c)
+
+
+def ground_area_ha(foot: np.ndarray, transform: Affine, crs: str) -> float:
+    """Area on the ground (hectares) of the cells ``foot`` (bool, rows x cols) of a north-up grid whose cell (0, 0)
+    has its top-left corner at ``transform`` in ``crs``. Geographic CRS (degrees): each row's cells measured on the
+    WGS 84 ellipsoid between their parallels (cells shrink towards the poles). Projected CRS: the grid area in its
+    linear unit (metres, US survey feet...) divided by the projection's areal scale at the footprint's centre
+    (1.0008 on a UTM central meridian; about 2 for Web Mercator at 45 degrees), where pyproj knows it."""
+    c, to_lonlat, proj = _projection(str(crs))
+    counts = foot.sum(axis=1).astype(float)
+    if c.is_geographic:
+        edges = transform.f + transform.e * np.arange(foot.shape[0] + 1)
+        cell_m2 = np.abs(np.diff(_zone_area(edges))) * np.radians(abs(transform.a))
+        return float((counts * cell_m2).sum()) / 1e4
+    unit = c.axis_info[0].unit_conversion_factor if c.axis_info else 1.0
+    area = float(counts.sum()) * abs(transform.a * transform.e) * unit**2
+    rows, cols = np.nonzero(foot)
+    if rows.size:
+        x, y = transform @ (cols.mean() + 0.5, rows.mean() + 0.5)
+        try:
+            scale = float(proj.get_factors(*to_lonlat.transform(x, y)).areal_scale)
+        except Exception:  # noqa: BLE001 - a projection pyproj cannot give factors for: its grid area
+            scale = 1.0
+        if np.isfinite(scale) and scale > 0:
+            area /= scale
+    return area / 1e4
+
+
 def _footprint_polygon(mask: np.ndarray, transform: Affine):
     polys = [shape(g) for g, val in features.shapes(mask.astype(np.uint8), mask=mask, connectivity=8,
                                                      transform=transform) if val == 1]
@@ -272,7 +321,6 @@ def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertR
     if not active.any():
         return empty_alerts()
     transform = grid_transform(score["y"].values, score["x"].values)
-    cell_ha = abs(transform.a * transform.e) / 1e4
     structure = np.zeros((3, 3, 3), bool)
     structure[1] = True
     structure[0, 1, 1] = structure[2, 1, 1] = True
@@ -286,7 +334,7 @@ def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertR
             continue
         sub = labels[sl] == k
         foot = sub.any(axis=0)
-        area = float(foot.sum()) * cell_ha
+        area = ground_area_ha(foot, transform @ Affine.translation(sl[2].start, sl[1].start), crs)
         if area < rules.min_area_ha - 1e-9:
             continue
         sc = values[sl]

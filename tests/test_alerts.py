@@ -17,6 +17,7 @@ from geowm.metrics import alert_scores, auroc, load_events, patch_labels, raster
 CRS = "EPSG:32633"
 N, T = 40, 12
 X0, Y0, RES = 500000.0, 5400000.0, 10.0
+UTM_K2 = 0.9996**2  # on UTM's central meridian 1 m of grid is 0.9996 m on the ground: area_ha = grid ha / UTM_K2
 TIMES = pd.date_range("2021-01-01", periods=T, freq="10D")
 X = X0 + RES / 2 + RES * np.arange(N)
 Y = Y0 - RES / 2 - RES * np.arange(N)
@@ -50,11 +51,36 @@ def test_persistent_jump_gives_one_confirmed_alert():
     assert len(gdf) == 1 and gdf.crs.equals("EPSG:4326")
     a = gdf.iloc[0]
     assert a["first_detected"] == TIMES[4] and a["last_seen"] == TIMES[-1]
-    assert a["area_ha"] == pytest.approx(1.0) and a["peak_score"] == pytest.approx(8.0)
+    assert a["area_ha"] == pytest.approx(1.0 / UTM_K2, rel=1e-5) and a["peak_score"] == pytest.approx(8.0)
     assert 0 < a["confidence"] < 1 and a["type_guess"] == "unknown"
     region = gpd.GeoSeries([native_box(0, N, 0, N)], crs=CRS).to_crs(4326).iloc[0]
     assert region.contains(a.geometry)
     assert gdf.to_crs(CRS).geometry.iloc[0].area == pytest.approx(10_000, rel=1e-3)
+
+
+@pytest.mark.parametrize("crs, x0, y0, res, ha", [
+    # degrees: 30 x 30 cells of 0.0001 deg at 45 N, on the WGS 84 ellipsoid (pyproj.Geod: 7.8859 ha); the grid
+    # area in square degrees was 9e-10 ha, so no alert passed the 1 ha minimum
+    ("EPSG:4326", 10.0, 45.003, 0.0001, 7.885946),
+    ("EPSG:2263", 980000.0, 200000.0, 30.0, 900 * 900 * 0.3048006096**2 / 1e4),  # US survey feet: 7.525 ha
+    ("EPSG:3857", 1113194.0, 5621521.0, 30.0, 900 * 900 / 1e4 / 2.0),  # Web Mercator at 45 N: areal scale 2
+])
+def test_alert_areas_are_ground_areas_in_any_crs(crs, x0, y0, res, ha):
+    """An alert's area is its area on the ground whatever the cube's CRS: a geographic grid's cells by their
+    latitude, a projected one's in its linear unit and corrected by the projection's areal scale."""
+    from geowm.anomaly import ALERT_RULES
+
+    s = scores()
+    s[3:, 5:35, 5:35] = 8.0
+    x = x0 + res / 2 + res * np.arange(N)
+    y = y0 - res / 2 - res * np.arange(N)
+    da = xr.DataArray(s, coords={"time": TIMES, "y": y, "x": x}, dims=("time", "y", "x"), name="score")
+    gdf = alerts_from_scores(da, crs, AlertRules(**ALERT_RULES))
+    assert len(gdf) == 1 and gdf["area_ha"].iloc[0] == pytest.approx(ha, rel=2e-4)
+    from pyproj import Geod
+
+    geodesic = abs(Geod(ellps="WGS84").geometry_area_perimeter(gdf.geometry.iloc[0])[0]) / 1e4
+    assert gdf["area_ha"].iloc[0] == pytest.approx(geodesic, rel=2e-3)
 
 
 def test_geowm_rule_has_a_one_hectare_minimum_mapping_unit():
@@ -64,7 +90,7 @@ def test_geowm_rule_has_a_one_hectare_minimum_mapping_unit():
     s[2:, 5:15, 5:15] = 8.0  # 100 px = 1 ha: kept
     s[2:, 25:34, 25:34] = 8.0  # 81 px = 0.81 ha: dropped
     gdf = alerts_from_scores(as_da(s), CRS, AlertRules(**ALERT_RULES))
-    assert gdf["area_ha"].tolist() == pytest.approx([1.0])
+    assert gdf["area_ha"].tolist() == pytest.approx([1.0 / UTM_K2], rel=1e-5)
     assert len(alerts_from_scores(as_da(s), CRS, AlertRules(**{**ALERT_RULES, "min_area_ha": 0.5}))) == 2
 
 
@@ -87,7 +113,7 @@ def test_a_candidate_next_to_a_confirmed_cell_is_confirmed_with_it():
     conf = confirmed(as_da(s), rules).values
     assert conf[5, 5:15, 5:25].all() and not conf[:, 15:].any()  # the cloudy middle too; not the late opener
     gdf = alerts_from_scores(as_da(s), CRS, rules)
-    assert len(gdf) == 1 and gdf["area_ha"].iloc[0] == pytest.approx(2.0)
+    assert len(gdf) == 1 and gdf["area_ha"].iloc[0] == pytest.approx(2.0 / UTM_K2, rel=1e-5)
     assert gdf["first_detected"].iloc[0] == TIMES[3]
     alone = AlertRules(**{**ALERT_RULES, "neighbours": False})
     assert not confirmed(as_da(s), alone).values[:, 5:15, 10:20].any()
@@ -129,7 +155,7 @@ def test_separate_patches_and_separate_episodes():
     gdf = alerts_from_scores(as_da(s), CRS)
     assert len(gdf) == 4 and gdf["id"].is_unique
     assert sorted(gdf["first_detected"]) == sorted([TIMES[2], TIMES[2], TIMES[3], TIMES[8]])
-    assert gdf["area_ha"].tolist() == pytest.approx([0.36] * 4)
+    assert gdf["area_ha"].tolist() == pytest.approx([0.36 / UTM_K2] * 4, rel=1e-5)
     # ids are stable across runs
     assert alerts_from_scores(as_da(s), CRS)["id"].tolist() == gdf["id"].tolist()
     # a stricter rule (two supporting observations) confirms one date later

@@ -24,7 +24,8 @@ def radar_cube(tmp_path_factory) -> Path:
     return make_radar_cube(tmp_path_factory.mktemp("radar"))
 
 
-def make_radar_cube(root: Path) -> Path:
+def make_radar_cube(root: Path, crs: str = "EPSG:32633", transform=None) -> Path:
+    """64 radar acquisitions on ``write_tif``'s grid (``crs``, ``transform``; default 10 m in UTM 33N), ingested."""
     from geowm.cube import IngestOptions, ingest
 
     rng = np.random.default_rng(0)
@@ -39,7 +40,7 @@ def make_radar_cube(root: Path) -> Path:
         data = np.stack([vv, vh]).astype(np.float32)
         data[:, :, :2] = np.nan  # the swath's edge
         write_tif(root / "src" / f"S1A_IW_GRDH_1SDV_{d:%Y%m%d}T054512_dB.tif", data, nodata=float("nan"),
-                  descriptions=["VV", "VH"])
+                  descriptions=["VV", "VH"], crs=crs, transform=transform)
     ingest(root / "src", root / "cube", IngestOptions(tile_size=32, time_chunk=8, scheduler="synchronous"))
     return root / "cube"
 
@@ -58,17 +59,22 @@ def test_a_float_radar_cube_reads_back_its_nodata_and_values(radar_cube):
     np.testing.assert_allclose(vals[1], ds.reflectance.isel(time=30).values, equal_nan=True)
 
 
+def _train(cube: Path, run: Path) -> None:
+    from geowm.data import WindowConfig
+    from geowm.train import TrainConfig, train
+
+    train(str(cube), run, TrainConfig(steps=20, batch_size=2, workers=0, train_until="2021-12-31",
+                                      window=WindowConfig(frames=4, size=32),
+                                      model=dict(dim=48, depth=2, heads=2, pred_dim=24, pred_depth=1, pred_heads=2)))
+
+
 def test_a_radar_series_is_trained_forecast_and_scored(radar_cube, tmp_path):
     from geowm.anomaly import detect
-    from geowm.data import WindowConfig
     from geowm.forecast import forecast
-    from geowm.train import TrainConfig, evaluate_run, train
+    from geowm.train import evaluate_run
 
     run = tmp_path / "run"
-    train(str(radar_cube), run, TrainConfig(steps=20, batch_size=2, workers=0, train_until="2021-12-31",
-                                            window=WindowConfig(frames=4, size=32),
-                                            model=dict(dim=48, depth=2, heads=2, pred_dim=24, pred_depth=1,
-                                                       pred_heads=2)))
+    _train(radar_cube, run)
     evaluate_run(run, n_windows=4)
     fc = forecast(str(radar_cube), str(run), init="2022-01-02", leads=(12, 24), members=2)
     assert "VV" in fc and "VH" in fc and "embedding" in fc  # decoded backscatter and latents; no NDVI to give
@@ -87,3 +93,24 @@ def test_a_radar_series_is_trained_forecast_and_scored(radar_cube, tmp_path):
     x0, y0 = 500000 + 10 * FLOOD[1].start, 5400000 - 10 * FLOOD[0].stop  # write_tif's grid, EPSG:32633
     area = gpd.GeoSeries([box(x0, y0, x0 + 10 * 24, y0 + 10 * 24)], crs="EPSG:32633").to_crs(alerts.crs).iloc[0]
     assert alerts.intersects(area).all()
+
+
+def test_a_cube_in_degrees_raises_alerts_of_their_ground_area(tmp_path):
+    """A cube on a geographic grid (EPSG:4326, as Earth Engine exports by default): 0.0001 degree cells at 45 N.
+    Alert areas are measured on the ellipsoid; in square degrees every alert fell below the 1 ha minimum."""
+    from affine import Affine
+    from pyproj import Geod
+
+    from geowm.anomaly import detect
+
+    res, lon0, lat0 = 0.0001, 10.0, 45.0
+    cube = make_radar_cube(tmp_path, crs="EPSG:4326", transform=Affine(res, 0, lon0, 0, -res, lat0))
+    _train(cube, tmp_path / "run")
+    _, alerts = detect(str(cube), str(tmp_path / "run"), "2022-01-01", history_days=200, seasonal=False)
+    flood = box(lon0 + res * FLOOD[1].start, lat0 - res * FLOOD[0].stop, lon0 + res * FLOOD[1].stop,
+                lat0 - res * FLOOD[0].start)
+    flood_ha = abs(Geod(ellps="WGS84").geometry_area_perimeter(flood)[0]) / 1e4  # 24 x 24 cells: 4.54 ha
+    assert len(alerts) >= 1 and alerts.intersects(flood).all()
+    assert 1.0 <= alerts["area_ha"].sum() <= 1.01 * flood_ha
+    for geom, ha in zip(alerts.geometry, alerts["area_ha"], strict=True):
+        assert ha == pytest.approx(abs(Geod(ellps="WGS84").geometry_area_perimeter(geom)[0]) / 1e4, rel=1e-3)
