@@ -306,7 +306,7 @@ def alerts_from_scores(score: xr.DataArray, crs: str, rules: AlertRules = AlertR
                        obs: xr.Dataset | None = None) -> gpd.GeoDataFrame:
     """Confirmed alerts as polygons in EPSG:4326, one row per spatio-temporally connected alert.
 
-    score: (time, y, x) robust z scores, NaN = not clear; ``y``/``x`` cell centres in ``crs`` (metres).
+    score: (time, y, x) robust z scores, NaN = not clear; ``y``/``x`` cell centres in ``crs`` (any unit).
     obs: optional Dataset with ``reflectance (time, band, y, x)`` (0..1) and ``valid (time, y, x)``, on the
     score grid or a finer one, used for ``type_guess``. Columns: ``ALERT_COLUMNS`` + geometry.
     """

@@ -125,6 +125,13 @@ def ingest(
                                                      "blue,green,red,nir: common names make NDVI known; default: "
                                                      "the files' own, or the names the cube's unnamed files were "
                                                      "given)."),
+    scale: float | None = typer.Option(None, help="Scale of source bands that state none (no GeoTIFF scale tag, "
+                                                  "STAC raster:bands or product convention), as gdal_translate "
+                                                  "-a_scale: physical = value x scale + offset (e.g. 0.0001 for "
+                                                  "reflectance x 10000); default: such bands are taken at the "
+                                                  "cube's scale (new cube: 1)."),
+    offset: float | None = typer.Option(None, help="Offset of source bands that state none (with --scale; "
+                                                   "default 0)."),
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: a known one "
                                                     "when present: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, "
                                                     "MSK_CLOUDS, QA60)."),
@@ -161,7 +168,8 @@ def ingest(
     opts = IngestOptions(
         crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
         time_chunk=time_chunk, bands=bands.split(",") if bands else None,
-        band_names=band_names.split(",") if band_names is not None else None, mask_band=mask_band,
+        band_names=band_names.split(",") if band_names is not None else None, scale=scale, offset=offset,
+        mask_band=mask_band,
         mask_clear=_ints(mask_clear, "--mask-clear"), mask_bits=_ints(mask_bits, "--mask-bits"),
         mask_buffer=mask_buffer,
         resampling=resampling,

@@ -1,6 +1,6 @@
-"""``--band-names``: multi-band stacks whose bands carry no descriptions (a processing chain's ``stack.tif``, an
-export that lost them) get names, common names (so NDVI is known) and their mask band; appends take the names the
-cube's first delivery was given."""
+"""Stacks without metadata (a processing chain's ``stack.tif``, an export that lost it). ``--band-names``: bands
+without descriptions get names, common names (so NDVI is known) and their mask band; appends take the names the
+cube's first delivery was given. ``--scale`` / ``--offset``: bands whose scale nothing states are read at it."""
 
 from __future__ import annotations
 
@@ -87,3 +87,34 @@ def test_band_names_refuse_a_scene_of_one_file_per_band(tmp_path):
                   np.full((SIZE, SIZE), 9000, np.uint16), nodata=0)
     with pytest.raises(SourceError, match="names the bands of a multi-band file, but scene .* is 2 files"):
         discover(tmp_path / "l", band_names=["red", "nir"])
+
+
+def test_scale_and_offset_make_untagged_numbers_reflectance(tmp_path):
+    """Without --scale an untagged uint16 stack is stored as its numbers; with --scale 0.0001 --offset -0.1 (Sentinel-2
+    from baseline 04.00 exported without its metadata) as reflectance, in a uint16 cube at that scale; an append
+    leaving the options out is read at the cube's scale."""
+    rng = np.random.default_rng(3)
+    rho = rng.uniform(0.02, 0.5, (4, SIZE, SIZE))
+    write_tif(tmp_path / "a" / "stack_20230105.tif", np.round(rho * 10000 + 1000).astype(np.uint16))
+    opts = dict(OPTS, band_names=NAMES[:4])
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "a"), "--cube", str(tmp_path / "cube"), "--band-names",
+                                   ",".join(NAMES[:4]), "--scale", "0.0001", "--offset", "-0.1", "--scheduler",
+                                   "synchronous", "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    ds = open_cube(tmp_path / "cube")
+    assert ds.reflectance.encoding["dtype"] == np.uint16
+    np.testing.assert_allclose(ds.reflectance.sel(band="red").isel(time=0).values, rho[2], atol=1e-4)
+    rho2 = rng.uniform(0.02, 0.5, (4, SIZE, SIZE))
+    write_tif(tmp_path / "b" / "stack_20230110.tif", np.round(rho2 * 10000 + 1000).astype(np.uint16))
+    ingest(tmp_path / "b", tmp_path / "cube", IngestOptions(**OPTS))  # names and scale: the cube's
+    np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.sel(band="nir").isel(time=1).values,
+                               rho2[3], atol=1e-4)  # its numbers taken at the cube's scale and offset
+    ingest(tmp_path / "a", tmp_path / "plain", IngestOptions(**opts))
+    np.testing.assert_array_equal(open_cube(tmp_path / "plain").reflectance.sel(band="red").isel(time=0).values,
+                                  np.round(rho[2] * 10000 + 1000))
+    before = cube_checksum(tmp_path / "cube")
+    for bad in (["--scale", "0"], ["--scale", "nan"], ["--offset", "inf"]):
+        res = CliRunner().invoke(app, ["ingest", str(tmp_path / "b"), "--cube", str(tmp_path / "cube"), *bad,
+                                       "--replace", "--scheduler", "synchronous", "--no-catalog"])
+        assert res.exit_code == 2 and bad[0] in res.output, res.output
+    assert cube_checksum(tmp_path / "cube") == before

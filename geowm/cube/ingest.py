@@ -84,6 +84,10 @@ class IngestOptions:
     # the names of the bands of multi-band files, in file order (a stack without band descriptions); None: theirs,
     # or on an append, the names the cube's unnamed sources were given
     band_names: Sequence[str] | None = None
+    # scale and offset of source bands that state none (no GeoTIFF tags, STAC raster:bands or product convention),
+    # as GDAL's -a_scale / -a_offset assign them: physical = value * scale + offset; None: taken at the cube's
+    scale: float | None = None
+    offset: float | None = None
     mask_band: str | None = None
     mask_clear: Sequence[int] | None = None  # None: the cube's rule for the scenes' mask band, else its default
     mask_bits: Sequence[int] | None = None  # a bit mask's flag bits (instead of clear values); None: as mask_clear
@@ -325,6 +329,19 @@ def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None
             enc = Encoding("float32", float("nan"), 1.0, 0.0)
     _check_scaling(bands, enc)
     return enc
+
+
+def _assign_scaling(scenes: Sequence[Scene], bands: Sequence[str], infos: dict[str, FileInfo],
+                    opts: IngestOptions) -> None:
+    """Give the bands whose scale and offset nothing states (:func:`_read_scaling` None) those of ``--scale`` /
+    ``--offset``; bands that state their own keep them."""
+    if opts.scale is None and opts.offset is None:
+        return
+    scaling = (1.0 if opts.scale is None else float(opts.scale), 0.0 if opts.offset is None else float(opts.offset))
+    for s in scenes:
+        for b in bands:
+            if _read_scaling(s.bands[b], infos[s.bands[b].path]) is None:
+                s.bands[b] = replace(s.bands[b], scale=scaling[0], offset=scaling[1])
 
 
 def _read_scaling(ref: BandRef, info: FileInfo) -> tuple[float, float] | None:
@@ -606,6 +623,10 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         raise IngestError(f"bad options: tile size {opts.tile_size} (>= 16) / time chunk {opts.time_chunk} (>= 1)")
     if opts.resampling not in Resampling.__members__:
         raise IngestError(f"--resampling {opts.resampling!r}: one of {', '.join(Resampling.__members__)}")
+    if opts.scale is not None and not (math.isfinite(opts.scale) and opts.scale != 0):
+        raise IngestError(f"--scale {opts.scale!r}: a finite, non-zero number (physical = value * scale + offset)")
+    if opts.offset is not None and not math.isfinite(opts.offset):
+        raise IngestError(f"--offset {opts.offset!r}: a finite number (physical = value * scale + offset)")
     if opts.mask_buffer is not None and not (math.isfinite(opts.mask_buffer) and
                                              0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
         raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
@@ -651,6 +672,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
                     f"(file bounds {tuple(round(v, 1) for v in info.bounds_in_cube_crs)}"
                     f" vs cube bounds {tuple(round(v, 1) for v in grid.bounds)} in {grid.crs})"
                 )
+        _assign_scaling(new, bands, infos, opts)
         enc = _encoding([(s.bands[b], infos[s.bands[b].path]) for s in new for b in bands], state)
         groups = _group_by_date(new)
         old_times = state.times if state is not None else np.array([], "datetime64[s]")
