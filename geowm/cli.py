@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -352,7 +353,8 @@ def info(
                                                         strict=True)]
     t.add_row("bands", f"{', '.join(names)}; {s['dtype']}")
     t.add_row("crs / resolution", f"{s['crs']} / {s['resolution']:g}")
-    t.add_row("bounds", ", ".join(f"{v:.1f}" for v in s["bounds"]))
+    digits = max(1, math.ceil(-math.log10(s["resolution"])) + 1) if s["resolution"] > 0 else 1  # degrees: 0.0001 -> 5
+    t.add_row("bounds", ", ".join(f"{v:.{digits}f}" for v in s["bounds"]))
     t.add_row("tiles", f"{s['tiles']['count']} ({s['tiles']['rows']} x {s['tiles']['cols']} of "
                        f"{s['tiles']['size_px']} px); chunks {s['chunks']}")
     c = s["clear_fraction"]

@@ -37,6 +37,13 @@ def test_synth_ingest_info_with_relative_paths(tmp_path, monkeypatch):
     assert res.exit_code == 0 and "EPSG:32633" in res.stdout and "B02 (blue), B03 (green)" in res.stdout
     res = runner.invoke(app, ["ingest", "region/stac/catalog.json", "--cube", "work/cube"])
     assert res.exit_code == 0 and "nothing new" in res.stderr
+    # the region on a grid in degrees (as Earth Engine exports by default): bounds shown to its resolution
+    res = runner.invoke(app, ["ingest", "region/stac/catalog.json", "--cube", "work/deg", "--crs", "EPSG:4326",
+                              "--resolution", "0.0001", "--scheduler", "synchronous", "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    west, south, east, north = json.loads(runner.invoke(app, ["info", "work/deg", "--json"]).stdout)["bounds"]
+    res = runner.invoke(app, ["info", "work/deg"])
+    assert f"{west:.5f}, {south:.5f}, {east:.5f}, {north:.5f}" in res.stdout, res.stdout  # was "15.0, 48.7, 15.0, 48.8"
 
 
 def test_info_on_a_folder_that_is_not_a_cube(tmp_path):
