@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -48,12 +49,22 @@ def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
 
 
 def _ints(text: str | None, name: str) -> list[int] | None:
+    """Comma-separated integers and inclusive ranges (``4,5,6``; ``0-40``: a cloud probability of 40 % or less)."""
     if text is None:
         return None
-    try:
-        return [int(v) for v in text.split(",")]
-    except ValueError:
-        _fail(ValueError(f"{name} {text!r}: expected comma-separated integers"))
+    out: list[int] = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(-?\d+)\s*-\s*(-?\d+)\s*", part)
+        try:
+            if m is None:
+                out.append(int(part))
+            elif int(m.group(1)) <= int(m.group(2)) and int(m.group(2)) - int(m.group(1)) < 2**16:
+                out.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+            else:
+                raise ValueError
+        except ValueError:
+            _fail(ValueError(f"{name} {text!r}: expected comma-separated integers or ranges (0-40)"))
+    return out
 
 
 def _catalog(catalog: Path | None, no_catalog: bool, cube: str, add) -> None:
@@ -136,7 +147,8 @@ def ingest(
     mask_band: str | None = typer.Option(None, help="Quality/cloud mask band (default: a known one "
                                                     "when present: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, "
                                                     "MSK_CLOUDS, QA60)."),
-    mask_clear: str | None = typer.Option(None, help="Comma-separated mask values meaning clear (default: the "
+    mask_clear: str | None = typer.Option(None, help="Comma-separated mask values or ranges meaning clear (0-40: a "
+                                                     "cloud probability of 40 % or less; default: the "
                                                      "cube's rule; new cube, SCL: 4,5,6,7; 4,5,6 also masks "
                                                      "unclassified, add 11 to keep snow)."),
     mask_bits: str | None = typer.Option(None, help="Comma-separated bits (0 = least significant) of a bit mask "

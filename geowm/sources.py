@@ -125,10 +125,24 @@ def is_auxiliary_band(name: str) -> bool:
     return upper in KNOWN_MASKS or upper in KNOWN_BIT_MASKS or bool(_QUALITY_BAND.match(name) or AUXILIARY.search(name))
 
 
+def _runs(values: Iterable[int], shortest: int = 8) -> str:
+    """Integers as comma-separated values, runs of ``shortest`` or more as ranges: 0..40 -> ``0-40``, 4..7 ->
+    ``4,5,6,7`` (the forms ``--mask-clear`` reads)."""
+    out, vals = [], sorted(set(values))
+    i = 0
+    while i < len(vals):
+        j = i
+        while j + 1 < len(vals) and vals[j + 1] == vals[j] + 1:
+            j += 1
+        out += [f"{vals[i]}-{vals[j]}"] if j - i + 1 >= shortest else [str(v) for v in vals[i: j + 1]]
+        i = j + 1
+    return ",".join(out)
+
+
 def describe_mask_rule(rule: dict) -> str:
     """A mask rule as the cube records it (:func:`geowm.cube.ingest.mask_rule`), in words."""
-    how = (f"flag bits {','.join(str(b) for b in rule['bits'])} (clear where none is set)" if rule.get("bits")
-           else f"clear values {','.join(str(v) for v in rule['clear'])}")
+    how = (f"flag bits {_runs(rule['bits'])} (clear where none is set)" if rule.get("bits")
+           else f"clear values {_runs(rule['clear'])}")
     return f"{how}, buffer {rule['buffer_m']:g} m"
 
 

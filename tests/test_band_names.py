@@ -118,3 +118,25 @@ def test_scale_and_offset_make_untagged_numbers_reflectance(tmp_path):
                                        "--replace", "--scheduler", "synchronous", "--no-catalog"])
         assert res.exit_code == 2 and bad[0] in res.output, res.output
     assert cube_checksum(tmp_path / "cube") == before
+
+
+def test_a_cloud_probability_band_masks_by_a_range_of_clear_values(tmp_path):
+    """A stack with a cloud probability band (0-100 %, as s2cloudless or Sentinel-2's MSK_CLDPRB give it):
+    ``--mask-clear 0-40`` keeps pixels of 40 % or less; the rule is recorded and shown as a range."""
+    rng = np.random.default_rng(4)
+    rho = rng.uniform(0.02, 0.5, (4, SIZE, SIZE))
+    prob = rng.integers(0, 101, (SIZE, SIZE))
+    write_tif(tmp_path / "a" / "stack_20230105.tif",
+              np.concatenate([np.round(rho * 10000), prob[None]]).astype(np.uint16))
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "a"), "--cube", str(tmp_path / "cube"), "--band-names",
+                                   "blue,green,red,nir,cldprb", "--mask-band", "cldprb", "--mask-clear", "0-40",
+                                   "--scheduler", "synchronous", "--no-catalog"])
+    assert res.exit_code == 0, res.output
+    np.testing.assert_array_equal(open_cube(tmp_path / "cube").valid.isel(time=0).values, prob <= 40)
+    assert read_state(tmp_path / "cube").sources[0]["mask"]["clear"] == list(range(41))
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "cube")])
+    assert "CLDPRB clear values 0-40, buffer 0 m" in " ".join(res.output.split()), res.output
+    for bad in ("40-0", "0-x", "0--5-"):
+        res = CliRunner().invoke(app, ["ingest", str(tmp_path / "a"), "--cube", str(tmp_path / "other"),
+                                       "--mask-clear", bad])
+        assert res.exit_code == 2 and "integers or ranges (0-40)" in res.output, res.output
