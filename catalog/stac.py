@@ -33,7 +33,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
-from geowm.sources import is_vector_mask, local_file
+from geowm.sources import is_vector_mask, local_file, netcdf_variable, source_crs
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"
@@ -74,10 +74,11 @@ def _footprint(paths: list[str]) -> tuple[dict, list[float], dict]:
         if is_vector_mask(p):  # a GML cloud mask: polygons inside the footprint of the scene's bands
             continue
         with rasterio.open(p) as src:
-            geom = transform_geom(src.crs, "EPSG:4326", mapping(box(*src.bounds)), precision=7)
+            crs = source_crs(src, p)
+            geom = transform_geom(crs, "EPSG:4326", mapping(box(*src.bounds)), precision=7)
             shapes.append(geom)
             if not proj:
-                proj = {"epsg": src.crs.to_epsg(), "shape": [src.height, src.width],
+                proj = {"epsg": crs.to_epsg(), "shape": [src.height, src.width],
                         "transform": list(src.transform)[:6]}
     from shapely.geometry import shape
     from shapely.ops import unary_union
@@ -94,7 +95,11 @@ def _scene_item(src: dict) -> pystac.Item:
     for f in files:
         key = Path(f).stem
         archive = local_file(f)
-        if archive != f:  # a file inside a zip archive (a Sentinel-2 SAFE .zip): the archive, and the file in it
+        if (variable := netcdf_variable(f)) is not None:  # a variable of a NetCDF datacube: the file, and which
+            key = variable
+            asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/netcdf", roles=["data"],
+                                 extra_fields={"geowm:variable": variable})
+        elif archive != f:  # a file inside a zip archive (a Sentinel-2 SAFE .zip): the archive, and the file in it
             asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/zip", roles=["data"],
                                  extra_fields={"geowm:archive_member": f[len(f"/vsizip/{archive}/"):]})
         else:

@@ -37,6 +37,7 @@ from geowm.bands import COMMON_NAMES, band_number, common_name_of, sensor_of
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 ARCHIVE_SUFFIXES = (".zip",)  # read in place through GDAL's /vsizip/
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")  # datacubes: a scene per time step (geowm.netcdf)
 RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "cloud-optimized")
 
 # a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud, red, nir08...
@@ -59,6 +60,7 @@ S2_OFFSET_FROM = (4, 0)  # processing baseline 04.00 (25 January 2022) added an 
 S2_OFFSET = -1000.0
 _S2_BAND_IDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")  # MTD band_id
 _VSIZIP = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
+_NETCDF_SUBDATASET = re.compile(r'^NETCDF:"(.+)":([^":]+)$', re.IGNORECASE)  # a variable of a NetCDF file, as GDAL
 _IN_SAFE = re.compile(r"^(.*\.SAFE)(?:[/\\]|$)", re.IGNORECASE)  # the last *.SAFE folder of a path
 _SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
@@ -283,14 +285,41 @@ def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None
 
 
 def local_file(path: str) -> str:
-    """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, else ``path`` itself."""
-    m = _VSIZIP.match(path)
+    """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, the file of a GDAL NetCDF
+    subdataset (``NETCDF:"<file>":<variable>``), else ``path`` itself."""
+    m = _VSIZIP.match(path) or _NETCDF_SUBDATASET.match(path)
     return m.group(1) if m else path
 
 
 def is_vector_mask(path: str) -> bool:
     """Whether the mask file at ``path`` holds polygons (GML: :mod:`geowm.cube.vector_mask`) rather than pixels."""
     return path.lower().endswith(VECTOR_MASK_SUFFIXES)
+
+
+_LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"}
+_LON_UNITS = {"degrees_east", "degree_east", "degree_e", "degrees_e", "degreee", "degreese"}
+
+
+def source_crs(src, path: str):
+    """The CRS of open dataset ``src`` (``path``): its own, else, for a NetCDF variable on CF latitude/longitude
+    coordinates without a grid mapping (which GDAL leaves without one), EPSG:4326; None when neither."""
+    if src.crs is not None:
+        return src.crs
+    if netcdf_variable(path) is None and not path.lower().endswith(NETCDF_SUFFIXES):
+        return None
+    tags = {k.lower(): str(v).strip().lower() for k, v in src.tags().items()}
+    kinds = {v for k, v in tags.items() if k.endswith("#units") or k.endswith("#standard_name")}
+    if kinds & (_LAT_UNITS | {"latitude"}) and kinds & (_LON_UNITS | {"longitude"}):
+        from rasterio.crs import CRS
+
+        return CRS.from_epsg(4326)
+    return None
+
+
+def netcdf_variable(path: str) -> str | None:
+    """The variable of a GDAL NetCDF subdataset path (``NETCDF:"<file>":<variable>``), else None."""
+    m = _NETCDF_SUBDATASET.match(path)
+    return m.group(2) if m else None
 
 
 def read_bytes(path: str) -> bytes:
@@ -473,13 +502,16 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
 
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
+    from geowm.netcdf import is_netcdf, scenes_from_netcdf
+
     found = [p for p in sorted(folder.rglob("*")) if p.is_file()]
     files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES or _is_granule_gml_mask(str(p))]
     unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
     for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):
         # a product unpacked beside its download is read from its folder, once
         files += [f for f in archive_rasters(archive) if Path(safe_root(f)).name not in unpacked]
-    return _scenes_from_files(files, mask_band, folder)
+    cubes = [s for p in found if is_netcdf(p) for s in scenes_from_netcdf(p, mask_band)]
+    return (_scenes_from_files(files, mask_band, folder) if files or not cubes else []) + cubes
 
 
 def _band_files(files: list[str]) -> list[str]:
@@ -906,8 +938,8 @@ def check_band_names(names: Iterable[str], where: str | Path) -> list[str]:
 
 def is_unnamed(scene: Scene) -> bool:
     """Whether the bands of ``scene`` carry no names of their own (``band1``, ``band2``... in file order)."""
-    refs = [*scene.bands.values(), *([scene.mask] if scene.mask else [])]
-    return all(r.name == f"band{r.index}" for r in refs)
+    refs = sorted([*scene.bands.values(), *([scene.mask] if scene.mask else [])], key=lambda r: r.index)
+    return all(r.name == f"band{i}" for i, r in enumerate(refs, start=1))
 
 
 def assign_band_names(scene: Scene, names: Sequence[str], mask_band: str | None = None) -> Scene:
@@ -921,11 +953,11 @@ def assign_band_names(scene: Scene, names: Sequence[str], mask_band: str | None 
     if len(files) != 1:
         raise SourceError(f"{scene.origin or files[0]}: --band-names names the bands of a multi-band file, but scene "
                           f"{scene.id!r} is {len(files)} files (one per band, named by their file names)")
-    if sorted(r.index for r in refs) != list(range(1, len(names) + 1)):
+    if len(refs) != len(names):
         raise SourceError(f"{files[0]}: {len(refs)} bands, but --band-names gives {len(names)} names "
                           f"({', '.join(names)})")
-    by_index = {r.index: r for r in refs}
-    scene.bands = {n: replace(by_index[i], name=n) for i, n in enumerate(names, start=1)}
+    in_order = sorted(refs, key=lambda r: r.index)  # a file's bands (a NetCDF time step's: its band dimension)
+    scene.bands = {n: replace(r, name=n) for r, n in zip(in_order, names, strict=True)}
     scene.mask, scene.mask_clear, scene.mask_bits, scene.common_names = None, frozenset(), frozenset(), {}
     return with_mask(_name_bands(scene, sensor_of(scene.id, bands=list(scene.bands))), mask_band)
 
@@ -968,6 +1000,10 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         scenes = _scenes_from_folder(path, found_mask)
     elif path.suffix.lower() == ".json":
         scenes = _scenes_from_stac(path, found_mask)
+    elif path.suffix.lower() in NETCDF_SUFFIXES:
+        from geowm.netcdf import scenes_from_netcdf
+
+        scenes = scenes_from_netcdf(path, found_mask)
     elif path.suffix.lower() in RASTER_SUFFIXES:
         scenes = [s for s in _scenes_from_folder(path.parent, found_mask)
                   if path.name.startswith(s.id) or str(path) in s.files]
@@ -977,8 +1013,8 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
             raise SourceError(f"{path}: no Sentinel-2 SAFE product (a *.SAFE folder of band files) in this archive")
         scenes = _scenes_from_files(files, found_mask, path)
     else:
-        raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip or a "
-                          "STAC .json file")
+        raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip, a "
+                          "NetCDF datacube (.nc) or a STAC .json file")
     for s in scenes:
         if names:
             assign_band_names(s, names, mask_band)

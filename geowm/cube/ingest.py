@@ -57,6 +57,7 @@ from geowm.sources import (
     is_vector_mask,
     natural_key,
     set_mask_rule,
+    source_crs,
     with_mask,
 )
 
@@ -164,8 +165,9 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
     except rasterio.errors.RasterioIOError as exc:
         raise IngestError(f"{path}: not a readable raster ({exc})") from None
     with src:
-        if src.crs is None:
-            raise IngestError(f"{path}: GeoTIFF has no CRS (georeferencing missing); cannot place it on the cube")
+        src_crs = source_crs(src, path)
+        if src_crs is None:
+            raise IngestError(f"{path}: the raster has no CRS (georeferencing missing); cannot place it on the cube")
         if src.transform.is_identity:
             raise IngestError(f"{path}: GeoTIFF has no geotransform; cannot place it on the cube")
         if src.width * src.height > max_pixels:
@@ -174,10 +176,10 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
                 "(raise --max-pixels if this is intended)"
             )
         _check_not_truncated(src, path)
-        crs = src.crs.to_string()
+        crs = src_crs.to_string()
         bounds = tuple(src.bounds)
         if cube_crs is not None:
-            bounds = tuple(transform_bounds(src.crs, cube_crs, *bounds, densify_pts=21))
+            bounds = tuple(transform_bounds(src_crs, cube_crs, *bounds, densify_pts=21))
         return FileInfo(
             path=path, crs=crs, bounds_in_cube_crs=bounds, transform=tuple(src.transform), res=abs(src.res[0]),
             dtypes=tuple(src.dtypes), nodata=src.nodata, scales=tuple(src.scales), offsets=tuple(src.offsets),

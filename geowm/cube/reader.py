@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from geowm.cube.grid import CubeGrid, Tile
 from geowm.cube.vector_mask import burn_vector_mask
-from geowm.sources import BandRef, Scene, SourceError, is_vector_mask
+from geowm.sources import BandRef, Scene, SourceError, is_vector_mask, source_crs
 
 
 class ReadError(RuntimeError):
@@ -91,7 +91,8 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
     frm = band_scaling(ref, src.scales[ref.index - 1], src.offsets[ref.index - 1])
     if to is None or frm is None or same_scaling(frm, to):
         frm = to = None
-    offset = grid.aligned_offset(src.crs.to_string(), src.transform)
+    src_crs = source_crs(src, ref.path)
+    offset = grid.aligned_offset(src_crs.to_string(), src.transform)
     h, w = tile.shape
     if offset is not None:  # same lattice: a plain window read, values unchanged
         row0, col0 = offset
@@ -112,7 +113,7 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
     tmp = np.full((h, w), np.nan, np.float64)  # NaN marks "not covered" whatever the dtypes
     reproject(
         source=rasterio.band(src, ref.index), destination=tmp,
-        src_transform=src.transform, src_crs=src.crs, src_nodata=src_fill,
+        src_transform=src.transform, src_crs=src_crs, src_nodata=src_fill,
         dst_transform=grid.window_transform(tile.y, tile.x), dst_crs=grid.crs, dst_nodata=np.nan,
         resampling=resampling,
     )
