@@ -61,9 +61,10 @@ def score_image(root: str, version: str, when: str | None) -> tuple[str | None, 
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def alert_features(root: str, version: str, crs: str, origin: tuple[float, float]) -> dict:
+def alert_features(root: str, version: str, crs: str, origin: tuple[float, float],
+                   scale: tuple[float, float] = (1.0, 1.0)) -> dict:
     """Every alert as map features (filtered per rerun by id, which is cheap)."""
-    return render.alert_features(sources(root).alerts, crs, origin)
+    return render.alert_features(sources(root).alerts, crs, origin, scale)
 
 
 @st.cache_data(show_spinner=False, max_entries=4)

@@ -1,7 +1,8 @@
 """What the dashboard shows, read from a geowm workdir through geowm's public API (no Streamlit here).
 
 Units: reflectance 0..1, NDVI unitless (-1..1), anomaly scores in robust z units, areas in hectares,
-grid coordinates in the cube CRS (metres), alert geometries in EPSG:4326 (lon/lat degrees).
+grid coordinates in the cube CRS (its units: metres, feet or degrees; ``Grid.map_scale`` turns them into the map's
+metres), alert geometries in EPSG:4326 (lon/lat degrees).
 Reads are lazy (dask) and reduced before they reach memory: a map image is block-averaged to at most
 ``MAP_MAX_PX`` pixels a side; a series reads only the window around its footprint.
 """
@@ -139,7 +140,7 @@ def open_sources(root: str | os.PathLike) -> Sources:
 
 @dataclass(frozen=True)
 class Grid:
-    """A north-up grid: cell centres ``x`` (increasing) and ``y`` (decreasing), metres in ``crs``."""
+    """A north-up grid: cell centres ``x`` (increasing) and ``y`` (decreasing), in the units of ``crs``."""
 
     x: np.ndarray
     y: np.ndarray
@@ -154,6 +155,27 @@ class Grid:
         """(left, bottom, right, top) in the CRS."""
         t = self.transform
         return (t.c, t.f + t.e * len(self.y), t.c + t.a * len(self.x), t.f)
+
+    @property
+    def map_scale(self) -> tuple[float, float]:
+        """Metres per CRS unit along x and y, for the map (drawn in metres from the region's lower-left corner): a
+        projected CRS's linear unit (1 for metres, 0.3048 for feet); for a geographic one, a degree of longitude
+        and of latitude at the region's middle latitude (the map is then a local equirectangular view)."""
+        from pyproj import CRS
+
+        try:
+            crs = CRS.from_user_input(self.crs) if self.crs else None
+        except Exception:  # noqa: BLE001 - an unreadable CRS: draw its units as they are
+            crs = None
+        if crs is None:
+            return (1.0, 1.0)
+        if crs.is_geographic:
+            lat = np.radians(0.5 * (self.bounds[1] + self.bounds[3]))
+            # WGS 84: metres per degree of longitude and of latitude at ``lat``
+            return (111412.84 * np.cos(lat) - 93.5 * np.cos(3 * lat),
+                    111132.92 - 559.82 * np.cos(2 * lat) + 1.175 * np.cos(4 * lat))
+        unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+        return (float(unit), float(unit))
 
     def window(self, bounds: tuple[float, float, float, float], pad: float = 0.0) -> tuple[slice, slice]:
         """Rows and columns of the cells that touch ``bounds`` (CRS units) grown by ``pad`` cells, clipped."""

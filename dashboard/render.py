@@ -20,7 +20,6 @@ import shapely
 from PIL import Image, features
 from plotly.subplots import make_subplots
 from pydeck.bindings.json_tools import default_serialize
-from shapely.affinity import translate
 
 TYPE_COLORS = {"clearcut": (230, 120, 20), "fire": (215, 25, 28), "flood": (30, 110, 235),
                "drought": (200, 170, 0), "unknown": (150, 80, 190)}  # alert fill colour by type (RGB)
@@ -98,14 +97,21 @@ def outline(rgba: np.ndarray, mask: np.ndarray, color=(255, 255, 0, 255), scale:
     return img
 
 
-def alert_features(alerts: gpd.GeoDataFrame, crs: str, origin: tuple[float, float]) -> dict:
-    """Alerts as a GeoJSON FeatureCollection in map metres (cube CRS minus ``origin``), with properties
-    ``id``, ``alert_type``, ``peak_score``, ``confidence``, ``area_ha``, ``first_detected``, RGBA ``fill``
-    (colour by type, opacity by peak score) and ``line``."""
+def to_map(geoms, origin: tuple[float, float], scale: tuple[float, float] = (1.0, 1.0)):
+    """Geometries in the cube CRS as map metres: minus ``origin`` (the region's lower-left corner), times
+    ``scale`` (metres per CRS unit, :attr:`dashboard.data.Grid.map_scale`), to 0.1 m (plenty on screen, and
+    shorter JSON)."""
+    return shapely.transform(geoms, lambda c: np.round((c - np.asarray(origin)) * np.asarray(scale), 1))
+
+
+def alert_features(alerts: gpd.GeoDataFrame, crs: str, origin: tuple[float, float],
+                   scale: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """Alerts as a GeoJSON FeatureCollection in map metres (:func:`to_map` of their cube-CRS geometry), with
+    properties ``id``, ``alert_type``, ``peak_score``, ``confidence``, ``area_ha``, ``first_detected``, RGBA
+    ``fill`` (colour by type, opacity by peak score) and ``line``."""
     if len(alerts) == 0:
         return {"type": "FeatureCollection", "features": []}
-    geoms = shapely.transform(alerts.geometry.to_crs(crs).translate(-origin[0], -origin[1]).to_numpy(),
-                              lambda c: np.round(c, 1))  # 0.1 m is plenty on screen, and shorter JSON
+    geoms = to_map(alerts.geometry.to_crs(crs).to_numpy(), origin, scale)
     score = alerts["peak_score"].to_numpy(float)
     alpha = np.clip(40 + 12 * (score - 3.0), 40, 170).astype(int)  # fill opacity by peak score
     feats = []
@@ -151,12 +157,11 @@ def map_deck(extent: tuple[float, float], images: list[tuple[str, str, list[floa
                        tooltip=TOOLTIP)
 
 
-def selected_feature(geom, crs: str, origin: tuple[float, float]) -> dict:
-    """One footprint (shapely, EPSG:4326) as a FeatureCollection in map metres."""
-    g = gpd.GeoSeries([geom], crs=4326).to_crs(crs).iloc[0]
-    return {"type": "FeatureCollection",
-            "features": [{"type": "Feature", "properties": {}, "geometry": translate(g, -origin[0], -origin[1])
-                          .__geo_interface__}]}
+def selected_feature(geom, crs: str, origin: tuple[float, float], scale: tuple[float, float] = (1.0, 1.0)) -> dict:
+    """One footprint (shapely, EPSG:4326) as a FeatureCollection in map metres (:func:`to_map`)."""
+    g = to_map(gpd.GeoSeries([geom], crs=4326).to_crs(crs).to_numpy(), origin, scale)[0]
+    return {"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+                                                       "geometry": g.__geo_interface__}]}
 
 
 def series_figure(title: str, observed: pd.DataFrame, forecasts: pd.DataFrame, scores: pd.DataFrame,

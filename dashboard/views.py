@@ -139,6 +139,7 @@ def map_view(src: data.Sources, opts: MapOptions, shown: gpd.GeoDataFrame | None
         return
     left, bottom, right, top = grid.bounds
     origin = (left, bottom)  # map coordinates: metres from the region's lower-left corner
+    kx, ky = scale = grid.map_scale  # metres per CRS unit (a cube in degrees or feet)
     images, notes = [], []
     if opts.t is not None and opts.image is not None:
         url, clear = cache.map_image(root, version, opts.t, opts.image)
@@ -146,17 +147,18 @@ def map_view(src: data.Sources, opts: MapOptions, shown: gpd.GeoDataFrame | None
         if url is None:
             notes.append(f"the cube has no bands for {opts.image.upper()}")
         else:
-            images.append(("scene", url, [0.0, 0.0, right - left, top - bottom]))
+            images.append(("scene", url, [0.0, 0.0, (right - left) * kx, (top - bottom) * ky]))
             notes.append(f"{'true colour' if opts.image == 'rgb' else 'NDVI'} {day}, {clear * 100:.0f} % clear")
     if src.scores is not None and opts.score != "Off":
         when = None if opts.score == "Peak score" or opts.t is None else str(src.cube["time"].values[opts.t])
         url, label, (l0, b0, r0, t0) = cache.score_image(root, version, when)
         if url is not None:
-            images.append(("scores", url, [l0 - left, b0 - bottom, r0 - left, t0 - bottom]))
+            images.append(("scores", url, [(l0 - left) * kx, (b0 - bottom) * ky, (r0 - left) * kx,
+                                           (t0 - bottom) * ky]))
         notes.append(label)
     fc = None
     if shown is not None:
-        allf = cache.alert_features(root, version, grid.crs, origin)
+        allf = cache.alert_features(root, version, grid.crs, origin, scale)
         keep = set(shown["id"])
         fc = {"type": "FeatureCollection", "features": [f for f in allf["features"] if f["properties"]["id"] in keep]}
         notes.append(f"{len(fc['features'])} alert(s)")
@@ -164,8 +166,8 @@ def map_view(src: data.Sources, opts: MapOptions, shown: gpd.GeoDataFrame | None
     if selected is not None and src.alerts is not None:
         row = src.alerts[src.alerts["id"] == selected]
         if len(row):
-            sel = render.selected_feature(row.geometry.iloc[0], grid.crs, origin)
-    deck = render.map_deck((right - left, top - bottom), images, fc, sel)
+            sel = render.selected_feature(row.geometry.iloc[0], grid.crs, origin, scale)
+    deck = render.map_deck(((right - left) * kx, (top - bottom) * ky), images, fc, sel)
     key = f"map-{st.session_state.get('map_gen', 0)}"
     st.pydeck_chart(deck, on_select=lambda: _on_map(key), selection_mode="single-object", key=key, height=560,
                     alt="Map of the region with alert polygons")
@@ -262,7 +264,7 @@ def warm(root: str) -> None:
         if src.scores is not None:
             cache.score_image(root, version, str(src.cube["time"].values[t]))
     if src.alerts is not None and len(src.alerts) and grid is not None:
-        cache.alert_features(root, version, grid.crs, (grid.bounds[0], grid.bounds[1]))
+        cache.alert_features(root, version, grid.crs, (grid.bounds[0], grid.bounds[1]), grid.map_scale)
         cache.alerts_table(root, version)
         if info is not None:
             top = data.filter_alerts(src.alerts, data.AlertFilter())["id"].iloc[0]

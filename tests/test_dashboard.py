@@ -216,6 +216,30 @@ def test_render_pieces():
     assert names <= set(fc["features"][0]["properties"]) and not names & {"type", "geometry", "properties"}
 
 
+def test_the_map_is_drawn_in_metres_whatever_the_cube_crs():
+    """A cube in degrees (or feet) is drawn in metres from its lower-left corner: its alerts keep their shape and
+    size (in degrees the 0.1-unit rounding made every alert a point, and the region a few pixels wide at the
+    deepest zoom)."""
+    a = _alerts()
+    lon, lat = 15 + 0.0001 * (np.arange(400) + 0.5), 48.72 - 0.0001 * (np.arange(300) + 0.5)
+    grid = data.Grid(lon, lat, "EPSG:4326")
+    kx, ky = grid.map_scale
+    assert kx == pytest.approx(111320 * np.cos(np.radians(48.705)), rel=2e-3) and ky == pytest.approx(111200, rel=1e-3)
+    left, bottom = grid.bounds[:2]
+    fc = render.alert_features(a, "EPSG:4326", (left, bottom), grid.map_scale)
+    xs, ys = np.array(fc["features"][0]["geometry"]["coordinates"][0]).T
+    assert xs.max() - xs.min() == pytest.approx(0.005 * kx, abs=0.2)  # 368 m wide, 556 m tall
+    assert ys.min() == pytest.approx((48.7 - bottom) * ky, abs=0.2) and ys.max() - ys.min() == pytest.approx(
+        0.005 * ky, abs=0.2)
+    sel = render.selected_feature(a.geometry.iloc[0], "EPSG:4326", (left, bottom), grid.map_scale)
+    assert sel["features"][0]["geometry"]["coordinates"][0] == fc["features"][0]["geometry"]["coordinates"][0]
+    w, h = 400 * 0.0001 * kx, 300 * 0.0001 * ky
+    deck = json.loads(render.map_deck((w, h), [], fc).to_json())
+    assert deck["initialViewState"]["zoom"] < deck["initialViewState"]["maxZoom"]  # the region fills the map
+    assert data.Grid(lon, lat, "EPSG:32633").map_scale == (1.0, 1.0)
+    assert data.Grid(lon, lat, "EPSG:2263").map_scale == pytest.approx((0.3048006, 0.3048006))
+
+
 def test_system_status(src):
     s = system.system_status(src)
     assert s["last ingested acquisition"].startswith(str(src.cube["time"].values[-1])[:10])
