@@ -95,19 +95,17 @@ def scenes_from_netcdf(path: Path, mask_band: str | None) -> list[Scene]:
     except rasterio.errors.RasterioIOError as exc:
         raise SourceError(f"{path}: not a readable NetCDF file ({exc})") from None
     by_time: dict[datetime, dict[str, BandRef]] = {}
-    for sub in subdatasets:
+    for sub in subdatasets:  # a file of one variable has no subdatasets: the file is that variable
         var = sub.rsplit(":", 1)[-1] if sub != str(path) else None
-        ref_path = f'NETCDF:"{path}":{var}' if var else str(path)
         try:
-            with rasterio.open(ref_path) as src:
+            with rasterio.open(f'NETCDF:"{path}":{var}' if var else str(path)) as src:
                 tags, band_tags = src.tags(), [src.tags(k) for k in range(1, src.count + 1)]
-                var = var or (band_tags[0].get("NETCDF_VARNAME") if band_tags else None)
         except rasterio.errors.RasterioIOError as exc:
             raise SourceError(f"{path}: variable {var}: not readable ({exc})") from None
+        var = var or (band_tags[0].get("NETCDF_VARNAME") if band_tags else None)
         if var is None or not band_tags or "NETCDF_DIM_EXTRA" not in tags:
             continue  # a coordinate or grid-mapping variable, or a map without a time dimension
-        if var != sub.rsplit(":", 1)[-1]:
-            ref_path = f'NETCDF:"{path}":{var}'
+        ref_path = f'NETCDF:"{path}":{var}'
         dim, unit, t0 = _time_dim(tags, f"{path} ({var})")
         others = [d for d in tags["NETCDF_DIM_EXTRA"].strip("{} ").split(",") if d and d != dim]
         if len(others) > 1:

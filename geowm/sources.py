@@ -618,8 +618,8 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
             elif _is_granule_gml_mask(f):
                 qi_masks.setdefault(_granule(f, root), {})["MSK_CLOUDS"] = f
     if not files:
-        raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, or Sentinel-2 SAFE products in .zip "
-                          "archives) found")
+        raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, NetCDF datacubes *.nc, or Sentinel-2 "
+                          "SAFE products in .zip archives) found")
     groups: dict[str, list[tuple[str, str | None]]] = {}
     for path in files:
         key, suffix = band_from_filename(path)  # key "": the file is named by its band alone

@@ -169,7 +169,7 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
         if src_crs is None:
             raise IngestError(f"{path}: the raster has no CRS (georeferencing missing); cannot place it on the cube")
         if src.transform.is_identity:
-            raise IngestError(f"{path}: GeoTIFF has no geotransform; cannot place it on the cube")
+            raise IngestError(f"{path}: the raster has no geotransform; cannot place it on the cube")
         if src.width * src.height > max_pixels:
             raise IngestError(
                 f"{path}: {src.width} x {src.height} px exceeds the limit of {max_pixels} px per file "
