@@ -381,3 +381,57 @@ def test_planetscope_scenes_with_their_udm2(tmp_path):
     (s,) = discover(tmp_path / "sd")
     assert list(s.bands) == ["coastal", "blue", "green_i", "green", "yellow", "red", "rededge", "nir"]
     assert s.common_names["rededge"] == "rededge" and "green_i" not in s.common_names and s.mask.name == "UDM2"
+
+
+def _s2_scene(folder: Path, product: str, rho: dict[str, np.ndarray], scl: np.ndarray) -> None:
+    """A Sentinel-2 L2A scene as GeoTIFFs named by product and band (baseline 05.09: scale 1e-4, offset -0.1 in
+    the files' tags), SCL beside them, on the Landsat test grid at 10 m."""
+    import rasterio
+    from affine import Affine
+
+    for band, arr in {**{b: np.round((v + 0.1) * 10000) for b, v in rho.items()}, "SCL": scl}.items():
+        path = folder / f"{product}_{band}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", driver="GTiff", width=SIZE * 3, height=SIZE * 3, count=1, dtype="uint16",
+                           crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5400000), nodata=0) as dst:
+            dst.write(np.kron(arr, np.ones((3, 3))).astype(np.uint16)[None])
+            if band != "SCL":
+                dst.scales, dst.offsets = (1e-4,), (-0.1,)
+
+
+def test_sensors_share_a_cube_by_common_names(tmp_path):
+    """Landsat 8 (SR_B2..SR_B5, QA_PIXEL, 30 m) and Sentinel-2 (B02, B03, B04, B8A, SCL, here 10 m) in one cube,
+    asked for by common names: each band one spectral band (nir08: Landsat's B5, Sentinel-2's B8A), reflectance at
+    each product's scale (float32: no one integer encoding holds both), each scene masked by its own band; a
+    later Landsat scene appended without --bands takes the cube's names."""
+    import rasterio
+    from affine import Affine
+
+    product = "LC08_L2SP_224077_20200518_20200820_02_T1"
+    l8 = _oli_bands(0)
+    _landsat_c2(tmp_path / "src" / "l8", product, l8, _qa())
+    for path in (tmp_path / "src" / "l8").glob("*.TIF"):  # 30 m pixels on the same origin
+        with rasterio.open(path, "r+") as dst:
+            dst.transform = Affine(30, 0, 500000, 0, -30, 5400000)
+    rng = np.random.default_rng(5)
+    s2 = {b: np.round(rng.uniform(0.02, 0.5, (SIZE, SIZE)), 4) for b in ("B02", "B03", "B04", "B8A")}
+    scl = np.full((SIZE, SIZE), 4)
+    scl[:6] = 9
+    _s2_scene(tmp_path / "src" / "s2", "S2B_MSIL2A_20200523T100559_N0509_R022_T33UUP_20200523T130000", s2, scl)
+    ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS, bands=["blue", "green", "red", "nir08"],
+                                                             resolution=30, resampling="average"))
+    ds = open_cube(tmp_path / "cube")
+    assert list(ds.band.values) == ["blue", "green", "red", "nir08"] and list(ds.common_name.values) == list(
+        ds.band.values)
+    assert ds.reflectance.encoding["dtype"] == np.float32
+    np.testing.assert_allclose(ds.reflectance.sel(band="red").isel(time=0).values,
+                               l8["SR_B4"] * 2.75e-5 - 0.2, atol=1e-6)
+    np.testing.assert_allclose(ds.reflectance.sel(band="nir08").isel(time=1).values, s2["B8A"], atol=1e-4)
+    np.testing.assert_array_equal(ds.valid.isel(time=0).values, np.isin(_qa(), [QA_CLEAR, QA_WATER]))
+    np.testing.assert_array_equal(ds.valid.isel(time=1).values, scl != 9)
+    _landsat_c2(tmp_path / "next", "LC08_L2SP_224077_20200603_20200820_02_T1", _oli_bands(3), _qa())
+    for path in (tmp_path / "next").glob("*.TIF"):
+        with rasterio.open(path, "r+") as dst:
+            dst.transform = Affine(30, 0, 500000, 0, -30, 5400000)
+    ingest(tmp_path / "next", tmp_path / "cube", IngestOptions(**OPTS))
+    assert open_cube(tmp_path / "cube").sizes["time"] == 3

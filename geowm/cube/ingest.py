@@ -30,6 +30,7 @@ import zarr
 from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 
+from geowm.bands import COMMON_NAMES
 from geowm.cube.grid import CubeGrid, Tile
 from geowm.cube.reader import Encoding, ReadError, band_scaling, implicit_nodata, mosaic_date, same_scaling
 from geowm.cube.store import (
@@ -217,6 +218,20 @@ def _group_by_date(scenes: Sequence[Scene]) -> dict[np.datetime64, list[Scene]]:
 
 
 NOT_REFLECTANCE = frozenset({"pan", "lwir", "lwir11", "lwir12", "cirrus"})  # left out of a new cube unless --bands
+
+
+def _by_common_name(scenes: Sequence[Scene], wanted: Sequence[str] | None) -> None:
+    """Bands asked for by a STAC common name (``--bands blue,green,red,nir08``, or a cube whose bands are so named)
+    that a scene has under its own name (Sentinel-2's ``B04``, Landsat's ``SR_B4``) take the common name: one cube
+    of several sensors, each band one spectral band whatever each product calls it (``nir08`` pairs Sentinel-2's
+    ``B8A`` with Landsat OLI's ``B5``, as HLS does). A common name two bands of a scene share (Sentinel-2's three
+    ``rededge``) is not resolved."""
+    for s in scenes:
+        for name in wanted or ():
+            hits = [b for b, c in s.common_names.items() if c == name and b in s.bands]
+            if name in COMMON_NAMES and name not in s.bands and len(hits) == 1:
+                s.bands[name] = replace(s.bands.pop(hits[0]), name=name)
+                s.common_names[name] = s.common_names.pop(hits[0])
 
 
 def _resolve_bands(scenes: Sequence[Scene], state: CubeState | None, wanted: Sequence[str] | None) -> list[str]:
@@ -649,6 +664,7 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         if not new:
             report.seconds = _time.perf_counter() - t_start
             return report
+        _by_common_name(new, list(state.bands) if state else opts.bands)
         bands = _resolve_bands(new, state, opts.bands)
         common = _common_names(new, bands, state)
         cube_crs = state.grid.crs if state else opts.crs
