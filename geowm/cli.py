@@ -132,7 +132,9 @@ def ingest(
     bounds: str | None = typer.Option(None, help="New cube only: left,bottom,right,top in the cube CRS."),
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
-    bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep (default: all)."),
+    bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep, by name or by STAC "
+                                                "common name (blue,green,red,nir08: one cube of several sensors; "
+                                                "default: all)."),
     band_names: str | None = typer.Option(None, help="Comma-separated names of the bands of multi-band files, in "
                                                      "file order, for stacks without band descriptions (e.g. "
                                                      "blue,green,red,nir: common names make NDVI known; default: "
