@@ -33,7 +33,8 @@ from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
-from geowm.sources import is_vector_mask, local_file, netcdf_variable, source_crs
+from geowm.scene import is_vector_mask, local_file, netcdf_variable
+from geowm.sources import source_crs
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"

@@ -9,7 +9,7 @@ Layouts:
   in the order of that dimension (``--band-names`` names them).
 
 Each time step is one scene (``<file stem>_<YYYYMMDDTHHMMSS>``) dated by the CF time coordinate (``units`` of the
-form ``days since 1970-01-01``, standard calendar); each band is a :class:`~geowm.sources.BandRef` to a band of the
+form ``days since 1970-01-01``, standard calendar); each band is a :class:`~geowm.scene.BandRef` to a band of the
 GDAL subdataset ``NETCDF:"<file>":<variable>``. The CRS comes from the CF ``grid_mapping`` (or lat/lon
 coordinates), scale and offset from ``scale_factor`` / ``add_offset``, nodata from ``_FillValue``.
 """
@@ -21,16 +21,9 @@ import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from geowm.sources import (
-    NETCDF_SUFFIXES,
-    BandRef,
-    Scene,
-    SourceError,
-    _name_bands,
-    netcdf_variable,
-    sensor_of,
-    with_mask,
-)
+from geowm.bands import sensor_of
+from geowm.scene import NETCDF_SUFFIXES, BandRef, Scene, SourceError, netcdf_variable
+from geowm.sources import name_bands, with_mask
 
 _UNITS = {"day": 86400.0, "hour": 3600.0, "minute": 60.0, "second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6}
 _UNIT_ALIASES = {"d": "day", "h": "hour", "hr": "hour", "min": "minute", "s": "second", "sec": "second",
@@ -131,5 +124,5 @@ def scenes_from_netcdf(path: Path, mask_band: str | None) -> list[Scene]:
     for when, bands in sorted(by_time.items()):
         sid = f"{path.stem}_{when:%Y%m%dT%H%M%S}"
         scene = Scene(sid, when, dict(sorted(bands.items())), origin=str(path))
-        scenes.append(with_mask(_name_bands(scene, sensor_of(sid, bands=list(bands))), mask_band))
+        scenes.append(with_mask(name_bands(scene, sensor_of(sid, bands=list(bands))), mask_band))
     return scenes

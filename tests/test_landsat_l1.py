@@ -13,7 +13,8 @@ import pytest
 from conftest import write_tif
 
 from geowm.cube import IngestOptions, cube_checksum, ingest, open_cube
-from geowm.sources import SourceError, discover, landsat_mtl_scaling
+from geowm.products import landsat_mtl_scaling
+from geowm.sources import SourceError, discover
 
 OPTS = dict(tile_size=32, time_chunk=2, scheduler="synchronous")
 SIZE = 48

@@ -20,7 +20,8 @@ from rasterio.windows import Window
 
 from geowm.cube.grid import CubeGrid, Tile
 from geowm.cube.vector_mask import burn_vector_mask
-from geowm.sources import BandRef, Scene, SourceError, is_vector_mask, source_crs
+from geowm.scene import BandRef, Scene, SourceError, is_vector_mask
+from geowm.sources import source_crs
 
 
 class ReadError(RuntimeError):

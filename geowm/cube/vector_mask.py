@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from geowm.cube.grid import CubeGrid, Tile
-from geowm.sources import SourceError, local_file, read_bytes
+from geowm.scene import SourceError, local_file, read_bytes
 
 # eop:maskType of a Sentinel-2 MSK_CLOUDS feature -> its flag bit
 GML_MASK_TYPES = {"OPAQUE": 0, "CIRRUS": 1}
@@ -119,7 +119,7 @@ def _stamp(path: str) -> tuple[int, int]:
 
 def read_vector_mask(path: str) -> VectorMask:
     """The polygons of a GML mask file (local, or inside a zip as a ``/vsizip/`` path), read once per version of
-    the file; raises :class:`~geowm.sources.SourceError` naming the file when it cannot be read."""
+    the file; raises :class:`~geowm.scene.SourceError` naming the file when it cannot be read."""
     return _parse(path, _stamp(path))
 
 

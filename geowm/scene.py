@@ -1,0 +1,97 @@
+"""The records scene discovery makes (:class:`Scene`, :class:`BandRef`, :class:`SourceError`) and the paths they
+hold: local files, files inside zip archives (GDAL's ``/vsizip/``), variables of NetCDF files (GDAL's
+``NETCDF:"<file>":<variable>``) and vector masks. Shared by discovery (:mod:`geowm.sources`), product conventions
+(:mod:`geowm.products`), the pixel reader (:mod:`geowm.cube`) and the catalog; nothing here reads pixels.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")  # datacubes: a scene per time step (geowm.netcdf)
+VECTOR_MASK_SUFFIXES = (".gml",)
+VSIZIP_PATH = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
+_NETCDF_SUBDATASET = re.compile(r'^NETCDF:"(.+)":([^":]+)$', re.IGNORECASE)  # a variable of a NetCDF file, as GDAL
+
+
+class SourceError(ValueError):
+    """Bad input: the message names the file (or STAC document) and the problem."""
+
+
+@dataclass(frozen=True)
+class BandRef:
+    """One band of one file: ``path`` and 1-based ``index`` inside it, under the cube band ``name``; index 0 (masks
+    only): every band of the file, a 0/1 flag layer each, read as bit ``k - 1`` of band ``k`` (Sentinel-2's
+    ``MSK_CLASSI``), or the flag polygons of a GML mask (``MSK_CLOUDS``, :mod:`geowm.cube.vector_mask`).
+    ``scale`` and ``offset`` turn its values into physical ones (reflectance = value * scale + offset) where the
+    file's own GeoTIFF scale/offset tags do not: from the STAC item's ``raster:bands``, or the product's
+    published convention (Landsat Collection 2 Level-2); None: the file's tags. ``own_scaling``: that scale and
+    offset are the scene's own (Landsat Level-1, by its sun elevation), so no integer encoding fits a series of
+    such scenes: a new cube stores float32."""
+
+    path: str
+    index: int
+    name: str
+    scale: float | None = None
+    offset: float | None = None
+    own_scaling: bool = False
+
+
+@dataclass
+class Scene:
+    """One acquisition footprint.
+
+    ``datetime`` is timezone-aware UTC. ``bands`` maps band name -> BandRef; ``mask`` is the quality
+    band (or None), read either by value (``mask_clear``: the values that mean a clear observation) or bit by
+    bit (``mask_bits``: the bits that flag a pixel as not clear, e.g. cloud and shadow of Landsat's QA_PIXEL).
+    ``id`` is stable across runs (STAC item id, or the shared file-name stem).
+    """
+
+    id: str
+    datetime: datetime
+    bands: dict[str, BandRef]
+    mask: BandRef | None = None
+    mask_clear: frozenset[int] = field(default_factory=frozenset)
+    mask_bits: frozenset[int] = field(default_factory=frozenset)
+    origin: str = ""  # the STAC document or file the scene came from, for messages
+    common_names: dict[str, str] = field(default_factory=dict)  # band name -> STAC common name, where known
+
+    @property
+    def files(self) -> list[str]:
+        refs = list(self.bands.values()) + ([self.mask] if self.mask else [])
+        return sorted({r.path for r in refs})
+
+
+def local_file(path: str) -> str:
+    """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, the file of a GDAL NetCDF
+    subdataset (``NETCDF:"<file>":<variable>``), else ``path`` itself."""
+    m = VSIZIP_PATH.match(path) or _NETCDF_SUBDATASET.match(path)
+    return m.group(1) if m else path
+
+
+def is_vector_mask(path: str) -> bool:
+    """Whether the mask file at ``path`` holds polygons (GML: :mod:`geowm.cube.vector_mask`) rather than pixels."""
+    return path.lower().endswith(VECTOR_MASK_SUFFIXES)
+
+
+def netcdf_variable(path: str) -> str | None:
+    """The variable of a GDAL NetCDF subdataset path (``NETCDF:"<file>":<variable>``), else None."""
+    m = _NETCDF_SUBDATASET.match(path)
+    return m.group(2) if m else None
+
+
+def read_bytes(path: str) -> bytes:
+    """The content of a local file, or of a file inside a zip archive given as a GDAL ``/vsizip/`` path."""
+    import zipfile
+
+    m = VSIZIP_PATH.match(path)
+    if m is None:
+        return Path(path).read_bytes()
+    try:
+        with zipfile.ZipFile(m.group(1)) as z:
+            return z.read(m.group(2) or "")
+    except zipfile.BadZipFile as exc:
+        raise OSError(f"not a readable zip archive ({exc})") from None
