@@ -35,6 +35,7 @@ from shapely.geometry import box, mapping
 from geowm.atomic import atomic_write_text
 from geowm.scene import is_vector_mask, local_file, netcdf_variable
 from geowm.sources import source_crs
+from geowm.zarrcube import open_raster, zarr_ref
 
 CATALOG_ID = "geowm"
 SOURCES = "sources"
@@ -74,7 +75,7 @@ def _footprint(paths: list[str]) -> tuple[dict, list[float], dict]:
     for p in paths:
         if is_vector_mask(p):  # a GML cloud mask: polygons inside the footprint of the scene's bands
             continue
-        with rasterio.open(p) as src:
+        with open_raster(p) as src:
             crs = source_crs(src, p)
             geom = transform_geom(crs, "EPSG:4326", mapping(box(*src.bounds)), precision=7)
             shapes.append(geom)
@@ -100,6 +101,10 @@ def _scene_item(src: dict) -> pystac.Item:
             key = variable
             asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/netcdf", roles=["data"],
                                  extra_fields={"geowm:variable": variable})
+        elif (ref := zarr_ref(f)) is not None:  # a variable of a Zarr datacube: the store, and which variable
+            key = ref[1]
+            asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/vnd+zarr", roles=["data"],
+                                 extra_fields={"geowm:variable": ref[1]})
         elif archive != f:  # a file inside a zip archive (a Sentinel-2 SAFE .zip): the archive, and the file in it
             asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/zip", roles=["data"],
                                  extra_fields={"geowm:archive_member": f[len(f"/vsizip/{archive}/"):]})

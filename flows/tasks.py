@@ -111,11 +111,12 @@ def discover_scenes(source: str) -> list[dict]:
 
     A watched folder that exists but holds no raster or SAFE archive yet has no scenes (a normal state before
     the first delivery); a missing folder or catalog is an error naming the path."""
-    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, discover
+    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, ZARR_SUFFIXES, discover
 
     path = Path(source)
     kinds = RASTER_SUFFIXES + ARCHIVE_SUFFIXES + NETCDF_SUFFIXES
-    if path.is_dir() and not any(p.suffix.lower() in kinds for p in path.rglob("*") if p.is_file()):
+    if path.is_dir() and not any(p.suffix.lower() in kinds if p.is_file() else p.suffix.lower() in ZARR_SUFFIXES
+                                 for p in [path, *path.rglob("*")]):
         get_run_logger().warning("no scenes yet in %s", source)
         return []
     scenes = discover(source)

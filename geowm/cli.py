@@ -124,7 +124,7 @@ def synth(
 @app.command()
 def ingest(
     source: str = typer.Argument(..., help="Folder of GeoTIFF/COG/JPEG 2000 files, a Sentinel-2 SAFE product (or "
-                                 "its .zip), a NetCDF datacube (openEO, xarray), or a STAC "
+                                 "its .zip), a NetCDF or Zarr datacube (openEO, xarray, stackstac), or a STAC "
                                  "catalog/collection/item JSON."),
     cube: str = typer.Option(..., "--cube", help="Cube to create or append to (a folder, or s3://bucket/prefix)."),
     crs: str | None = typer.Option(None, help="New cube only: CRS (e.g. EPSG:32633); default: the first source's."),

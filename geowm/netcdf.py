@@ -21,9 +21,8 @@ import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from geowm.bands import sensor_of
 from geowm.scene import NETCDF_SUFFIXES, BandRef, Scene, SourceError, netcdf_variable
-from geowm.sources import name_bands, with_mask
+from geowm.sources import scenes_by_time
 
 _UNITS = {"day": 86400.0, "hour": 3600.0, "minute": 60.0, "second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6}
 _UNIT_ALIASES = {"d": "day", "h": "hour", "hr": "hour", "min": "minute", "s": "second", "sec": "second",
@@ -117,12 +116,4 @@ def scenes_from_netcdf(path: Path, mask_band: str | None) -> list[Scene]:
                 raise SourceError(f"{path}: band {name!r} twice at {when.isoformat()} (variables "
                                   f"{netcdf_variable(refs[name].path)} and {var}); a time step is one acquisition")
             refs[name] = BandRef(ref_path, k, name)
-    if not by_time:
-        raise SourceError(f"{path}: no variable with a time dimension and y, x (a CF time coordinate, units "
-                          "'<unit> since <date>')")
-    scenes = []
-    for when, bands in sorted(by_time.items()):
-        sid = f"{path.stem}_{when:%Y%m%dT%H%M%S}"
-        scene = Scene(sid, when, dict(sorted(bands.items())), origin=str(path))
-        scenes.append(with_mask(name_bands(scene, sensor_of(sid, bands=list(bands))), mask_band))
-    return scenes
+    return scenes_by_time(path, by_time, mask_band)

@@ -1,7 +1,8 @@
 """The records scene discovery makes (:class:`Scene`, :class:`BandRef`, :class:`SourceError`) and the paths they
 hold: local files, files inside zip archives (GDAL's ``/vsizip/``), variables of NetCDF files (GDAL's
-``NETCDF:"<file>":<variable>``) and vector masks. Shared by discovery (:mod:`geowm.sources`), product conventions
-(:mod:`geowm.products`), the pixel reader (:mod:`geowm.cube`) and the catalog; nothing here reads pixels.
+``NETCDF:"<file>":<variable>``) and of Zarr stores (``ZARR:"<store>":/<variable>``), and vector masks. Shared by
+discovery (:mod:`geowm.sources`), product conventions (:mod:`geowm.products`), the pixel reader (:mod:`geowm.cube`)
+and the catalog; nothing here reads pixels.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")  # datacubes: a scene per time step
 VECTOR_MASK_SUFFIXES = (".gml",)
 VSIZIP_PATH = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
 _NETCDF_SUBDATASET = re.compile(r'^NETCDF:"(.+)":([^":]+)$', re.IGNORECASE)  # a variable of a NetCDF file, as GDAL
+ZARR_VARIABLE = re.compile(r'^ZARR:"(.+)":/?([^":]+)$', re.IGNORECASE)  # a variable of a Zarr store, as GDAL names it
 
 
 class SourceError(ValueError):
@@ -67,8 +69,9 @@ class Scene:
 
 def local_file(path: str) -> str:
     """The local file that holds ``path``: the zip archive of a ``/vsizip/`` path, the file of a GDAL NetCDF
-    subdataset (``NETCDF:"<file>":<variable>``), else ``path`` itself."""
-    m = VSIZIP_PATH.match(path) or _NETCDF_SUBDATASET.match(path)
+    subdataset (``NETCDF:"<file>":<variable>``), the store folder of a Zarr variable (``ZARR:"<store>":/<var>``),
+    else ``path`` itself."""
+    m = VSIZIP_PATH.match(path) or _NETCDF_SUBDATASET.match(path) or ZARR_VARIABLE.match(path)
     return m.group(1) if m else path
 
 

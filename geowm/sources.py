@@ -62,6 +62,7 @@ from geowm.scene import (  # noqa: F401 (re-exported: discovery's records, for t
     local_file,
     netcdf_variable,
 )
+from geowm.zarrcube import ZARR_SUFFIXES, is_zarr_store, scenes_from_zarr
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 ARCHIVE_SUFFIXES = (".zip",)  # read in place through GDAL's /vsizip/
@@ -195,16 +196,22 @@ def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None
             return None
         local = local_file(p)
         if local not in done:
-            st = os.stat(local)
+            # a folder (a Zarr store): its files' total size, their latest mtime, one hash of their names and bytes
+            parts = sorted(f for f in Path(local).rglob("*") if f.is_file()) if os.path.isdir(local) else [Path(local)]
+            stats = [f.stat() for f in parts]
+            size, mtime = sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
             old = (known or {}).get(p)
-            if old and old[:2] == [st.st_size, st.st_mtime_ns]:
+            if old and old[:2] == [size, mtime]:
                 done[local] = old
             else:
                 h = hashlib.sha256()
-                with open(local, "rb") as f:
-                    while block := f.read(1 << 22):
-                        h.update(block)
-                done[local] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+                for f in parts:
+                    if f != Path(local):
+                        h.update(f.relative_to(local).as_posix().encode() + b"\0")
+                    with open(f, "rb") as fh:
+                        while block := fh.read(1 << 22):
+                            h.update(block)
+                done[local] = [size, mtime, h.hexdigest()]
         out[p] = done[local]
     return out
 
@@ -264,13 +271,15 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
     from geowm.netcdf import is_netcdf, scenes_from_netcdf
 
-    found = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    stores = [p for p in sorted(folder.rglob("*")) if p.is_dir() and p.suffix.lower() in ZARR_SUFFIXES]
+    found = [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(s in p.parents for s in stores)]
     files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES or is_granule_gml_mask(str(p))]
     unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
     for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):
         # a product unpacked beside its download is read from its folder, once
         files += [f for f in archive_rasters(archive) if Path(safe_root(f)).name not in unpacked]
     cubes = [s for p in found if is_netcdf(p) for s in scenes_from_netcdf(p, mask_band)]
+    cubes += [s for p in stores if not any(o in p.parents for o in stores) for s in scenes_from_zarr(p, mask_band)]
     return (_scenes_from_files(files, mask_band, folder) if files or not cubes else []) + cubes
 
 
@@ -358,8 +367,8 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
             elif is_granule_gml_mask(f):
                 qi_masks.setdefault(granule_of(f, root), {})["MSK_CLOUDS"] = f
     if not files:
-        raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, NetCDF datacubes *.nc, or Sentinel-2 "
-                          "SAFE products in .zip archives) found")
+        raise SourceError(f"{where}: no raster files (*.tif, *.tiff, *.jp2, NetCDF datacubes *.nc, Zarr datacubes "
+                          "*.zarr, or Sentinel-2 SAFE products in .zip archives) found")
     groups: dict[str, list[tuple[str, str | None]]] = {}
     for path in files:
         key, suffix = band_from_filename(path)  # key "": the file is named by its band alone
@@ -552,6 +561,20 @@ def name_bands(scene: Scene, sensor: str | None) -> Scene:
     return scene
 
 
+def scenes_by_time(path: Path, by_time: dict[datetime, dict[str, BandRef]], mask_band: str | None) -> list[Scene]:
+    """The scenes of a datacube (a NetCDF file, a Zarr store), one per time step (``by_time``: its bands at each):
+    ``<stem>_<YYYYMMDDTHHMMSS>``, with common names and mask found as for files."""
+    if not by_time:
+        raise SourceError(f"{path}: no variable with a time dimension and y, x (a CF time coordinate, units "
+                          "'<unit> since <date>')")
+    scenes = []
+    for when, bands in sorted(by_time.items()):
+        sid = f"{path.stem}_{when:%Y%m%dT%H%M%S}"
+        scene = Scene(sid, when, dict(sorted(bands.items())), origin=str(path))
+        scenes.append(with_mask(name_bands(scene, sensor_of(sid, bands=list(bands))), mask_band))
+    return scenes
+
+
 def with_mask(scene: Scene, mask_band: str | None) -> Scene:
     """Move the mask band out of ``scene.bands``: the named one, or a known one (``KNOWN_MASKS``, then
     ``KNOWN_BIT_MASKS``: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, MSK_CLOUDS, QA60) if present, with its known
@@ -641,7 +664,9 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder")
     found_mask = None if names else mask_band  # with new names, the mask is looked for among them
-    if path.is_dir():
+    if is_zarr_store(path):
+        scenes = scenes_from_zarr(path, found_mask)
+    elif path.is_dir():
         scenes = _scenes_from_folder(path, found_mask)
     elif path.suffix.lower() == ".json":
         scenes = _scenes_from_stac(path, found_mask)
@@ -659,7 +684,7 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         scenes = _scenes_from_files(files, found_mask, path)
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip, a "
-                          "NetCDF datacube (.nc) or a STAC .json file")
+                          "NetCDF (.nc) or Zarr (.zarr) datacube, or a STAC .json file")
     for s in scenes:
         if names:
             assign_band_names(s, names, mask_band)

@@ -61,6 +61,7 @@ from geowm.sources import (
     source_crs,
     with_mask,
 )
+from geowm.zarrcube import open_raster
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
 MAX_MASK_BUFFER_M = 5000.0  # a cloud-mask buffer wider than this would mask whole scenes around any cloud
@@ -162,9 +163,11 @@ def _check_not_truncated(src, path: str) -> None:
 def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
     """Open a raster's header and check it can be ingested; raises :class:`IngestError` naming the file."""
     try:
-        src = rasterio.open(path)
+        src = open_raster(path)
     except rasterio.errors.RasterioIOError as exc:
         raise IngestError(f"{path}: not a readable raster ({exc})") from None
+    except SourceError as exc:
+        raise IngestError(str(exc)) from None
     with src:
         src_crs = source_crs(src, path)
         if src_crs is None:

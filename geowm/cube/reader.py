@@ -22,6 +22,7 @@ from geowm.cube.grid import CubeGrid, Tile
 from geowm.cube.vector_mask import burn_vector_mask
 from geowm.scene import BandRef, Scene, SourceError, is_vector_mask
 from geowm.sources import source_crs
+from geowm.zarrcube import open_raster, warp_source
 
 
 class ReadError(RuntimeError):
@@ -112,10 +113,12 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
             covered[dst] = ok
         return covered
     tmp = np.full((h, w), np.nan, np.float64)  # NaN marks "not covered" whatever the dtypes
+    dst_transform = grid.window_transform(tile.y, tile.x)
+    source, src_transform = warp_source(src, ref.index, grid.crs, dst_transform, (h, w))
     reproject(
-        source=rasterio.band(src, ref.index), destination=tmp,
-        src_transform=src.transform, src_crs=src_crs, src_nodata=src_fill,
-        dst_transform=grid.window_transform(tile.y, tile.x), dst_crs=grid.crs, dst_nodata=np.nan,
+        source=source, destination=tmp,
+        src_transform=src_transform, src_crs=src_crs, src_nodata=src_fill,
+        dst_transform=dst_transform, dst_crs=grid.crs, dst_nodata=np.nan,
         resampling=resampling,
     )
     covered = ~np.isnan(tmp)
@@ -156,7 +159,7 @@ def read_scene(scene: Scene, bands: Sequence[str], grid: CubeGrid, tile: Tile, e
 
         def src_of(ref: BandRef):
             if ref.path not in opened:
-                opened[ref.path] = stack.enter_context(rasterio.open(ref.path))
+                opened[ref.path] = stack.enter_context(open_raster(ref.path))
             return opened[ref.path]
 
         current = ""

@@ -1,0 +1,207 @@
+"""Zarr datacubes (xarray's ``to_zarr``, stackstac / odc-stac exports) as sources, Zarr format 2 and 3: one scene
+per time step, bands from the variables or a band dimension, dates from the CF time coordinate, CRS from the grid
+mapping, read with zarr-python (GDAL 3.10 does not read format 3)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import UTC
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from rasterio.crs import CRS
+
+from geowm.cube import IngestError, IngestOptions, cube_checksum, ingest, open_cube
+from geowm.cube.reader import ReadError
+from geowm.sources import SourceError, discover
+from geowm.zarrcube import ZarrRaster
+
+OPTS = dict(tile_size=32, time_chunk=2, scheduler="synchronous")
+H, W = 24, 40
+TIMES = pd.to_datetime(["2023-01-05T10:20:00", "2023-01-10T10:20:00", "2023-01-20T10:30:00"])
+BANDS = ("B02", "B03", "B04", "B08")
+
+
+def _data(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rho = np.round(rng.uniform(0.02, 0.5, (len(TIMES), len(BANDS), H, W)), 4)
+    rho[1, :, :3, :] = np.nan  # the swath's edge on the second date
+    scl = np.full((len(TIMES), H, W), 4)
+    scl[0, 5:12, 10:30] = 9  # cloud
+    scl[2, :, 35:] = 3  # shadow
+    return rho, scl
+
+
+def band_per_variable(path, rho: np.ndarray, scl: np.ndarray, zarr_format: int, *, chunks: int = 16,
+                      times: pd.DatetimeIndex = TIMES) -> None:
+    """As xarray writes a Dataset of one variable per band (``time, y, x``): int16 reflectance with CF scale_factor,
+    add_offset and _FillValue, SCL, x/y pixel centres in metres and rioxarray's ``spatial_ref`` grid mapping."""
+    x = 500000 + 10 * np.arange(W) + 5
+    y = 5400000 - 10 * np.arange(H) - 5
+    ds = xr.Dataset({b: (("time", "y", "x"), rho[:, i]) for i, b in enumerate(BANDS)},
+                    coords={"time": times, "y": y, "x": x})
+    ds["SCL"] = (("time", "y", "x"), scl.astype(np.uint8))
+    wkt = CRS.from_epsg(32633).to_wkt()
+    ds.coords["spatial_ref"] = xr.DataArray(0, attrs={"crs_wkt": wkt, "spatial_ref": wkt})
+    for v in (*BANDS, "SCL"):
+        ds[v].attrs["grid_mapping"] = "spatial_ref"
+    enc = {b: {"dtype": "int16", "scale_factor": 1e-4, "add_offset": -0.1, "_FillValue": -9999,
+               "chunks": (1, chunks, chunks)} for b in BANDS}
+    ds.to_zarr(path, mode="w", zarr_format=zarr_format, encoding=enc, consolidated=False)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_zarr_datacube_is_a_scene_per_time_step(tmp_path, zarr_format):
+    from catalog.stac import update_catalog, validate_catalog
+
+    rho, scl = _data(1)
+    store = tmp_path / "src" / "s2_series.zarr"
+    band_per_variable(store, rho, scl, zarr_format)
+    scenes = discover(tmp_path / "src")  # a folder holding the store, and the store itself, alike
+    assert [s.id for s in scenes] == [s.id for s in discover(store)] == [
+        f"s2_series_{t:%Y%m%dT%H%M%S}" for t in TIMES]
+    assert [s.datetime for s in scenes] == [t.to_pydatetime().replace(tzinfo=UTC) for t in TIMES]
+    assert list(scenes[0].bands) == list(BANDS) and scenes[0].mask.name == "SCL"
+    assert scenes[0].common_names == {"B02": "blue", "B03": "green", "B04": "red", "B08": "nir"}
+    assert scenes[1].bands["B04"].path == f'ZARR:"{store.resolve()}":/B04' and scenes[1].bands["B04"].index == 2
+
+    ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    assert ds.sizes == {"time": 3, "band": 4, "y": H, "x": W} and ds.rio.crs.to_epsg() == 32633
+    assert ds.reflectance.encoding["dtype"] == np.int16  # as the store holds them, at its scale and offset
+    np.testing.assert_allclose(ds.reflectance.values, rho, atol=1e-6)  # the edge (fill) read back as fill
+    np.testing.assert_allclose(ds.x.values[[0, -1]], [500005, 500395]) and ds.y.values[0] == 5399995
+    covered = ~np.isnan(rho).any(axis=1)
+    np.testing.assert_array_equal(ds.valid.values, covered & np.isin(scl, [4, 5, 6, 7]))
+
+    # the catalog names the store and the variable of each band; a re-run ingests nothing
+    assert validate_catalog(update_catalog(tmp_path / "catalog", tmp_path / "cube")) == []
+    item = next(d for p in (tmp_path / "catalog").rglob("*.json") if (d := json.loads(p.read_text())).get(
+        "id") == scenes[0].id)
+    assert {k: (a["type"], a["geowm:variable"]) for k, a in item["assets"].items()} == {
+        v: ("application/vnd+zarr", v) for v in (*BANDS, "SCL")}
+    assert item["properties"]["proj:code"] == "EPSG:32633" or item["properties"].get("proj:epsg") == 32633
+    before = cube_checksum(tmp_path / "cube")
+    report = ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS))
+    assert not report.changed and len(report.skipped_scenes) == 3 and cube_checksum(tmp_path / "cube") == before
+
+    # a store re-delivered with other values is a changed source: refused naming it, then read again with replace
+    rho2 = rho.copy()
+    rho2[2, 2] += 0.01
+    band_per_variable(store, rho2, scl, zarr_format)
+    with pytest.raises(IngestError, match=r"s2_series\.zarr.*already in the cube with other content"):
+        ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS))
+    assert cube_checksum(tmp_path / "cube") == before
+    report = ingest(tmp_path / "src", tmp_path / "cube", IngestOptions(**OPTS, replace=True))
+    assert report.changed
+    np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.values, rho2, atol=1e-6)
+
+
+def test_a_band_dimension_of_names_south_up_lat_lon(tmp_path, tif):
+    """``(time, band, lat, lon)`` as stackstac and odc-stac load it, with the band coordinate naming the bands
+    (``red``, ``nir``...) and latitude stored south to north: named bands, an EPSG:4326 grid, rows north-up."""
+    rho, _ = _data(2)
+    rho = np.nan_to_num(rho, nan=0.1).astype(np.float32)
+    lat = 45.0 - 0.0001 * H + 0.0001 * (np.arange(H) + 0.5)  # ascending: the first row is the southernmost
+    lon = 10.0 + 0.0001 * (np.arange(W) + 0.5)
+    da = xr.DataArray(rho[:, :, ::-1], dims=("time", "band", "latitude", "longitude"),
+                      coords={"time": TIMES, "band": ["blue", "green", "red", "nir"], "latitude": lat,
+                              "longitude": lon}, name="stackstac")
+    da.to_dataset().to_zarr(tmp_path / "stack.zarr", mode="w", consolidated=True)  # Zarr 3, consolidated
+    (first, *_) = discover(tmp_path / "stack.zarr")
+    assert list(first.bands) == ["blue", "green", "nir", "red"]
+    assert first.common_names == {"blue": "blue", "green": "green", "red": "red", "nir": "nir"}
+    src = ZarrRaster(first.bands["nir"].path)
+    assert src.count == 12 and src.crs.to_epsg() == 4326 and src.transform.e < 0
+    ingest(tmp_path / "stack.zarr", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    assert ds.rio.crs.to_epsg() == 4326 and list(ds.band.values) == ["blue", "green", "nir", "red"]
+    np.testing.assert_allclose(ds.reflectance.sel(band="nir").values, rho[:, 3], atol=1e-6)
+    np.testing.assert_allclose(ds.y.values, lat[::-1], atol=1e-9)
+
+    # warped onto a UTM cube, as the same pixels in GeoTIFFs are (each tile reads the window it needs)
+    from affine import Affine
+    for t, when in enumerate(TIMES):
+        tif(tmp_path / "tifs" / f"stack_{when:%Y%m%dT%H%M%S}.tif", rho[t], crs="EPSG:4326",
+                  transform=Affine(0.0001, 0, 10.0, 0, -0.0001, 45.0), descriptions=["blue", "green", "red", "nir"])
+    utm = dict(OPTS, crs="EPSG:32632", resolution=5.0)
+    ingest(tmp_path / "stack.zarr", tmp_path / "utm_zarr", IngestOptions(**utm))
+    ingest(tmp_path / "tifs", tmp_path / "utm_tif", IngestOptions(**utm))
+    a, b = open_cube(tmp_path / "utm_zarr"), open_cube(tmp_path / "utm_tif")
+    assert a.sizes == b.sizes and a.sizes["x"] > W and a.rio.crs.to_epsg() == 32632
+    np.testing.assert_array_equal(a.valid.values, b.valid.values)
+    assert a.valid.values.mean() > 0.5
+    np.testing.assert_allclose(a.reflectance.values, b.reflectance.values, atol=1e-6, equal_nan=True)
+
+
+def _refuse(tmp_path, make_bad, match: str) -> None:
+    rho, scl = _data(3)
+    band_per_variable(tmp_path / "ok" / "a.zarr", rho, scl, 3)
+    ingest(tmp_path / "ok", tmp_path / "cube", IngestOptions(**OPTS))
+    before = cube_checksum(tmp_path / "cube")
+    bad = tmp_path / "bad" / "b.zarr"  # later dates: a new part of the series
+    band_per_variable(bad, rho, scl, 3, times=TIMES + pd.Timedelta(days=60))
+    make_bad(bad)
+    with pytest.raises((SourceError, IngestError, ReadError), match=match):  # the CLI: one line, exit 2
+        ingest(tmp_path / "bad", tmp_path / "cube", IngestOptions(**OPTS))
+    assert cube_checksum(tmp_path / "cube") == before
+
+
+def _rewrite(store, change) -> None:
+    ds = xr.open_zarr(store, decode_times=False, mask_and_scale=False, consolidated=False).load()
+    shutil.rmtree(store)
+    change(ds).to_zarr(store, mode="w", consolidated=False)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("irregular x", r"b\.zarr \(B02\): coordinate 'x' is not evenly spaced"),
+    ("east to west", r"b\.zarr \(B02\): coordinate 'x' decreases"),
+    ("no crs", r"b\.zarr.*B02.*has no CRS"),
+    ("duplicate dates", r"b\.zarr \(B02\): duplicate time values"),
+    ("corrupt chunk", r"b\.zarr.*B03.*failed while reading pixels"),
+    ("not a store", r"b\.zarr: not a readable Zarr store"),
+    ("360-day calendar", r"b\.zarr \(B02\): time calendar '360_day' is not supported"),
+])
+def test_zarr_input_it_cannot_read_is_refused_naming_the_store(tmp_path, case, match):
+    def make_bad(store):
+        if case == "irregular x":
+            _rewrite(store, lambda ds: ds.assign_coords(x=ds.x.values + np.r_[0, np.zeros(W - 2), 3.0]))
+        elif case == "east to west":
+            _rewrite(store, lambda ds: ds.isel(x=slice(None, None, -1)))
+        elif case == "no crs":
+            def no_crs(ds):
+                ds = ds.drop_vars("spatial_ref")
+                for v in (*BANDS, "SCL"):
+                    ds[v].attrs.pop("grid_mapping", None)
+                return ds
+            _rewrite(store, no_crs)
+        elif case == "duplicate dates":
+            _rewrite(store, lambda ds: ds.assign_coords(time=ds.time.copy(data=ds.time.values[[0, 1, 1]])))
+        elif case == "corrupt chunk":
+            chunk = next(p for p in sorted((store / "B03").rglob("*")) if p.is_file() and p.name != "zarr.json")
+            chunk.write_bytes(chunk.read_bytes()[:7])
+        elif case == "not a store":
+            (store / "zarr.json").write_text("{ not json")
+        else:
+            _rewrite(store, lambda ds: ds.assign(time=ds.time.assign_attrs(calendar="360_day")))
+    _refuse(tmp_path, make_bad, match)
+
+
+def test_a_watched_folder_holding_a_zarr_datacube_has_its_scenes(prefect_api, tmp_path):
+    """The scheduled pipeline's discovery sees a Zarr store in the watched folder (a folder, not a file, so before
+    it was 'no scenes yet'), and an empty watched folder still has none."""
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    from flows.tasks import discover_scenes
+
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    with temporary_settings(updates={PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+        assert discover_scenes(str(watched)) == []
+        rho, scl = _data(4)
+        band_per_variable(watched / "delivery" / "series.zarr", rho, scl, 3)
+        scenes = discover_scenes(str(watched))
+    assert [s["id"] for s in scenes] == [f"series_{t:%Y%m%dT%H%M%S}" for t in TIMES]
