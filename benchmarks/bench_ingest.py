@@ -6,6 +6,9 @@ reflectance and SCL GeoTIFFs), after one untimed pass that puts the files in the
 
 * raw read: open each file with rasterio and read every band fully, one process (best of two);
 * ``ingest(..., IngestOptions(scheduler="synchronous"))``: the whole ingest on one core;
+* ``ingest(..., scheduler="synchronous")`` of the same pixels as one Zarr datacube (format 3, a variable per band,
+  chunks of one date x 512 x 512, CF scale/offset/_FillValue as the GeoTIFFs state them; read with zarr-python):
+  the source a scientist saves from xarray; its cube must hold the same values as the GeoTIFFs' cube;
 * ``ingest`` on a ``distributed.LocalCluster`` of k single-threaded worker processes, k = 1, 2, started
   here and passed by address (start-up, including importing geowm in the workers, is timed apart);
   diagnostic repeat of both without the ``MALLOC_TRIM_THRESHOLD_=65536`` that distributed's nanny puts
@@ -94,7 +97,42 @@ def _warm_page_cache(files: list[str]) -> int:
     return n
 
 
-def _ingest_once(catalog: Path, cube: Path, scheduler: str) -> dict:
+def zarr_copy(files_of: list, store: Path) -> float:
+    """Write the scenes ``files_of`` (geowm ``Scene`` records of one grid) as one Zarr 3 datacube at ``store``: a
+    variable per band (``time, y, x``) and the mask, as the files hold them (dtype, scale, offset, nodata as
+    ``_FillValue``), x/y pixel centres and a ``spatial_ref`` grid mapping. Returns the seconds it took."""
+    import numpy as np
+    import xarray as xr
+
+    t0 = time.perf_counter()
+    remove(store)
+    refs = {**files_of[0].bands, **({files_of[0].mask.name: files_of[0].mask} if files_of[0].mask else {})}
+    data, attrs, encoding = {}, {}, {}
+    for name in refs:
+        layers = []
+        for scene in files_of:
+            ref = scene.bands.get(name) or scene.mask
+            with rasterio.open(ref.path) as src:
+                layers.append(src.read(ref.index))
+                transform, crs, nodata = src.transform, src.crs, src.nodata
+                scale, offset = src.scales[ref.index - 1], src.offsets[ref.index - 1]
+        data[name] = (("time", "y", "x"), np.stack(layers))
+        attrs[name] = {"grid_mapping": "spatial_ref"}
+        if (scale, offset) != (1.0, 0.0):
+            attrs[name].update(scale_factor=scale, add_offset=offset)
+        encoding[name] = {"chunks": (1, 512, 512), **({"_FillValue": nodata} if nodata is not None else {})}
+    h, w = data[next(iter(data))][1].shape[1:]
+    ds = xr.Dataset(data, coords={
+        "time": np.array([s.datetime.replace(tzinfo=None) for s in files_of], "datetime64[ns]"),
+        "y": transform.f + transform.e * (np.arange(h) + 0.5), "x": transform.c + transform.a * (np.arange(w) + 0.5),
+        "spatial_ref": xr.DataArray(0, attrs={"crs_wkt": crs.to_wkt()})})
+    for name, a in attrs.items():
+        ds[name].attrs.update(a)
+    ds.to_zarr(store, mode="w", zarr_format=3, encoding=encoding, consolidated=False)
+    return time.perf_counter() - t0
+
+
+def _ingest_once(catalog: Path, cube: Path, scheduler: str, keep: bool = False) -> dict:
     from geowm.cube import IngestOptions, cube_checksum, ingest
 
     remove(cube)
@@ -106,7 +144,8 @@ def _ingest_once(catalog: Path, cube: Path, scheduler: str) -> dict:
            "n_times": len(report.added_times), "tiles_written": report.tiles_written,
            "cube_MB": round(mb(dir_bytes(cube)), 1), "checksum": cube_checksum(cube),
            "source_bytes": report.source_bytes}
-    remove(cube)
+    if not keep:
+        remove(cube)
     return out
 
 
@@ -142,6 +181,29 @@ def _ingest_on_cluster(catalog: Path, cube: Path, n_workers: int, keep_malloc_tr
     return out
 
 
+def _zarr_leg(catalog: Path, workdir: Path) -> dict:
+    """Ingest the region's scenes from a Zarr datacube copy of them, one core; compare with the GeoTIFFs' cube
+    (``cubes/synchronous``, kept by the caller's first run and removed here)."""
+    import numpy as np
+
+    from geowm.cube import open_cube
+    from geowm.sources import discover
+
+    store = workdir / "zarr_source" / "region.zarr"
+    write_s = zarr_copy(discover(catalog), store)
+    out = _ingest_once(store, workdir / "cubes" / "zarr_source", "synchronous", keep=True)
+    a, b = open_cube(workdir / "cubes" / "zarr_source"), open_cube(workdir / "cubes" / "synchronous")
+    out["values_equal"] = bool(a.sizes == b.sizes and np.array_equal(a.valid.values, b.valid.values)
+                               and np.allclose(a.reflectance.values, b.reflectance.values, equal_nan=True))
+    out.update(write_s=round(write_s, 2), store_MB=round(mb(dir_bytes(store)), 1))
+    out.pop("checksum")
+    out.pop("source_bytes")
+    remove(workdir / "cubes" / "zarr_source")
+    remove(workdir / "cubes" / "synchronous")
+    remove(store)
+    return out
+
+
 def run(mode: str, workdir: Path) -> dict:
     p = PARAMS[mode]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -154,7 +216,8 @@ def run(mode: str, workdir: Path) -> dict:
     raw_s, decoded = min(reads)
     raw_mbps = mb(decoded) / raw_s
 
-    runs = {"synchronous": _ingest_once(catalog, workdir / "cubes" / "synchronous", "synchronous")}
+    runs = {"synchronous": _ingest_once(catalog, workdir / "cubes" / "synchronous", "synchronous", keep=True)}
+    zarr = _zarr_leg(catalog, workdir)
     for k in WORKERS:
         runs[f"dask_k{k}"] = _ingest_on_cluster(catalog, workdir / "cubes" / f"dask_k{k}", k)
     diag = DIAGNOSTICS[mode]
@@ -175,6 +238,7 @@ def run(mode: str, workdir: Path) -> dict:
         "ingest_dask_k1_MBps": k1["MBps"],
         "ingest_dask_k2_MBps": k2["MBps"],
         "dask_scaling_k2_vs_k1": round(scaling, 3),
+        "ingest_zarr_source_1core_MBps": zarr["MBps"],
     }
     n_acq = len(json.loads((region / "synth.json").read_text())["acquisitions"])
     return {
@@ -191,6 +255,7 @@ def run(mode: str, workdir: Path) -> dict:
             "raw_read": {"seconds": round(raw_s, 3), "MBps": round(raw_mbps, 2), "repeats": RAW_REPEATS,
                          "all_seconds": [round(s, 3) for s, _ in reads]},
             "ingest": runs,
+            "zarr_source": zarr,
             "dask_k1_vs_synchronous": round(k1["MBps"] / sync["MBps"], 3),
             "dask_scaling_k2_vs_k1_no_malloc_trim": (round(runs["dask_k2_no_malloc_trim"]["MBps"]
                                                            / runs["dask_k1_no_malloc_trim"]["MBps"], 3)
@@ -201,6 +266,9 @@ def run(mode: str, workdir: Path) -> dict:
             "notes": [f"dask cluster start-up: k=1 {k1['cluster_start_s']} s, k=2 {k2['cluster_start_s']} s "
                       "(not in the ingest timings)",
                       "cubes written by all schedulers identical: " + ("yes" if len(checksums) == 1 else "NO"),
+                      f"the same pixels as one Zarr 3 datacube ({zarr['store_MB']} MB, written in {zarr['write_s']} s, "
+                      f"not timed in the ingest): {zarr['MBps']} MB/s on one core; its cube's values equal the "
+                      "GeoTIFFs' cube's: " + ("yes" if zarr["values_equal"] else "NO"),
                       "diagnostic, workers without distributed's default MALLOC_TRIM_THRESHOLD_=65536: "
                       + (f"k=1 {runs['dask_k1_no_malloc_trim']['MBps']} MB/s, "
                          f"k=2 {runs['dask_k2_no_malloc_trim']['MBps']} MB/s" if diag else "not run in quick mode")],

@@ -24,9 +24,10 @@ from pathlib import Path
 from geowm.scene import NETCDF_SUFFIXES, BandRef, Scene, SourceError, netcdf_variable
 from geowm.sources import scenes_by_time
 
-_UNITS = {"day": 86400.0, "hour": 3600.0, "minute": 60.0, "second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6}
+_UNITS = {"day": 86400.0, "hour": 3600.0, "minute": 60.0, "second": 1.0, "millisecond": 1e-3, "microsecond": 1e-6,
+          "nanosecond": 1e-9}  # xarray writes times with sub-microsecond parts in nanoseconds
 _UNIT_ALIASES = {"d": "day", "h": "hour", "hr": "hour", "min": "minute", "s": "second", "sec": "second",
-                 "ms": "millisecond", "us": "microsecond"}
+                 "ms": "millisecond", "us": "microsecond", "ns": "nanosecond"}
 _CALENDARS = {"", "standard", "gregorian", "proleptic_gregorian"}
 # the reference time of CF units: a date, optionally a time, optionally UTC (Z, UTC, +00:00)
 _REF = re.compile(r"^(\d{1,4})-(\d{1,2})-(\d{1,2})(?:[ T](\d{1,2}):(\d{1,2})(?::(\d{1,2}(?:\.\d*)?))?)?"

@@ -182,42 +182,56 @@ def band_from_filename(name: str) -> tuple[str, str | None]:
     return stem[: m.start(1)].rstrip("_."), m.group(1)
 
 
-def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None) -> dict[str, list] | None:
+def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None,
+                      memo: dict[str, list] | None = None) -> dict[str, list] | None:
     """``{path: [size, mtime_ns, sha256]}`` of local files (None if any is a URL); a file inside a zip archive
-    (``/vsizip/``) has its archive's. A file whose size and mtime equal its entry in ``known`` keeps that
-    entry's SHA-256 unread (the rsync quick check)."""
+    (``/vsizip/``) has its archive's, a variable of a NetCDF datacube its file's. A file whose size and mtime
+    equal its entry in ``known`` keeps that entry's SHA-256 unread (the rsync quick check). ``memo``: records
+    already made (local file -> record), shared by the calls of one ingest so that a NetCDF datacube whose every
+    time step is a scene is read once, not once per scene."""
     import hashlib
     import os
 
     out: dict[str, list] = {}
-    done: dict[str, list] = {}  # local file -> its record (an archive is read once for all its members)
+    done: dict[str, list] = {} if memo is None else memo  # local file -> its record (an archive: once for all)
     for p in paths:
         if "://" in p:
             return None
         local = local_file(p)
         if local not in done:
-            # a folder (a Zarr store): its files' total size, their latest mtime, one hash of their names and bytes
-            parts = sorted(f for f in Path(local).rglob("*") if f.is_file()) if os.path.isdir(local) else [Path(local)]
-            stats = [f.stat() for f in parts]
-            size, mtime = sum(st.st_size for st in stats), max((st.st_mtime_ns for st in stats), default=0)
+            st = os.stat(local)
             old = (known or {}).get(p)
-            if old and old[:2] == [size, mtime]:
+            if old and old[:2] == [st.st_size, st.st_mtime_ns]:
                 done[local] = old
             else:
                 h = hashlib.sha256()
-                for f in parts:
-                    if f != Path(local):
-                        h.update(f.relative_to(local).as_posix().encode() + b"\0")
-                    with open(f, "rb") as fh:
-                        while block := fh.read(1 << 22):
-                            h.update(block)
-                done[local] = [size, mtime, h.hexdigest()]
+                with open(local, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                done[local] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
         out[p] = done[local]
     return out
 
 
 _LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"}
 _LON_UNITS = {"degrees_east", "degree_east", "degree_e", "degrees_e", "degreee", "degreese"}
+
+
+def scene_fingerprints(scene: Scene, known: dict[str, list] | None = None,
+                       memo: dict[str, list] | None = None) -> dict[str, list] | None:
+    """:func:`file_fingerprints` of a scene's files, except that a variable of a Zarr datacube is fingerprinted by
+    the values of the scene's time step in it: appending dates to a store, or rewriting others, leaves the
+    scenes it held as they were (a NetCDF file, written whole, is fingerprinted as a file)."""
+    from geowm.zarrcube import step_fingerprint, zarr_ref
+
+    refs = [*scene.bands.values(), *([scene.mask] if scene.mask else [])]
+    steps = {r.path for r in refs if zarr_ref(r.path) is not None}
+    out = file_fingerprints([f for f in scene.files if f not in steps], known, memo)
+    if out is None:
+        return None
+    for path in sorted(steps):
+        out[path] = step_fingerprint(path, sorted({r.index for r in refs if r.path == path}))
+    return out
 
 
 def source_crs(src, path: str):

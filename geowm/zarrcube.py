@@ -84,15 +84,23 @@ class _Variable:
 
 
 def _signature(store: str) -> tuple:
-    """What changes when a store's metadata does (the cache key of :func:`_describe`)."""
+    """What changes when a store's metadata does, its arrays' included (an append along time changes an array's
+    shape but not necessarily the group's): the cache key of :func:`describe` and of the opened arrays."""
     out = []
-    for name in _METADATA_FILES:
-        try:
-            st = os.stat(os.path.join(store, name))
+    try:
+        entries = list(os.scandir(store))
+    except OSError:
+        return ()
+    for entry in entries:
+        names = [entry.path] if entry.name in _METADATA_FILES else [
+            os.path.join(entry.path, f) for f in ("zarr.json", ".zarray", ".zattrs")] if entry.is_dir() else []
+        for name in names:
+            try:
+                st = os.stat(name)
+            except OSError:
+                continue
             out.append((name, st.st_size, st.st_mtime_ns))
-        except OSError:
-            continue
-    return tuple(out)
+    return tuple(sorted(out))
 
 
 def _dims(arr) -> tuple[str, ...]:
@@ -246,6 +254,15 @@ def scenes_from_zarr(path: Path, mask_band: str | None) -> list[Scene]:
     return scenes_by_time(path, by_time, mask_band)
 
 
+@functools.lru_cache(maxsize=64)
+def _open_array(store: str, name: str, signature: tuple):
+    """The zarr array ``name`` of ``store``, opened once per process while the store's metadata is unchanged
+    (a tile of each band of each time step opens it: its metadata would be read thousands of times)."""
+    import zarr
+
+    return zarr.open_group(store, mode="r")[name]
+
+
 class ZarrRaster:
     """One data variable of a Zarr store as a rasterio-like dataset of ``count`` bands (time steps x bands): the
     attributes and ``read(index, window=...)`` that ingest and the cube reader use (:func:`warp_source` gives the
@@ -254,7 +271,6 @@ class ZarrRaster:
     driver = "Zarr"
 
     def __init__(self, path: str):
-        import zarr
         from affine import Affine
         from rasterio.crs import CRS
 
@@ -262,13 +278,15 @@ class ZarrRaster:
         if ref is None:
             raise SourceError(f"{path}: not a Zarr variable path (ZARR:\"<store>\":/<variable>)")
         store, name = ref
-        variables = describe(store)
+        store = str(Path(store).resolve())
+        signature = _signature(store)
+        variables = _describe_cached(store, signature)
         if name not in variables:
             raise SourceError(f"{store}: no data variable {name!r} with a time dimension and y, x")
         self.name = path
         self._var = v = variables[name]
         try:
-            self._arr = zarr.open_group(store, mode="r")[name]
+            self._arr = _open_array(store, name, signature)
         except Exception as exc:
             raise SourceError(f"{store}: variable {name!r} not readable ({type(exc).__name__}: {exc})") from None
         try:
@@ -328,6 +346,25 @@ class ZarrRaster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def step_fingerprint(path: str, indexes: list[int]) -> list:
+    """``[bytes, 0, sha256]`` of the values of rasters ``indexes`` of a Zarr variable (a scene's time step in it):
+    the content of a scene of a store, which appending dates or rewriting other dates leaves as it was. A chunk
+    that does not decode is refused naming the variable."""
+    import hashlib
+
+    src = ZarrRaster(path)
+    h, n = hashlib.sha256(), 0
+    for k in indexes:
+        try:
+            values = np.ascontiguousarray(src.read(k))
+        except OSError as exc:
+            raise SourceError(f"{path}: failed while reading pixels ({exc})") from None
+        h.update(f"{values.dtype.str}{values.shape}".encode())
+        h.update(values.tobytes())
+        n += values.nbytes
+    return [n, 0, h.hexdigest()]
 
 
 def open_raster(path: str):

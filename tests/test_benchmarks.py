@@ -64,6 +64,7 @@ def test_readme(smoke_results: Path) -> None:
 def test_correctness_checks(smoke_results: Path) -> None:
     ingest = json.loads((smoke_results / "ingest.json").read_text())["results"]
     assert ingest["cubes_identical"] and ingest["bytes_match"]
+    assert ingest["zarr_source"]["values_equal"]  # the same pixels as a Zarr datacube make the same cube
     insert = json.loads((smoke_results / "store_choice.json").read_text())["results"]["insert"]
     assert insert["icechunk"]["correct"] and insert["plain_zarr_wal"]["correct"]
     loader = json.loads((smoke_results / "loader.json").read_text())["results"]

@@ -139,6 +139,9 @@ def test_cf_time_units():
         datetime(1970, 1, 1, tzinfo=UTC)
     assert parse_cf_time_units("hours since 2000-1-1 6:0:0", "standard", "f") == \
         (3600.0, datetime(2000, 1, 1, 6, tzinfo=UTC))
+    assert parse_cf_time_units("milliseconds since 2023-01-05 10:20:31.024000", "proleptic_gregorian", "f") == \
+        (1e-3, datetime(2023, 1, 5, 10, 20, 31, 24000, tzinfo=UTC))  # as xarray writes stackstac's times
+    assert parse_cf_time_units("nanoseconds since 2023-01-05", "", "f")[0] == 1e-9
     with pytest.raises(SourceError, match="f: time units 'days after 1990-01-01'"):
         parse_cf_time_units("days after 1990-01-01", "", "f")
     with pytest.raises(SourceError, match="month must be in 1..12"):

@@ -100,6 +100,24 @@ def test_a_zarr_datacube_is_a_scene_per_time_step(tmp_path, zarr_format):
     np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.values, rho2, atol=1e-6)
 
 
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_a_store_grown_by_appending_dates_adds_them(tmp_path, zarr_format):
+    """``to_zarr(append_dim="time")``, the way a Zarr series grows: the next ingest adds the new date and skips the
+    dates already in the cube (each scene is fingerprinted by its own time step's values, not by the store)."""
+    rho, scl = _data(5)
+    store = tmp_path / "series.zarr"
+    band_per_variable(store, rho[:2], scl[:2], zarr_format, times=TIMES[:2])
+    assert ingest(store, tmp_path / "cube", IngestOptions(**OPTS)).added_times
+    band_per_variable(tmp_path / "next.zarr", rho[2:], scl[2:], zarr_format, times=TIMES[2:])
+    nxt = xr.open_zarr(tmp_path / "next.zarr", consolidated=False)
+    for v in nxt.variables.values():
+        v.encoding = {}  # the store's encoding applies
+    nxt.to_zarr(store, append_dim="time", consolidated=False)
+    report = ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
+    assert len(report.added_times) == 1 and len(report.skipped_scenes) == 2
+    np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.values, rho, atol=1e-6)
+
+
 def test_a_band_dimension_of_names_south_up_lat_lon(tmp_path, tif):
     """``(time, band, lat, lon)`` as stackstac and odc-stac load it, with the band coordinate naming the bands
     (``red``, ``nir``...) and latitude stored south to north: named bands, an EPSG:4326 grid, rows north-up."""

@@ -52,11 +52,11 @@ from geowm.sources import (
     assign_band_names,
     describe_mask_rule,
     discover,
-    file_fingerprints,
     is_auxiliary_band,
     is_unnamed,
     is_vector_mask,
     natural_key,
+    scene_fingerprints,
     set_mask_rule,
     source_crs,
     with_mask,
@@ -851,6 +851,7 @@ def _new_scenes(scenes: Sequence[Scene], state: CubeState | None, replace: bool,
     Raises :class:`IngestError` for a changed scene without ``replace``.
     """
     known = {(r["id"], r["datetime"]): r for r in (state.sources if state else [])}
+    memo: dict[str, list] = {}  # fingerprints of the files (datacubes: stores) already checked
     new = []
     for s in scenes:
         rec = known.get((s.id, s.datetime.isoformat()))
@@ -858,7 +859,7 @@ def _new_scenes(scenes: Sequence[Scene], state: CubeState | None, replace: bool,
             new.append(s)
             continue
         old = rec.get("content")  # {path: [size, mtime_ns, sha256]}; None: URLs, or a cube from before it
-        now = file_fingerprints(s.files, old) if old else None
+        now = scene_fingerprints(s, old, memo) if old else None
         old_sums = sorted(v[2] for v in (old or {}).values())
         changed = [] if now is None or sorted(v[2] for v in now.values()) == old_sums else \
             [p for p in sorted(now) if now[p][2] not in old_sums] or sorted(now)
@@ -903,8 +904,9 @@ def _write(cube, created, state, grid, bands, common, merged, enc, ct, start, en
         g["valid"].resize((len(merged), grid.height, grid.width))
         g["time"].resize((len(merged),))
         g["time"][:] = merged.astype("int64")
+    memo: dict[str, list] = {}  # a datacube's store is fingerprinted once for all its time steps
     sources = list(sources) + [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
-                                "content": file_fingerprints(s.files), "mask": mask_rule(s, opts),
+                                "content": scene_fingerprints(s, memo=memo), "mask": mask_rule(s, opts),
                                 **({"band_names": list(opts.band_names)} if opts.band_names else {})} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
     session.commit("prepare ingest (metadata)")
