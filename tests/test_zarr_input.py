@@ -223,3 +223,36 @@ def test_a_watched_folder_holding_a_zarr_datacube_has_its_scenes(prefect_api, tm
         band_per_variable(watched / "delivery" / "series.zarr", rho, scl, 3)
         scenes = discover_scenes(str(watched))
     assert [s["id"] for s in scenes] == [f"series_{t:%Y%m%dT%H%M%S}" for t in TIMES]
+
+
+def test_a_stackstac_float64_stack_with_its_scl_band_is_a_float32_cube(tmp_path):
+    """stackstac's default: one float64 array (time, band, y, x), NaN outside the footprint, SCL among the bands of
+    the band coordinate, times to the millisecond. SCL is taken as the mask; the new cube stores float32 (half the
+    bytes; reflectance needs no more digits), and a later float64 delivery appends to it."""
+    rng = np.random.default_rng(6)
+    rho = rng.uniform(0.02, 0.5, (len(TIMES), 4, H, W))
+    scl = np.full((len(TIMES), 1, H, W), 4.0)
+    scl[0, 0, :10] = 9.0  # cloud
+    data = np.concatenate([rho, scl], axis=1)
+    data[1, :, :, :5] = np.nan  # outside the footprint
+    times = TIMES + pd.to_timedelta([24, 500, 0], unit="ms")
+    wkt = CRS.from_epsg(32633).to_wkt()
+
+    def save(path, t):
+        da = xr.DataArray(data[t], dims=("time", "band", "y", "x"), name="stackstac-3f2a9c", coords={
+            "time": times[t], "band": [*BANDS, "SCL"], "y": 5400000 - 10 * np.arange(H) - 5.0,
+            "x": 500000 + 10 * np.arange(W) + 5.0, "spatial_ref": xr.DataArray(0, attrs={"crs_wkt": wkt})})
+        da.to_dataset().to_zarr(path, mode="w", consolidated=False)
+
+    save(tmp_path / "first.zarr", slice(0, 2))
+    scenes = discover(tmp_path / "first.zarr")
+    assert scenes[0].mask.name == "SCL" and list(scenes[0].bands) == list(BANDS)
+    assert scenes[0].datetime == times[0].to_pydatetime().replace(tzinfo=UTC)  # to the millisecond
+    ingest(tmp_path / "first.zarr", tmp_path / "cube", IngestOptions(**OPTS))
+    save(tmp_path / "second.zarr", slice(2, 3))
+    ingest(tmp_path / "second.zarr", tmp_path / "cube", IngestOptions(**OPTS))
+    ds = open_cube(tmp_path / "cube")
+    assert ds.reflectance.dtype == np.float32 and ds.sizes["time"] == 3
+    np.testing.assert_allclose(ds.reflectance.values, rho.astype(np.float32) * np.where(
+        np.isnan(data[:, :4]), np.nan, 1), rtol=1e-7)
+    np.testing.assert_allclose(ds.valid.values.mean(axis=(1, 2)), [(H - 10) / H, (W - 5) / W, 1.0])

@@ -323,12 +323,14 @@ def _native_bounds(info: FileInfo) -> tuple[float, float, float, float]:
 
 def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None) -> Encoding:
     """How the cube stores values: the cube's (``state``), else the new cube's from its first source band (dtype
-    of all the bands), or float32 physical values where its bands come at scales no one integer encoding holds;
-    every band must fit it (:func:`_check_scaling`)."""
+    of all the bands; float64 stored as float32), or float32 physical values where its bands come at scales no one
+    integer encoding holds; every band must fit it (:func:`_check_scaling`)."""
     infos = [i for _, i in bands]
     if state is not None:
         for i in infos:
             for d in i.dtypes:
+                if np.dtype(d).kind == "f" and np.dtype(state.encoding.dtype).kind == "f":
+                    continue  # float64 sources into a float32 cube: stored as a new cube of them is (below)
                 if not np.can_cast(np.dtype(d), np.dtype(state.encoding.dtype), "same_kind") or (
                     np.dtype(d).itemsize > np.dtype(state.encoding.dtype).itemsize
                 ):
@@ -338,6 +340,8 @@ def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None
         enc = state.encoding
     else:
         dtype = np.result_type(*[np.dtype(d) for i in infos for d in i.dtypes])
+        if dtype == np.float64:  # stackstac's default and some exports: float32's 7 digits hold reflectance, in half
+            dtype = np.dtype(np.float32)  # the bytes (the model reads float32 anyway)
         ref, first = bands[0]
         fill = implicit_nodata(str(first.dtypes[0]), first.nodata)
         if fill is None:  # signed ints without nodata: use the dtype minimum as fill
