@@ -14,6 +14,9 @@ from pathlib import Path
 
 NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf")  # datacubes: a scene per time step (geowm.netcdf)
 VECTOR_MASK_SUFFIXES = (".gml",)
+# CF units of latitude and longitude coordinates (lower case; NetCDF and Zarr datacubes without a grid mapping)
+LAT_UNITS = frozenset({"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"})
+LON_UNITS = frozenset({"degrees_east", "degree_east", "degree_e", "degrees_e", "degreee", "degreese"})
 VSIZIP_PATH = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
 _NETCDF_SUBDATASET = re.compile(r'^NETCDF:"(.+)":([^":]+)$', re.IGNORECASE)  # a variable of a NetCDF file, as GDAL
 ZARR_VARIABLE = re.compile(r'^ZARR:"(.+)":/?([^":]+)$', re.IGNORECASE)  # a variable of a Zarr store, as GDAL names it
@@ -65,6 +68,12 @@ class Scene:
     def files(self) -> list[str]:
         refs = list(self.bands.values()) + ([self.mask] if self.mask else [])
         return sorted({r.path for r in refs})
+
+
+def says_lat_lon(kinds: set[str]) -> bool:
+    """Whether the CF ``units`` and ``standard_name`` values (lower case) of a raster's coordinates name latitude
+    and longitude: a grid in degrees on WGS 84 (EPSG:4326) when nothing else gives its CRS."""
+    return bool(kinds & (LAT_UNITS | {"latitude"}) and kinds & (LON_UNITS | {"longitude"}))
 
 
 def local_file(path: str) -> str:

@@ -61,6 +61,7 @@ from geowm.scene import (  # noqa: F401 (re-exported: discovery's records, for t
     is_vector_mask,
     local_file,
     netcdf_variable,
+    says_lat_lon,
 )
 from geowm.zarrcube import ZARR_SUFFIXES, is_zarr_store, scenes_from_zarr
 
@@ -213,10 +214,6 @@ def file_fingerprints(paths: Iterable[str], known: dict[str, list] | None = None
     return out
 
 
-_LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"}
-_LON_UNITS = {"degrees_east", "degree_east", "degree_e", "degrees_e", "degreee", "degreese"}
-
-
 def scene_fingerprints(scene: Scene, known: dict[str, list] | None = None,
                        memo: dict[str, list] | None = None) -> dict[str, list] | None:
     """:func:`file_fingerprints` of a scene's files, except that a variable of a Zarr datacube is fingerprinted by
@@ -243,7 +240,7 @@ def source_crs(src, path: str):
         return None
     tags = {k.lower(): str(v).strip().lower() for k, v in src.tags().items()}
     kinds = {v for k, v in tags.items() if k.endswith("#units") or k.endswith("#standard_name")}
-    if kinds & (_LAT_UNITS | {"latitude"}) and kinds & (_LON_UNITS | {"longitude"}):
+    if says_lat_lon(kinds):
         from rasterio.crs import CRS
 
         return CRS.from_epsg(4326)
@@ -285,8 +282,9 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
     from geowm.netcdf import is_netcdf, scenes_from_netcdf
 
-    stores = [p for p in sorted(folder.rglob("*")) if p.is_dir() and p.suffix.lower() in ZARR_SUFFIXES]
-    found = [p for p in sorted(folder.rglob("*")) if p.is_file() and not any(s in p.parents for s in stores)]
+    entries = sorted(folder.rglob("*"))
+    stores = [p for p in entries if p.is_dir() and p.suffix.lower() in ZARR_SUFFIXES]
+    found = [p for p in entries if p.is_file() and not any(s in p.parents for s in stores)]
     files = [str(p) for p in found if p.suffix.lower() in RASTER_SUFFIXES or is_granule_gml_mask(str(p))]
     unpacked = {Path(root).name for f in files if (root := safe_root(f)) is not None}
     for archive in (p for p in found if p.suffix.lower() in ARCHIVE_SUFFIXES):

@@ -33,14 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from geowm.scene import ZARR_VARIABLE, BandRef, Scene, SourceError
+from geowm.scene import ZARR_VARIABLE, BandRef, Scene, SourceError, says_lat_lon
 
 ZARR_SUFFIXES = (".zarr",)
 _METADATA_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
 _Y_NAMES = {"y", "lat", "latitude", "northing", "rlat"}
 _X_NAMES = {"x", "lon", "longitude", "easting", "rlon"}
-_LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n"}
-_LON_UNITS = {"degrees_east", "degree_east", "degree_e", "degrees_e"}
 
 
 def is_zarr_store(path: str | Path) -> bool:
@@ -151,8 +149,7 @@ def _crs_of(group, arr, ydim: str, xdim: str) -> str | None:
             return f"EPSG:{str(attrs.get('epsg_code') or attrs.get('EPSG')).removeprefix('EPSG:')}"
     units = {str(group[d].attrs.get(k, "")).lower() for d in (ydim, xdim) if d in group
              for k in ("units", "standard_name")}
-    if ({ydim.lower(), xdim.lower()} <= {"lat", "latitude", "lon", "longitude"}
-            or (units & (_LAT_UNITS | {"latitude"}) and units & (_LON_UNITS | {"longitude"}))):
+    if {ydim.lower(), xdim.lower()} <= {"lat", "latitude", "lon", "longitude"} or says_lat_lon(units):
         return "EPSG:4326"
     return None
 
@@ -299,9 +296,7 @@ class ZarrRaster:
         self.dtypes = (v.dtype,) * v.count
         self.nodata = v.nodata
         self.scales, self.offsets = (v.scale,) * v.count, (v.offset,) * v.count
-        self.descriptions = (None,) * v.count
         self.res = (abs(v.transform[0]), abs(v.transform[4]))
-        self.block_shapes = [(self.height, self.width)] * v.count
 
     @property
     def bounds(self):
@@ -309,9 +304,6 @@ class ZarrRaster:
 
         a, _, c, _, e, f = self._var.transform
         return BoundingBox(c, f + e * self.height, c + a * self.width, f)
-
-    def tags(self, bidx: int = 0) -> dict[str, str]:
-        return {}
 
     def _index(self, index: int, rows: slice, cols: slice) -> tuple:
         t, b = self._var.position(index)

@@ -65,6 +65,17 @@ def write_tif(path: Path, data, *, crs="EPSG:32633", transform=None, nodata=None
     return path
 
 
+def catalogued_item(root: Path, item_id: str) -> dict:
+    """Update the STAC catalog ``root/catalog`` from the cube ``root/cube``, check that it validates, and return
+    the JSON of its item ``item_id``."""
+    import json
+
+    from catalog.stac import update_catalog, validate_catalog
+
+    assert validate_catalog(update_catalog(root / "catalog", root / "cube")) == []
+    return next(d for p in (root / "catalog").rglob("*.json") if (d := json.loads(p.read_text())).get("id") == item_id)
+
+
 @pytest.fixture
 def tif():
     """The :func:`write_tif` helper as a fixture."""

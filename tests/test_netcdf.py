@@ -3,13 +3,13 @@ bands from the variables (or a band dimension), dates from the CF time coordinat
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from conftest import catalogued_item
 from rasterio.crs import CRS
 
 from geowm.cube import IngestError, IngestOptions, cube_checksum, ingest, open_cube
@@ -57,8 +57,6 @@ def _data(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_an_openeo_netcdf_cube_is_a_scene_per_time_step(tmp_path):
-    from catalog.stac import update_catalog, validate_catalog
-
     rho, scl = _data(1)
     openeo_cube(tmp_path / "src" / "openeo_result.nc", rho, scl)
     scenes = discover(tmp_path / "src")
@@ -77,9 +75,7 @@ def test_an_openeo_netcdf_cube_is_a_scene_per_time_step(tmp_path):
     np.testing.assert_array_equal(ds.valid.values, covered & np.isin(scl, [4, 5, 6, 7]))
 
     # the catalog names the file and the variable of each band; a re-run ingests nothing
-    assert validate_catalog(update_catalog(tmp_path / "catalog", tmp_path / "cube")) == []
-    item = next(d for p in (tmp_path / "catalog").rglob("*.json") if (d := json.loads(p.read_text())).get(
-        "id") == scenes[0].id)
+    item = catalogued_item(tmp_path, scenes[0].id)
     assert {k: (a["type"], a["geowm:variable"]) for k, a in item["assets"].items()} == {
         v: ("application/netcdf", v) for v in (*BANDS, "SCL")}
     before = cube_checksum(tmp_path / "cube")

@@ -330,7 +330,7 @@ def _encoding(bands: Sequence[tuple[BandRef, FileInfo]], state: CubeState | None
         for i in infos:
             for d in i.dtypes:
                 if np.dtype(d).kind == "f" and np.dtype(state.encoding.dtype).kind == "f":
-                    continue  # float64 sources into a float32 cube: stored as a new cube of them is (below)
+                    continue  # any float source into a float cube (float64 into float32, as a new cube stores it)
                 if not np.can_cast(np.dtype(d), np.dtype(state.encoding.dtype), "same_kind") or (
                     np.dtype(d).itemsize > np.dtype(state.encoding.dtype).itemsize
                 ):
