@@ -33,7 +33,7 @@ from rasterio.warp import transform_bounds, transform_geom
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
-from geowm.scene import is_vector_mask, local_file, netcdf_variable
+from geowm.scene import is_url, is_vector_mask, local_file, netcdf_variable
 from geowm.sources import source_crs
 from geowm.zarrcube import open_raster, zarr_ref
 
@@ -109,9 +109,10 @@ def _scene_item(src: dict) -> pystac.Item:
             asset = pystac.Asset(str(Path(archive).absolute()), media_type="application/zip", roles=["data"],
                                  extra_fields={"geowm:archive_member": f[len(f"/vsizip/{archive}/"):]})
         else:
-            media = (pystac.MediaType.JPEG2000 if f.lower().endswith(".jp2") else
-                     "application/gml+xml" if is_vector_mask(f) else pystac.MediaType.GEOTIFF)
-            asset = pystac.Asset(str(Path(f).absolute()), media_type=media, roles=["data"])
+            bare = f.split("?")[0] if is_url(f) else f  # a URL's query (a signature) does not name the format
+            media = (pystac.MediaType.JPEG2000 if bare.lower().endswith(".jp2") else
+                     "application/gml+xml" if is_vector_mask(bare) else pystac.MediaType.GEOTIFF)
+            asset = pystac.Asset(f if is_url(f) else str(Path(f).absolute()), media_type=media, roles=["data"])
         item.add_asset(key, asset)
     if proj.get("epsg"):
         pe = ProjectionExtension.ext(item, add_if_missing=True)

@@ -124,12 +124,25 @@ def synth(
 @app.command()
 def ingest(
     source: str = typer.Argument(..., help="Folder of GeoTIFF/COG/JPEG 2000 files, a Sentinel-2 SAFE product (or "
-                                 "its .zip), a NetCDF or Zarr datacube (openEO, xarray, stackstac), or a STAC "
-                                 "catalog/collection/item JSON."),
+                                 "its .zip), a NetCDF or Zarr datacube (openEO, xarray, stackstac), a STAC "
+                                 "catalog/collection/item/item collection JSON (a file or URL), or with "
+                                 "--collection the URL of a STAC API to search."),
     cube: str = typer.Option(..., "--cube", help="Cube to create or append to (a folder, or s3://bucket/prefix)."),
     crs: str | None = typer.Option(None, help="New cube only: CRS (e.g. EPSG:32633); default: the first source's."),
     resolution: float | None = typer.Option(None, help="New cube only: pixel size in CRS units."),
     bounds: str | None = typer.Option(None, help="New cube only: left,bottom,right,top in the cube CRS."),
+    bbox: str | None = typer.Option(None, help="west,south,east,north in degrees (WGS 84): the STAC API search's "
+                                               "area, and a new cube's bounds (unless --bounds)."),
+    collection: str | None = typer.Option(None, "--collection", help="SOURCE is a STAC API: search these "
+                                                                     "collections (comma-separated ids, e.g. "
+                                                                     "sentinel-2-l2a) with --bbox/--datetime."),
+    datetime_range: str | None = typer.Option(None, "--datetime", help="With --collection: an RFC 3339 date or "
+                                                                        "interval (2023-01-01/2023-06-30; .. for "
+                                                                        "an open end)."),
+    max_cloud: float | None = typer.Option(None, help="With --collection: leave out items whose eo:cloud_cover "
+                                                      "is above this percentage (the mask still decides "
+                                                      "per pixel)."),
+    max_items: int = typer.Option(1000, help="With --collection: refuse a search matching more items than this."),
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep, by name or by STAC "
@@ -180,9 +193,22 @@ def ingest(
     from geowm.cube.reader import ReadError
     from geowm.cube.store import CubeError
     from geowm.sources import SourceError
+    from geowm.stacsource import StacSearch, check_bbox, collections_of
 
+    area = _floats(bbox, 4, "--bbox")
+    try:
+        check_bbox(area, source)
+        search = None
+        if collection is not None:
+            search = StacSearch(collections_of(collection), area, datetime_range, max_cloud, max_items)
+            search.check(source)
+        elif datetime_range is not None or max_cloud is not None:
+            raise SourceError("--datetime and --max-cloud filter a STAC API search: give --collection too")
+    except SourceError as exc:
+        _fail(exc)
     opts = IngestOptions(
-        crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), tile_size=tile_size,
+        crs=crs, resolution=resolution, bounds=_floats(bounds, 4, "--bounds"), bbox=area, search=search,
+        tile_size=tile_size,
         time_chunk=time_chunk, bands=bands.split(",") if bands else None,
         band_names=band_names.split(",") if band_names is not None else None, scale=scale, offset=offset,
         mask_band=mask_band,

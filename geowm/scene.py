@@ -1,12 +1,14 @@
 """The records scene discovery makes (:class:`Scene`, :class:`BandRef`, :class:`SourceError`) and the paths they
 hold: local files, files inside zip archives (GDAL's ``/vsizip/``), variables of NetCDF files (GDAL's
-``NETCDF:"<file>":<variable>``) and of Zarr stores (``ZARR:"<store>":/<variable>``), and vector masks. Shared by
+``NETCDF:"<file>":<variable>``) and of Zarr stores (``ZARR:"<store>":/<variable>``), URLs (``https://``,
+``s3://``: GDAL's ``/vsicurl/``, ``/vsis3/``), and vector masks. Shared by
 discovery (:mod:`geowm.sources`), product conventions (:mod:`geowm.products`), the pixel reader (:mod:`geowm.cube`)
 and the catalog; nothing here reads pixels.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +22,12 @@ LON_UNITS = frozenset({"degrees_east", "degree_east", "degree_e", "degrees_e", "
 VSIZIP_PATH = re.compile(r"^/vsizip/(/?.+?\.zip)(?:/(.*))?$", re.IGNORECASE)  # /vsizip//abs/a.zip/member
 _NETCDF_SUBDATASET = re.compile(r'^NETCDF:"(.+)":([^":]+)$', re.IGNORECASE)  # a variable of a NetCDF file, as GDAL
 ZARR_VARIABLE = re.compile(r'^ZARR:"(.+)":/?([^":]+)$', re.IGNORECASE)  # a variable of a Zarr store, as GDAL names it
+
+# How GDAL reads URLs: retry what a busy object store answers (429, 502, 503, 504) with a growing delay, and give up
+# on a stalled connection instead of hanging an ingest. HTTP-only settings; the user's own environment wins.
+for _key, _value in (("GDAL_HTTP_MAX_RETRY", "5"), ("GDAL_HTTP_RETRY_DELAY", "1"), ("GDAL_HTTP_TIMEOUT", "120"),
+                     ("GDAL_HTTP_CONNECTTIMEOUT", "30")):
+    os.environ.setdefault(_key, _value)
 
 
 class SourceError(ValueError):
@@ -74,6 +82,21 @@ def says_lat_lon(kinds: set[str]) -> bool:
     """Whether the CF ``units`` and ``standard_name`` values (lower case) of a raster's coordinates name latitude
     and longitude: a grid in degrees on WGS 84 (EPSG:4326) when nothing else gives its CRS."""
     return bool(kinds & (LAT_UNITS | {"latitude"}) and kinds & (LON_UNITS | {"longitude"}))
+
+
+def is_url(source: str | Path) -> bool:
+    """Whether ``source`` is a URL (``https://``, ``s3://``...), not a local path (``file://`` is local)."""
+    text = str(source)
+    return "://" in text and not text.startswith("file://")
+
+
+def open_url_raster(path: str):
+    """rasterio's dataset for a raster URL, opened without listing the folder it lies in (GDAL would otherwise
+    request the object store's listing for side-car files a COG does not have)."""
+    import rasterio
+
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"):
+        return rasterio.open(path)
 
 
 def local_file(path: str) -> str:

@@ -1,5 +1,6 @@
 """Scene discovery: a folder of GeoTIFF/COG/JPEG 2000 files, a Sentinel-2 SAFE product or its .zip, a NetCDF
-datacube (:mod:`geowm.netcdf`) or a STAC catalog/collection/item -> Scene records (:mod:`geowm.scene`).
+datacube (:mod:`geowm.netcdf`), a Zarr datacube (:mod:`geowm.zarrcube`), or STAC documents and API searches
+(:mod:`geowm.stacsource`) -> Scene records (:mod:`geowm.scene`).
 
 A :class:`Scene` is one acquisition footprint: its date, the files and band indexes that hold each
 band, and optionally a quality/cloud mask band. How each mission names, scales and masks its files is in
@@ -27,15 +28,13 @@ Rules (documented in the README):
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from geowm.bands import COMMON_NAMES, band_number, common_name_of, sensor_of
+from geowm.bands import band_number, common_name_of, sensor_of
 from geowm.products import (
     CLASSI_FILE,
     KNOWN_BIT_MASKS,
@@ -49,7 +48,6 @@ from geowm.products import (
     mtl_band,
     planet_scaling,
     product_scaling,
-    s2_item_scaling,
     safe_root,
     safe_scaling,
 )
@@ -58,16 +56,16 @@ from geowm.scene import (  # noqa: F401 (re-exported: discovery's records, for t
     BandRef,
     Scene,
     SourceError,
+    is_url,
     is_vector_mask,
     local_file,
     netcdf_variable,
     says_lat_lon,
 )
+from geowm.stacsource import RASTER_SUFFIXES, StacSearch, scenes_from_stac, search_stac_api
 from geowm.zarrcube import ZARR_SUFFIXES, is_zarr_store, scenes_from_zarr
 
-RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 ARCHIVE_SUFFIXES = (".zip",)  # read in place through GDAL's /vsizip/
-RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "cloud-optimized")
 
 # a band-like last token of a file stem: B2, B02, B8A, SR_B4, SCL, QA_PIXEL, Fmask, mask, cloud, red, nir08...
 _BAND_SUFFIX = re.compile(
@@ -83,7 +81,6 @@ AUXILIARY = re.compile(
     r"AOT|WVP|VISUAL|TCI|THUMBNAIL|PREVIEW)$", re.IGNORECASE)
 # a resolution token ending a file stem (Sentinel-2 L2A: T33UUP_20230601T100559_B04_10m)
 _RESOLUTION = re.compile(r"_(\d{1,4})m$", re.IGNORECASE)
-_SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 _DT_FULL = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})(?!\d)")
 _DT_DOY = re.compile(r"(?<!\d)(\d{4})(\d{3})T(\d{2})(\d{2})(\d{2})(?!\d)")  # HLS: year, day of year, time
 _DT_DATE = re.compile(r"(?<!\d)(\d{4})(\d{2})(\d{2})(?!\d)")
@@ -444,124 +441,6 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
     return scenes
 
 
-# ---------------------------------------------------------------- STAC
-
-
-def _is_raster_asset(asset) -> bool:
-    media = (asset.media_type or "").lower()
-    if media:
-        return any(h in media for h in RASTER_MEDIA_HINTS)
-    return asset.href.lower().endswith(RASTER_SUFFIXES)
-
-
-def _asset_bands(asset) -> tuple[list[str], list[str]] | None:
-    """The names and common names ("" unknown) of an asset's bands (STAC ``eo:bands``, or 1.1 ``bands``)."""
-    fields = asset.extra_fields
-    bands = fields.get("eo:bands") or fields.get("bands")
-    if bands:
-        return ([b.get("name") for b in bands],
-                [str(b.get("common_name") or b.get("eo:common_name") or "").lower() for b in bands])
-    return None
-
-
-def _asset_scaling(asset, doc: str) -> list[tuple[float | None, float | None]]:
-    """Per band of an asset, (scale, offset) from the STAC raster extension (``raster:bands``, or 1.1 ``bands``
-    with ``raster:scale`` / ``raster:offset``); (None, None) where not given."""
-    fields = asset.extra_fields
-    if fields.get("raster:bands"):
-        items = [(b.get("scale"), b.get("offset")) for b in fields["raster:bands"]]
-    else:
-        items = [(b.get("raster:scale"), b.get("raster:offset")) for b in fields.get("bands") or []]
-    out = []
-    for scale, offset in items:
-        try:
-            scale = None if scale is None else float(scale)
-            offset = None if offset is None else float(offset)
-        except (TypeError, ValueError):
-            raise SourceError(
-                f"{doc}: asset {asset.href}: raster scale/offset {scale!r}/{offset!r} are not numbers") from None
-        if scale is not None and (not math.isfinite(scale) or scale == 0) or \
-                offset is not None and not math.isfinite(offset):
-            raise SourceError(f"{doc}: asset {asset.href}: raster scale {scale!r} / offset {offset!r}: need a finite, "
-                              "non-zero scale and a finite offset")
-        out.append((scale, offset))
-    return out
-
-
-def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
-    import rasterio
-
-    if not _SAFE_ID.fullmatch(item.id or "") or set(item.id) == {"."}:
-        raise SourceError(f"{doc}: STAC item id {item.id!r} is not a safe name (letters, digits, '.', '_', '-' "
-                          "only; it becomes a file name in the geowm catalog)")
-    dt = item.datetime or item.common_metadata.start_datetime
-    if dt is None:
-        raise SourceError(f"{doc}: STAC item {item.id!r} has neither datetime nor start_datetime")
-    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    bands: dict[str, BandRef] = {}
-    common: dict[str, str] = {}
-    for key, asset in sorted(item.assets.items()):
-        if not _is_raster_asset(asset):
-            continue
-        href = asset.get_absolute_href() or asset.href
-        if "://" in href and not href.startswith("file://"):
-            path = href  # a URL: rasterio/GDAL reads it through its virtual file systems
-        else:
-            path = href.removeprefix("file://")
-            if not Path(path).is_file():
-                raise SourceError(f"{doc}: STAC item {item.id!r} asset {key!r} points at a missing file {path}")
-        named = _asset_bands(asset)
-        names, commons = named if named is not None else (None, [])
-        scaling = _asset_scaling(asset, doc)
-        if names is None:
-            try:
-                with rasterio.open(path) as src:
-                    descriptions = list(src.descriptions)
-            except rasterio.errors.RasterioIOError as exc:
-                raise SourceError(f"{path}: not a readable raster (STAC item {item.id!r}: {exc})") from None
-            names = [d or (key if len(descriptions) == 1 else f"{key}_{i + 1}") for i, d in
-                     enumerate(descriptions)]
-        for i, name in enumerate(names, start=1):
-            if not name:
-                raise SourceError(f"{doc}: STAC item {item.id!r} asset {key!r} band {i} has no name")
-            scale, offset = scaling[i - 1] if i <= len(scaling) else (None, None)
-            if scale is None and offset is None:
-                scale, offset = product_scaling(item.id, name) or s2_item_scaling(item, name) or (None, None)
-            bands[name] = BandRef(path, i, name, scale, offset)
-            if i <= len(commons) and commons[i - 1] in COMMON_NAMES:
-                common[name] = commons[i - 1]
-    if not bands:
-        raise SourceError(f"{doc}: STAC item {item.id!r} has no GeoTIFF/COG asset")
-    scene = Scene(item.id, dt, bands, origin=doc, common_names=common)
-    return with_mask(name_bands(scene, sensor_of(item.id, item.properties.get("platform"), list(bands))), mask_band)
-
-
-def _scenes_from_stac(path: Path, mask_band: str | None) -> list[Scene]:
-    import pystac
-
-    try:
-        json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceError(f"{path}: invalid STAC JSON ({exc})") from None
-    try:
-        obj = pystac.read_file(str(path))
-    except Exception as exc:  # pystac raises several types for malformed documents
-        raise SourceError(f"{path}: invalid STAC document ({type(exc).__name__}: {exc})") from None
-    if isinstance(obj, pystac.Item):
-        items: Iterable = [obj]
-    elif isinstance(obj, pystac.Catalog):  # also Collection
-        try:
-            items = list(obj.get_items(recursive=True))
-        except Exception as exc:
-            raise SourceError(f"{path}: cannot read the items of this STAC catalog ({exc})") from None
-    else:
-        raise SourceError(f"{path}: a STAC catalog, collection or item was expected, got {type(obj).__name__}")
-    scenes = [_scene_from_item(it, mask_band, str(path)) for it in items]
-    if not scenes:
-        raise SourceError(f"{path}: the STAC catalog holds no items")
-    return scenes
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -651,9 +530,12 @@ def set_mask_rule(scene: Scene, mask_clear: Iterable[int] | None, mask_bits: Ite
 
 
 def discover(source: str | Path, mask_band: str | None = None, mask_clear: Iterable[int] | None = None,
-             mask_bits: Iterable[int] | None = None, band_names: Iterable[str] | None = None) -> list[Scene]:
+             mask_bits: Iterable[int] | None = None, band_names: Iterable[str] | None = None,
+             search: StacSearch | None = None) -> list[Scene]:
     """Find the scenes of a folder of rasters (GeoTIFF, JPEG 2000, Sentinel-2 SAFE products unpacked or in their
-    .zip), of one SAFE .zip, or of a STAC catalog/collection/item JSON file.
+    .zip), of one SAFE .zip, of a NetCDF or Zarr datacube, of a STAC catalog/collection/item/item collection
+    (a local file or a URL: :mod:`geowm.stacsource`), or, with ``search``, of the items a STAC API at ``source``
+    (its landing page URL) returns for that search.
 
     ``mask_band`` names the quality band (default: SCL, UDM2, QA_PIXEL, Fmask, BQA, MSK_CLASSI, MSK_CLOUDS or QA60
     if present). It is read by value or bit by bit: ``mask_clear`` gives the values meaning "clear" (default for
@@ -672,16 +554,23 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         raise SourceError(f"{source}: mask bits {sorted(bits)}: give bit numbers from 0 (least significant) to "
                           f"{MAX_MASK_BIT}")
     path = Path(source)
-    names = None if band_names is None else check_band_names(band_names, path)
-    if not path.exists():
-        raise SourceError(f"{path}: no such file or folder")
+    names = None if band_names is None else check_band_names(band_names, source)
     found_mask = None if names else mask_band  # with new names, the mask is looked for among them
-    if is_zarr_store(path):
+    if search is not None:
+        if not is_url(source):
+            raise SourceError(f"{source}: a STAC API search (--collection) needs the API's URL "
+                              "(https://.../v1), not a local path")
+        scenes = search_stac_api(str(source), search, found_mask)
+    elif is_url(source):
+        scenes = scenes_from_stac(str(source), found_mask)
+    elif not path.exists():
+        raise SourceError(f"{path}: no such file or folder")
+    elif is_zarr_store(path):
         scenes = scenes_from_zarr(path, found_mask)
     elif path.is_dir():
         scenes = _scenes_from_folder(path, found_mask)
     elif path.suffix.lower() == ".json":
-        scenes = _scenes_from_stac(path, found_mask)
+        scenes = scenes_from_stac(path, found_mask)
     elif path.suffix.lower() in NETCDF_SUFFIXES:
         from geowm.netcdf import scenes_from_netcdf
 
@@ -696,7 +585,7 @@ def discover(source: str | Path, mask_band: str | None = None, mask_clear: Itera
         scenes = _scenes_from_files(files, found_mask, path)
     else:
         raise SourceError(f"{path}: expected a folder of GeoTIFFs, a .tif or .jp2 file, a Sentinel-2 SAFE .zip, a "
-                          "NetCDF (.nc) or Zarr (.zarr) datacube, or a STAC .json file")
+                          "NetCDF (.nc) or Zarr (.zarr) datacube, or a STAC .json file or URL")
     for s in scenes:
         if names:
             assign_band_names(s, names, mask_band)

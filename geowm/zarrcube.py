@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from geowm.scene import ZARR_VARIABLE, BandRef, Scene, SourceError, says_lat_lon
+from geowm.scene import ZARR_VARIABLE, BandRef, Scene, SourceError, is_url, open_url_raster, says_lat_lon
 
 ZARR_SUFFIXES = (".zarr",)
 _METADATA_FILES = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
@@ -363,6 +363,8 @@ def open_raster(path: str):
     """An open raster dataset for a band path: rasterio's, or a :class:`ZarrRaster` for ``ZARR:"<store>":/<var>``."""
     if zarr_ref(path) is not None:
         return ZarrRaster(path)
+    if is_url(path):
+        return open_url_raster(path)
     import rasterio
 
     return rasterio.open(path)

@@ -195,7 +195,7 @@ def test_stac_item_id_date_and_bands(tmp_path, item_id, dt, names, as_interval):
 
 @given(st.text(max_size=12), st.sampled_from(["/", "\\", "/../", "..\\", "\x00"]), st.text(max_size=12))
 def test_stac_item_ids_with_path_separators_never_pass(a, sep, b):
-    from geowm.sources import _SAFE_ID
+    from geowm.stacsource import SAFE_ID as _SAFE_ID
 
     assert not _SAFE_ID.fullmatch(a + sep + b)
 

@@ -61,6 +61,7 @@ from geowm.sources import (
     source_crs,
     with_mask,
 )
+from geowm.stacsource import StacSearch
 from geowm.zarrcube import open_raster
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
@@ -81,6 +82,10 @@ class IngestOptions:
     crs: str | None = None
     resolution: float | None = None
     bounds: tuple[float, float, float, float] | None = None
+    # west, south, east, north in degrees (WGS 84): a new cube's bounds when ``bounds`` is not given (and the
+    # search's area, with ``search``)
+    bbox: tuple[float, float, float, float] | None = None
+    search: StacSearch | None = None  # the source is a STAC API, searched so
     tile_size: int = 256
     time_chunk: int = 8
     bands: Sequence[str] | None = None
@@ -301,6 +306,11 @@ def _new_grid(infos: Sequence[FileInfo], opts: IngestOptions) -> CubeGrid:
         raise IngestError(f"no source is in {crs}; pass --resolution for the cube grid")
     if opts.bounds:
         bounds = opts.bounds
+    elif opts.bbox:
+        try:
+            bounds = transform_bounds("EPSG:4326", crs, *opts.bbox, densify_pts=21)
+        except Exception as exc:
+            raise IngestError(f"--bbox {opts.bbox}: cannot express it in {crs} ({exc})") from None
     else:
         bs = [transform_bounds(i.crs, crs, *_native_bounds(i), densify_pts=21) for i in infos]
         bounds = (min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs))
@@ -654,7 +664,12 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
     if opts.mask_buffer is not None and not (math.isfinite(opts.mask_buffer) and
                                              0 <= opts.mask_buffer <= MAX_MASK_BUFFER_M):
         raise IngestError(f"--mask-buffer {opts.mask_buffer!r}: metres, 0 to {MAX_MASK_BUFFER_M:g}")
-    scenes = discover(source, opts.mask_band, opts.mask_clear, opts.mask_bits, opts.band_names)
+    if opts.bbox is not None and opts.bounds is not None and opts.search is None:
+        raise IngestError("give the new cube's area as --bounds (cube CRS) or --bbox (degrees), not both")
+    search = opts.search
+    if search is not None and opts.bbox is not None and search.bbox is None:
+        search = replace(search, bbox=opts.bbox)
+    scenes = discover(source, opts.mask_band, opts.mask_clear, opts.mask_bits, opts.band_names, search)
     report = IngestReport(cube=cube)
     local = "://" not in cube
     existed = Path(cube).exists() if local else True

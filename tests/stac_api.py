@@ -1,0 +1,186 @@
+"""A small STAC API on 127.0.0.1 for tests: the landing page, conformance, collections and item search (GET and
+POST; collections, bbox, datetime, the query extension's ``eo:cloud_cover``, pages of ``limit`` items linked by
+``next``), beside the files its items point at, served with HTTP range requests as an object store serves COGs.
+Every request is logged; ``fail_once`` paths answer 503 the first time (a busy object store)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlparse
+
+CORE = "https://api.stacspec.org/v1.0.0/core"
+ITEM_SEARCH = "https://api.stacspec.org/v1.0.0/item-search"
+QUERY = "https://api.stacspec.org/v1.0.0/item-search#query"
+COLLECTIONS = "https://api.stacspec.org/v1.0.0/collections"
+
+
+def _when(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class StacApi:
+    def __init__(self, files: Path, items: list[dict], page_size: int = 3, query: bool = True,
+                 search: bool = True):
+        self.files, self.items, self.page_size = Path(files), items, page_size
+        self.conforms = [CORE, COLLECTIONS] + ([ITEM_SEARCH] + ([QUERY] if query else []) if search else [])
+        self.log: list[tuple[str, str, dict | None]] = []
+        self.fail_once: set[str] = set()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> StacApi:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def file_url(self, rel: str) -> str:
+        return f"{self.url}/files/{rel}"
+
+    def searches(self) -> list[dict]:
+        return [body for method, path, body in self.log if path.startswith("/search")]
+
+    # ------------------------------------------------------------------ the API
+
+    def _landing(self) -> dict:
+        u = self.url
+        links = [{"rel": "self", "href": f"{u}/", "type": "application/json"},
+                 {"rel": "root", "href": f"{u}/", "type": "application/json"},
+                 {"rel": "conformance", "href": f"{u}/conformance", "type": "application/json"},
+                 {"rel": "data", "href": f"{u}/collections", "type": "application/json"}]
+        if ITEM_SEARCH in self.conforms:
+            links += [{"rel": "search", "href": f"{u}/search", "type": "application/geo+json", "method": m}
+                      for m in ("GET", "POST")]
+        return {"type": "Catalog", "id": "test-api", "stac_version": "1.0.0", "description": "geowm test API",
+                "conformsTo": self.conforms, "links": links}
+
+    def _collection(self, cid: str) -> dict:
+        u = self.url
+        return {"type": "Collection", "id": cid, "stac_version": "1.0.0", "description": cid, "license": "proprietary",
+                "extent": {"spatial": {"bbox": [[-180, -90, 180, 90]]}, "temporal": {"interval": [[None, None]]}},
+                "links": [{"rel": "self", "href": f"{u}/collections/{cid}"}, {"rel": "root", "href": f"{u}/"}]}
+
+    def _search(self, params: dict, post: bool) -> dict:
+        cols = params.get("collections")
+        cols = cols.split(",") if isinstance(cols, str) else cols
+        bbox = params.get("bbox")
+        bbox = [float(v) for v in bbox.split(",")] if isinstance(bbox, str) else bbox
+        dt = params.get("datetime")
+        query = params.get("query")
+        query = json.loads(query) if isinstance(query, str) else query
+        found = []
+        for it in sorted(self.items, key=lambda i: (i["properties"]["datetime"], i["id"])):
+            if cols and it.get("collection") not in cols:
+                continue
+            if bbox:
+                w, s, e, n = it["bbox"]
+                if w > bbox[2] or e < bbox[0] or s > bbox[3] or n < bbox[1]:
+                    continue
+            if dt:
+                t = _when(it["properties"]["datetime"])
+                lo, _, hi = dt.partition("/") if "/" in dt else (dt, "", dt)
+                if lo not in ("", "..") and t < _when(lo) or hi not in ("", "..") and t > _when(hi):
+                    continue
+            cover = (query or {}).get("eo:cloud_cover", {})
+            if "lte" in cover and it["properties"].get("eo:cloud_cover", 0) > cover["lte"]:
+                continue
+            found.append(it)
+        limit = int(params.get("limit") or self.page_size)
+        limit = min(limit, self.page_size)
+        start = int(params.get("token") or 0)
+        page = found[start:start + limit]
+        links = []
+        if start + limit < len(found) and post:  # the next page as STAC API - Item Search links it
+            links.append({"rel": "next", "href": f"{self.url}/search", "method": "POST", "merge": True,
+                          "body": {"token": start + limit}, "type": "application/geo+json"})
+        elif start + limit < len(found):
+            nxt = {k: v for k, v in params.items() if k != "token"}
+            links.append({"rel": "next", "href": f"{self.url}/search?{urlencode({**nxt, 'token': start + limit})}",
+                          "method": "GET", "type": "application/geo+json"})
+        return {"type": "FeatureCollection", "features": page, "links": links,
+                "numberMatched": len(found), "numberReturned": len(page)}
+
+    def _handler(self):
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _json(self, obj: dict, code: int = 200) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _route(self, method: str, body: dict | None) -> None:
+                url = urlparse(self.path)
+                api.log.append((method, self.path, body))
+                if self.path in api.fail_once:
+                    api.fail_once.discard(self.path)
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if url.path.startswith("/files/"):
+                    return self._file(url.path[len("/files/"):], method == "HEAD")
+                if url.path in ("", "/"):
+                    return self._json(api._landing())
+                if url.path == "/conformance":
+                    return self._json({"conformsTo": api.conforms})
+                if url.path == "/collections":
+                    cids = sorted({it.get("collection") for it in api.items})
+                    return self._json({"collections": [api._collection(c) for c in cids], "links": []})
+                if url.path.startswith("/collections/"):
+                    return self._json(api._collection(url.path.split("/")[2]))
+                if url.path == "/search" and ITEM_SEARCH in api.conforms:
+                    params = body if body is not None else {k: v[0] for k, v in parse_qs(url.query).items()}
+                    return self._json(api._search(params, body is not None))
+                self._json({"code": "NotFound", "description": self.path}, 404)
+
+            def _file(self, rel: str, head: bool) -> None:
+                path = (api.files / rel).resolve()
+                if not path.is_file() or api.files.resolve() not in path.parents:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                data = path.read_bytes()
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes="):
+                    a, _, b = rng[6:].partition("-")
+                    a = int(a)
+                    b = min(int(b) if b else len(data) - 1, len(data) - 1)
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
+                    chunk = data[a:b + 1]
+                else:
+                    self.send_response(200)
+                    chunk = data
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Type", "image/tiff")
+                self.send_header("Content-Length", str(len(chunk)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(chunk)
+
+            def do_GET(self):  # noqa: N802
+                self._route("GET", None)
+
+            def do_HEAD(self):  # noqa: N802
+                self._route("HEAD", None)
+
+            def do_POST(self):  # noqa: N802
+                n = int(self.headers.get("Content-Length") or 0)
+                self._route("POST", json.loads(self.rfile.read(n) or b"{}"))
+
+        return Handler

@@ -1,0 +1,273 @@
+"""Ingest from a STAC API search and from STAC documents over HTTP: a real HTTP server on 127.0.0.1
+(``tests/stac_api.py``) serves the search, the items and their COGs with range requests, as Earth Search does."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import catalogued_item
+from pyproj import Transformer
+from stac_api import StacApi
+from typer.testing import CliRunner
+
+from catalog.stac import validate_catalog
+from geowm.cli import app
+from geowm.cube import IngestOptions, cube_checksum, ingest, open_cube
+from geowm.sources import SourceError, discover
+
+runner = CliRunner()
+N_ITEMS = 10
+COLLECTION = "sentinel-2-l2a"
+BANDS = {"blue": 1, "green": 2, "red": 3, "nir": 4}  # asset key (Earth Search's) -> band of the synthetic file
+
+
+def _cog(path: Path, data: np.ndarray, profile: dict, driver: str = "COG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof = {**profile, "driver": driver, "count": data.shape[0], "dtype": data.dtype.name}
+    for key in ("blockxsize", "blockysize", "tiled", "interleave", "compress", "photometric"):
+        prof.pop(key, None)
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+
+
+def _earth_search_items(region: Path, files: Path, url_of) -> list[dict]:
+    """N_ITEMS synthetic items from June as Earth Search publishes Sentinel-2 L2A: one COG per band (asset keys
+    blue, green, red, nir; eo:bands named so), ``scl`` with no eo:bands, and two assets that are not the
+    measurements: the 8-bit true-colour ``visual`` COG (eo:bands red, green, blue) and a JPEG 2000 copy of the red
+    band with no media type (``B04-jp2``), an ``overview`` COG of no named band, all of other values, and a
+    thumbnail."""
+    docs = [d for d in sorted((region / "stac").rglob("S2SYN_*.json"), key=lambda p: p.stem)
+            if d.stem >= "S2SYN_20210601"][:N_ITEMS]  # summer: clear, partly and fully cloudy scenes
+    items = []
+    for doc in docs:
+        src = json.loads(doc.read_text())
+        iid = src["id"]
+        refl = (doc.parent / src["assets"]["reflectance"]["href"]).resolve()
+        scl = (doc.parent / src["assets"]["SCL"]["href"]).resolve()
+        with rasterio.open(refl) as r:
+            data, profile = r.read(), r.profile
+        assets = {}
+        for key, b in BANDS.items():
+            _cog(files / iid / f"{key}.tif", data[b - 1:b], profile)
+            assets[key] = {"href": url_of(f"{iid}/{key}.tif"), "type": "image/tiff; application=geotiff; "
+                           "profile=cloud-optimized", "roles": ["data", "reflectance"],
+                           "eo:bands": [{"name": key, "common_name": key}],
+                           "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": 0}]}
+        shutil.copy(scl, files / iid / "SCL.tif")
+        assets["scl"] = {"href": url_of(f"{iid}/SCL.tif"), "roles": ["data"],
+                         "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                         "raster:bands": [{"nodata": 0, "data_type": "uint8"}]}
+        _cog(files / iid / "TCI.tif", np.full((3, *data.shape[1:]), 255, np.uint8), {**profile, "nodata": 0})
+        assets["visual"] = {"href": url_of(f"{iid}/TCI.tif"), "roles": ["visual"],
+                            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                            "eo:bands": [{"name": n, "common_name": n} for n in ("red", "green", "blue")]}
+        _cog(files / iid / "B04.jp2", np.full((1, *data.shape[1:]), 7, np.uint16), profile, "JP2OpenJPEG")
+        assets["B04-jp2"] = {"href": url_of(f"{iid}/B04.jp2"), "roles": ["data"],
+                             "eo:bands": [{"name": "red", "common_name": "red"}]}
+        _cog(files / iid / "quicklook.tif", np.full((1, *data.shape[1:]), 9, np.uint8), {**profile, "nodata": 0})
+        assets["overview"] = {"href": url_of(f"{iid}/quicklook.tif"), "roles": ["overview"],
+                              "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
+        assets["thumbnail"] = {"href": url_of(f"{iid}/thumb.jpg"), "type": "image/jpeg", "roles": ["thumbnail"]}
+        items.append({"type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": COLLECTION,
+                      "geometry": src["geometry"], "bbox": src["bbox"], "properties": {
+                          "datetime": src["properties"]["datetime"], "platform": "sentinel-2a",
+                          "eo:cloud_cover": src["properties"]["eo:cloud_cover"]},
+                      "assets": assets, "links": [], "stac_extensions": []})
+    return items
+
+
+@pytest.fixture(scope="module")
+def api_files(synth_region, tmp_path_factory):
+    """(files folder, items) with hrefs to be filled in per server (``{base}``)."""
+    files = tmp_path_factory.mktemp("stac_api") / "files"
+    items = _earth_search_items(synth_region, files, lambda rel: "{base}/files/" + rel)
+    return files, items
+
+
+def _serve(api_files, **kw) -> StacApi:
+    files, items = api_files
+    api = StacApi(files, [], **kw)
+    api.items = json.loads(json.dumps(items).replace("{base}", api.url))
+    return api
+
+
+def _bbox(synth_region) -> list[float]:
+    """A box of degrees inside the synthetic region (its middle half)."""
+    with rasterio.open(next((synth_region / "scenes").glob("*_SCL.tif"))) as r:
+        left, bottom, right, top = r.bounds
+        crs = r.crs
+    to_ll = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    dx, dy = (right - left) / 4, (top - bottom) / 4
+    w, s = to_ll.transform(left + dx, bottom + dy)
+    e, n = to_ll.transform(right - dx, top - dy)
+    return [round(w, 5), round(s, 5), round(e, 5), round(n, 5)]
+
+
+def test_a_stac_api_search_is_ingested_like_the_files(api_files, synth_region, tmp_path):
+    files, items = api_files
+    bbox = _bbox(synth_region)
+    times = sorted(it["properties"]["datetime"] for it in items)
+    window = f"{times[2][:10]}/{times[7][:10]}"  # whole days: pystac-client widens them to the day's end
+    cover = sorted(it["properties"]["eo:cloud_cover"] for it in items if times[2] <= it["properties"]["datetime"]
+                   <= times[7])
+    max_cloud = max(c for c in cover if c < max(cover))  # leaves out the cloudiest of the window
+    kept = sorted((it["properties"]["datetime"][:19], it["id"]) for it in items
+                  if window[:10] <= it["properties"]["datetime"][:10] <= window[11:]
+                  and it["properties"]["eo:cloud_cover"] <= max_cloud)
+    want = [t for t, _ in kept]
+    assert 2 <= len(want) < 6  # the filters leave some items out
+    cube, catalog = tmp_path / "cube", tmp_path / "catalog"
+    with _serve(api_files) as api:
+        res = runner.invoke(app, ["ingest", api.url, "--collection", COLLECTION, "--bbox", ",".join(map(str, bbox)),
+                                  "--datetime", window, "--max-cloud", str(max_cloud), "--cube", str(cube),
+                                  "--catalog", str(catalog), "--scheduler", "threads"])
+        assert res.exit_code == 0, res.output
+        assert api.searches()[0]["query"] == {"eo:cloud_cover": {"lte": max_cloud}}
+        assert api.searches()[0]["bbox"] == bbox
+        served = [path for method, path, _ in api.log if path.startswith("/files/")]
+        # re-run: nothing new, the cube unchanged
+        before = cube_checksum(cube)
+        res = runner.invoke(app, ["ingest", api.url, "--collection", COLLECTION, "--bbox", ",".join(map(str, bbox)),
+                                  "--datetime", window, "--max-cloud", str(max_cloud), "--cube", str(cube),
+                                  "--no-catalog", "--scheduler", "threads"])
+        assert res.exit_code == 0 and "nothing new" in res.output, res.output
+        assert (cube_checksum(cube) if cube.exists() else None) == before
+    assert not any(p.endswith(("TCI.tif", ".jp2", "quicklook.tif", "thumb.jpg")) for p in served)  # measurements
+    ds = open_cube(cube)
+    assert [str(t)[:19] for t in ds.time.values] == want
+    assert sorted(ds.common_name.values.tolist()) == ["blue", "green", "nir", "red"]
+    # the cube covers the bbox, not the scenes
+    to_utm = Transformer.from_crs("EPSG:4326", ds.rio.crs, always_xy=True)
+    x0, y0 = to_utm.transform(bbox[0], bbox[1])
+    x1, y1 = to_utm.transform(bbox[2], bbox[3])
+    assert ds.x.min() < x0 + 20 and ds.x.max() > x1 - 20 and ds.sizes["x"] < 256 * 0.6
+    # the values are the files' own, masked by their SCL: the same as the synthetic region's cube on that grid
+    ref = tmp_path / "ref"
+    ingest(synth_region / "stac" / "catalog.json", ref, IngestOptions(scheduler="threads", bbox=tuple(bbox)))
+    r = open_cube(ref).sel(time=ds.time.values)
+    order = [list(r.common_name.values).index(c) for c in ds.common_name.values]
+    got = ds.reflectance.values
+    exp = r.reflectance.values[:, order]
+    assert got.shape == exp.shape
+    np.testing.assert_array_equal(ds.valid.values, r.valid.values)
+    np.testing.assert_allclose(got, exp, rtol=0, atol=1e-6, equal_nan=True)
+    assert np.isfinite(got).mean() > 0.3 and (~ds.valid.values).any()
+    assert validate_catalog(catalog / "catalog.json") == []
+    item = catalogued_item(tmp_path, kept[0][1])
+    assert any(a["href"].startswith("http://127.0.0.1") for a in item["assets"].values())
+
+
+def test_search_pages_are_followed_and_too_many_items_refused(api_files, tmp_path):
+    with _serve(api_files, page_size=3) as api:
+        scenes = discover(api.url, search=_search())
+        assert len(scenes) == N_ITEMS  # 4 pages of 3
+        assert len(api.searches()) == 4
+        with pytest.raises(SourceError, match=f"more than 4 items match collections {COLLECTION}"):
+            discover(api.url, search=_search(max_items=4))
+        res = runner.invoke(app, ["ingest", api.url, "--collection", COLLECTION, "--max-items", "4",
+                                  "--cube", str(tmp_path / "cube")])
+    assert res.exit_code == 2 and "raise --max-items" in res.output
+    assert not (tmp_path / "cube").exists()
+
+
+def _search(**kw):
+    from geowm.stacsource import StacSearch
+
+    return StacSearch(collections=(COLLECTION,), **kw)
+
+
+def test_an_api_without_the_query_extension_is_filtered_by_cloud_cover_here(api_files):
+    files, items = api_files
+    limit = sorted(it["properties"]["eo:cloud_cover"] for it in items)[N_ITEMS // 2]
+    with _serve(api_files, query=False) as api:
+        scenes = discover(api.url, search=_search(max_cloud=limit))
+        assert "query" not in api.searches()[0] or api.searches()[0]["query"] is None
+    assert {s.id for s in scenes} == {it["id"] for it in items if it["properties"]["eo:cloud_cover"] <= limit}
+
+
+def test_the_bands_of_an_item_are_its_measurements(api_files):
+    """visual (8-bit true colour named red, green, blue), overview and B04-jp2 (a JPEG 2000 copy of red) are not
+    bands; SCL is the mask; the scale comes from raster:bands."""
+    with _serve(api_files) as api:
+        scene = discover(api.url, search=_search(datetime=api.items[0]["properties"]["datetime"]))[0]
+    assert sorted(scene.bands) == ["blue", "green", "nir", "red"]
+    assert all(ref.path.endswith(f"/{name}.tif") and ref.index == 1 for name, ref in scene.bands.items())
+    assert scene.common_names == {n: n for n in BANDS}
+    assert scene.mask.path.endswith("/SCL.tif") and scene.mask_clear
+    assert {ref.scale for ref in scene.bands.values()} == {0.0001}
+
+
+def test_a_saved_search_and_a_catalog_url_are_sources(api_files, tmp_path):
+    """An item collection (GeoJSON FeatureCollection: what `stac-client search --save` writes) as a local file, and
+    as a URL; a relative href resolved against the document."""
+    files, _ = api_files
+    with _serve(api_files) as api:
+        saved = tmp_path / "search.json"
+        saved.write_text(json.dumps({"type": "FeatureCollection", "features": api.items[:3]}))
+        assert [s.id for s in discover(saved)] == [it["id"] for it in api.items[:3]]
+        rel = json.loads(json.dumps(api.items[3]).replace(f"{api.url}/files/", ""))
+        (files / "one.json").write_text(json.dumps({"type": "FeatureCollection", "features": [rel]}))
+        scene = discover(api.file_url("one.json"))[0]
+        assert scene.bands["red"].path == api.file_url(f"{rel['id']}/red.tif")
+        res = runner.invoke(app, ["ingest", api.file_url("one.json"), "--cube", str(tmp_path / "c"), "--no-catalog",
+                                  "--scheduler", "threads"])
+        assert res.exit_code == 0, res.output
+    assert open_cube(tmp_path / "c").sizes["time"] == 1
+
+
+def test_a_busy_object_store_is_retried(api_files, tmp_path):
+    """503 on the first request of a band file: GDAL retries (GDAL_HTTP_MAX_RETRY), the ingest succeeds."""
+    with _serve(api_files) as api:
+        first = api.items[0]
+        api.fail_once = {f"/files/{first['id']}/nir.tif"}
+        res = runner.invoke(app, ["ingest", api.url, "--collection", COLLECTION, "--datetime",
+                                  first["properties"]["datetime"], "--cube", str(tmp_path / "c"), "--no-catalog",
+                                  "--scheduler", "threads"])
+        assert res.exit_code == 0, res.output
+        assert not api.fail_once  # the 503 was served
+    assert open_cube(tmp_path / "c").sizes["time"] == 1
+
+
+@pytest.mark.parametrize("case", ["unreachable", "not_an_api", "no_items", "bad_datetime", "missing_asset",
+                                  "bad_bbox", "local_path"])
+def test_a_search_that_cannot_be_ingested_is_refused_naming_it(api_files, synth_cube, tmp_path, case):
+    cube = tmp_path / "cube"  # a cube that holds other scenes (the missing asset's: none, it would skip them)
+    if case != "missing_asset":
+        shutil.copytree(synth_cube, cube)
+    before = cube_checksum(cube) if cube.exists() else None
+    with _serve(api_files, search=case != "not_an_api") as api:
+        url = api.url
+        args = ["--collection", COLLECTION]
+        match = url
+        if case == "unreachable":
+            url = "http://127.0.0.1:9"  # the discard port: nothing listens
+            match = "cannot open this STAC API"
+        elif case == "not_an_api":
+            match = "not a STAC API with item search"
+        elif case == "no_items":
+            args += ["--datetime", "1999-01-01/1999-12-31"]
+            match = "no item matches"
+        elif case == "bad_datetime":
+            args += ["--datetime", "last tuesday"]
+            match = "last tuesday"
+        elif case == "missing_asset":
+            first = api.items[0]
+            first["assets"]["nir"]["href"] = api.file_url("gone/nir.tif")
+            args += ["--datetime", first["properties"]["datetime"]]
+            match = "gone/nir.tif"
+        elif case == "bad_bbox":
+            args += ["--bbox", "15.1,48.7,15.0,48.8"]
+            match = "west < east"
+        elif case == "local_path":
+            url = str(tmp_path)
+            match = "needs the API's URL"
+        res = runner.invoke(app, ["ingest", url, *args, "--cube", str(cube), "--no-catalog",
+                                  "--scheduler", "threads"])
+    assert res.exit_code == 2, res.output
+    assert match in " ".join(res.output.split()), res.output
+    assert (cube_checksum(cube) if cube.exists() else None) == before
