@@ -63,10 +63,11 @@ def default_catalog(cube: str) -> Path:
 
 @flow(name=INGEST_FLOW)
 def ingest_flow(source: str, cube: str, catalog: str | None = None, scheduler: str | None = None,
-                tile_size: int = 256) -> dict:
-    """Ingest the new scenes of a folder of GeoTIFFs or a STAC catalog into a cube, then update the
-    STAC catalog (default: ``catalog`` beside the cube). Re-running changes nothing."""
-    report = t.ingest_scenes(source, cube, scheduler or t.default_ingest_scheduler(), tile_size)
+                tile_size: int = 256, search: dict | None = None) -> dict:
+    """Ingest the new scenes of a folder of GeoTIFFs or a STAC catalog (with ``search``: the new items of the STAC
+    API at ``source``, :func:`flows.tasks.stac_search`) into a cube, then update the STAC catalog (default:
+    ``catalog`` beside the cube). Re-running changes nothing."""
+    report = t.ingest_scenes(source, cube, scheduler or t.default_ingest_scheduler(), tile_size, search)
     if report["added_times"]:
         report["catalog"] = t.update_stac(str(catalog or default_catalog(cube)), cube, source)
     return report
@@ -138,11 +139,14 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
                   history_days: float = 365.0, threshold: float = 5.0, confirm_threshold: float = 4.0,
                   confirmations: int = 2, min_area_ha: float = 1.0, tile_px: int | None = None,
                   ingest_scheduler: str | None = None,
-                  device: str = "cpu") -> dict:
+                  device: str = "cpu", search: dict | None = None) -> dict:
     """One tick: new scenes of ``source`` -> cube -> forecast -> anomaly scores -> alerts -> STAC catalog.
 
     Args:
-        source: the watched folder of GeoTIFFs or STAC catalog/collection JSON.
+        source: the watched folder of GeoTIFFs or STAC catalog/collection JSON, or with ``search`` the URL of
+            a STAC API.
+        search: ``{collections, bbox, start, max_cloud, max_items}``: each tick searches the API for the items
+            from the cube's last date (``start`` for an empty cube) on (:func:`flows.tasks.stac_search`).
         cube, model, store, alerts: the cube, the trained run directory, the forecast store and the
             alerts folder (``alerts.geojson``, ``alerts.parquet``, ``scores.zarr``, ``surprise.zarr``).
         state_dir: the ledger and persisted task results (default: ``pipeline`` beside the cube).
@@ -166,12 +170,12 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
     with ledger.state_lock(work):
         before = t.cube_state(cube)
         doc = ledger.start(work, cube, [s["id"] for s in before["scenes"]])
-        found = t.discover_scenes(source)
+        found = t.discover_scenes(source, search, cube)
         known = {s["id"] for s in before["scenes"]}
         unseen = [s["id"] for s in found if s["id"] not in known]
         record["ingested"] = []
         if unseen:
-            report = t.ingest_scenes(source, cube, ingest_scheduler or t.default_ingest_scheduler())
+            report = t.ingest_scenes(source, cube, ingest_scheduler or t.default_ingest_scheduler(), 256, search)
             record["ingested"] = report["added_times"]
         state = t.cube_state(cube) if unseen else before
         todo = ledger.pending(doc, state["scenes"])

@@ -93,7 +93,9 @@ def build_deployments(cfg: ServeConfig) -> list:
     deps = [
         pipeline_flow.to_deployment("pipeline", parameters=pipe_params, tags=["geowm"], **schedule, **mod),
         ingest_flow.to_deployment("ingest", parameters=dict(source=cfg.source, cube=cfg.cube,
-                                                            **({"catalog": cfg.catalog} if cfg.catalog else {})),
+                                                            **({"catalog": cfg.catalog} if cfg.catalog else {}),
+                                                            **({"search": cfg.pipeline["search"]}
+                                                               if cfg.pipeline.get("search") else {})),
                                   tags=["geowm"], **mod),
         forecast_flow.to_deployment("forecast", parameters=dict(cube=cfg.cube, model=cfg.model, store=cfg.store,
                                                                 **state),

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -105,14 +106,48 @@ def cube_state(cube: str) -> dict:
             "scenes": [{"id": s["id"], "datetime": s["datetime"]} for s in state.sources]}
 
 
+def stac_search(search: dict | None, cube: str):
+    """The STAC API search of a scheduled ingest (:class:`geowm.stacsource.StacSearch`), or None.
+
+    ``search``: ``collections`` (ids), ``bbox`` (degrees), ``start`` (the first date to ingest), ``max_cloud``,
+    ``max_items``. Its window runs from the cube's last date (``start`` while the cube is empty) to now, so each
+    tick asks only for what is new; the items of the last date come back and are skipped by id."""
+    if not search:
+        return None
+    from geowm.stacsource import StacSearch, collections_of
+
+    unknown = set(search) - {"collections", "bbox", "start", "max_cloud", "max_items"}
+    if unknown:
+        raise ValueError(f"search: unknown keys {sorted(unknown)} (collections, bbox, start, max_cloud, max_items)")
+    times = cube_state.fn(cube)["times"] if cube else []
+    start = str(times[-1])[:10] if times else search.get("start")
+    bbox = search.get("bbox")
+    return StacSearch(collections_of(search.get("collections")), tuple(bbox) if bbox else None,
+                      f"{start}/.." if start else None, search.get("max_cloud"),
+                      int(search.get("max_items") or 1000))
+
+
 @task(name="discover-scenes", **IO)
-def discover_scenes(source: str) -> list[dict]:
-    """Scenes of a watched folder or STAC catalog (``{id, datetime}``, by date); reads headers only.
+def discover_scenes(source: str, search: dict | None = None, cube: str | None = None) -> list[dict]:
+    """Scenes of a watched folder or STAC catalog, or of a STAC API searched from ``cube``'s last date
+    (:func:`stac_search`) (``{id, datetime}``, by date); reads headers only.
 
     A watched folder that exists but holds no raster or SAFE archive yet has no scenes (a normal state before
-    the first delivery); a missing folder or catalog is an error naming the path."""
-    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, ZARR_SUFFIXES, discover
+    the first delivery), and so has a search that matches no item yet; a missing folder or catalog is an error
+    naming the path."""
+    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, ZARR_SUFFIXES, SourceError, discover
 
+    if search:
+        query = stac_search(search, cube or "")
+        try:
+            scenes = discover(source, search=query)
+        except SourceError as exc:
+            if "no item matches" not in str(exc):
+                raise
+            get_run_logger().info("no new item yet: %s", exc)
+            return []
+        get_run_logger().info("%d item(s) from %s (%s)", len(scenes), source, query.describe())
+        return [{"id": s.id, "datetime": s.datetime.isoformat()} for s in scenes]
     path = Path(source)
     kinds = RASTER_SUFFIXES + ARCHIVE_SUFFIXES + NETCDF_SUFFIXES
     if path.is_dir() and not any(p.suffix.lower() in kinds if p.is_file() else p.suffix.lower() in ZARR_SUFFIXES
@@ -125,20 +160,24 @@ def discover_scenes(source: str) -> list[dict]:
 
 
 @task(name="ingest", **IO)
-def ingest_scenes(source: str, cube: str, scheduler: str = "local", tile_size: int = 256) -> dict:
-    """Ingest the scenes of ``source`` not yet in ``cube`` (one atomic commit; a re-run changes nothing).
+def ingest_scenes(source: str, cube: str, scheduler: str = "local", tile_size: int = 256,
+                  search: dict | None = None) -> dict:
+    """Ingest the scenes of ``source`` (with ``search``: the items a STAC API returns, :func:`stac_search`) not
+    yet in ``cube`` (one atomic commit; a re-run changes nothing). A new cube covers the search's bbox.
 
     ``scheduler``: ``"local"`` (threads in this process, loopback only), a Dask scheduler address, or
     geowm's ``"synchronous"``/``"threads"``."""
     from geowm.cube.ingest import IngestOptions, ingest
 
+    query = stac_search(search, cube)
+    opts = IngestOptions(scheduler=scheduler, tile_size=tile_size, search=query, bbox=query.bbox if query else None)
     if scheduler == "local":  # threads in this process, every socket on loopback (geowm's "threads" mode
         from distributed import LocalCluster  # leaves the cluster's HTTP server on all interfaces)
 
         with LocalCluster(**local_cluster_kwargs(max(1, os.cpu_count() or 1), processes=False)) as cluster:
-            report = ingest(source, cube, IngestOptions(scheduler=cluster.scheduler_address, tile_size=tile_size))
+            report = ingest(source, cube, replace(opts, scheduler=cluster.scheduler_address))
     else:
-        report = ingest(source, cube, IngestOptions(scheduler=scheduler, tile_size=tile_size))
+        report = ingest(source, cube, opts)
     log = get_run_logger()
     if report.changed:
         log.info("ingested %d date(s) into %s in %.1f s (snapshot %s)", len(report.added_times), cube,

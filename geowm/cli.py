@@ -650,7 +650,17 @@ def calibrate(
 @app.command()
 def serve(
     source: str = typer.Option(..., "--source", help="Watched folder of GeoTIFFs, JPEG 2000 files or Sentinel-2 SAFE "
-                               "products (unpacked or .zip), or STAC catalog/collection JSON."),
+                               "products (unpacked or .zip), STAC catalog/collection JSON, or with --collection "
+                               "the URL of a STAC API searched each tick for the items since the cube's last "
+                               "date."),
+    collection: str | None = typer.Option(None, "--collection", help="--source is a STAC API: these collections "
+                                                                     "(comma-separated ids)."),
+    bbox: str | None = typer.Option(None, help="With --collection: the area searched (west,south,east,north in "
+                                               "degrees), and a new cube's bounds."),
+    start: str | None = typer.Option(None, help="With --collection: the first date searched while the cube is "
+                                                "empty (YYYY-MM-DD)."),
+    max_cloud: float | None = typer.Option(None, help="With --collection: leave out items above this "
+                                                      "eo:cloud_cover (percent)."),
     cube: str = typer.Option(..., "--cube", help="Cube the new scenes are ingested into."),
     model: str = typer.Option(..., "--model", help="Run directory of a trained model."),
     store: str = typer.Option(..., "--forecasts", help="Forecast store."),
@@ -678,12 +688,27 @@ def serve(
     if interval is None and cron is None:
         interval = 3600.0
     lead_days = _lead_days(leads)
+    search = None
+    if collection is not None:
+        from geowm.sources import SourceError
+        from geowm.stacsource import StacSearch, collections_of
+
+        area = _floats(bbox, 4, "--bbox")
+        try:
+            StacSearch(collections_of(collection), area, f"{start}/.." if start else None, max_cloud).check(source)
+        except SourceError as exc:
+            _fail(exc)
+        search = {"collections": list(collections_of(collection)), "bbox": list(area) if area else None,
+                  "start": start, "max_cloud": max_cloud}
+    elif bbox or start or max_cloud is not None:
+        _fail(ValueError("--bbox, --start and --max-cloud describe a STAC API search: give --collection too"))
     cfg = ServeConfig(source=source, cube=cube, model=model, store=store, alerts=alerts, state_dir=state_dir,
                       catalog=catalog, interval_s=interval, cron=cron, simulate_archive=simulate_archive,
                       simulate_days=simulate_days,
                       pipeline=dict(leads=lead_days, members=members, history_days=history_days, threshold=threshold,
                                     confirm_threshold=confirm_threshold, confirmations=confirmations,
-                                    **({"tile_px": tile_px} if tile_px else {})))
+                                    **({"tile_px": tile_px} if tile_px else {}),
+                                    **({"search": search} if search else {})))
     try:
         run_serve(cfg)
     except (ApiUnreachable, ValueError) as exc:

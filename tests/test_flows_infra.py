@@ -167,6 +167,11 @@ def test_serve_builds_the_deployments_with_schedules():
                                    history_days=90.0)
     assert deps["simulate"].parameters == dict(archive="arch", watched="w", days=3)
     assert not deps["forecast"].schedules and deps["forecast"].parameters["state_dir"] == "s"
+    search = {"collections": ["sentinel-2-l2a"], "bbox": [15.0, 48.7, 15.1, 48.8], "start": "2023-04-01",
+              "max_cloud": 80.0}
+    api = {d.name: d for d in build_deployments(ServeConfig(source="https://stac.example/v1", cube="c", model="m",
+                                                            store="f", alerts="a", pipeline={"search": search}))}
+    assert api["pipeline"].parameters["search"] == search and api["ingest"].parameters["search"] == search
     cron = build_deployments(ServeConfig(source="w", cube="c", model="m", store="f", alerts="a", interval_s=None,
                                          cron="0 6 * * *"))
     assert cron[0].schedules[0].schedule.cron == "0 6 * * *" and len(cron) == 4

@@ -271,3 +271,29 @@ def test_a_search_that_cannot_be_ingested_is_refused_naming_it(api_files, synth_
     assert res.exit_code == 2, res.output
     assert match in " ".join(res.output.split()), res.output
     assert (cube_checksum(cube) if cube.exists() else None) == before
+
+
+def test_the_scheduled_ingest_searches_from_the_cube_s_last_date(prefect_api, api_files, synth_region, tmp_path):
+    """The ingest flow with a search (as `geowm serve --collection` deploys it): the first tick takes the items
+    from ``start``, a later tick only those from the cube's last date on, and a tick with nothing new changes
+    nothing."""
+    from flows.pipeline import ingest_flow
+
+    cube = tmp_path / "cube"
+    bbox = _bbox(synth_region)
+    with _serve(api_files) as api:
+        items, api.items = api.items, api.items[:6]
+        search = {"collections": [COLLECTION], "bbox": bbox, "start": items[0]["properties"]["datetime"][:10]}
+        first = ingest_flow(api.url, str(cube), catalog=str(tmp_path / "cat"), scheduler="threads", search=search)
+        assert len(first["added_times"]) == 6
+        api.items = items  # four more items published since
+        second = ingest_flow(api.url, str(cube), catalog=str(tmp_path / "cat"), scheduler="threads", search=search)
+        third = ingest_flow(api.url, str(cube), catalog=str(tmp_path / "cat"), scheduler="threads", search=search)
+        windows = [b["datetime"] for b in api.searches() if "token" not in b]  # the first page of each search
+    assert [t[:19] for t in second["added_times"]] == [it["properties"]["datetime"][:19] for it in items[6:]]
+    assert third["added_times"] == [] and third["skipped"] == 1  # the item of the cube's last date, skipped
+    assert windows[0].startswith(items[0]["properties"]["datetime"][:10])
+    assert windows[1].startswith(items[5]["properties"]["datetime"][:10]) and windows[1].endswith("..")
+    assert len(windows) == 3
+    assert open_cube(cube).sizes["time"] == N_ITEMS
+    assert open_cube(cube).sizes["x"] < 256 * 0.6  # the bbox, not the scenes
