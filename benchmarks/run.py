@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # run order; module benchmarks.bench_<name>
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard", "skill",
-              "efficiency")
+BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard",
+              "skill", "efficiency")
 MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")

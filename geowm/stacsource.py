@@ -38,6 +38,7 @@ RENDERING_ROLES = frozenset({"visual", "overview", "thumbnail"})  # pictures of 
 RENDERING_KEYS = frozenset({"visual", "tci", "rendered_preview", "preview", "thumbnail"})
 SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 MAX_ITEMS_DEFAULT = 1000
+OPEN_THREADS = 8  # files opened at once for their headers: round trips to an object store overlap
 
 
 # ---------------------------------------------------------------- assets
@@ -162,14 +163,14 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
 
 
 def _scenes(items: Iterable, mask_band: str | None, doc: str) -> list[Scene]:
-    seen: set[str] = set()
-    scenes = []
-    for it in items:
-        if it.id in seen:  # one item listed twice (two collections, two pages of a search)
-            continue
-        seen.add(it.id)
-        scenes.append(_scene_from_item(it, mask_band, doc))
-    return scenes
+    """One scene per item (an item listed twice, by two collections or two pages of a search, once). Items are
+    read on ``OPEN_THREADS`` threads: naming the bands of an asset without ``eo:bands`` opens its file, a round
+    trip each over the network."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = list({it.id: it for it in reversed(list(items))}.values())[::-1]  # the first of each id, in order
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        return list(pool.map(lambda it: _scene_from_item(it, mask_band, doc), unique))
 
 
 # ---------------------------------------------------------------- documents

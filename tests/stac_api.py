@@ -6,12 +6,18 @@ Every request is logged; ``fail_once`` paths answer 503 the first time (a busy o
 from __future__ import annotations
 
 import json
+import shutil
 import threading
+import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse
 
+import numpy as np
+import rasterio
+
+BANDS = {"blue": 1, "green": 2, "red": 3, "nir": 4}  # asset key (Earth Search's) -> band of the synthetic file
 CORE = "https://api.stacspec.org/v1.0.0/core"
 ITEM_SEARCH = "https://api.stacspec.org/v1.0.0/item-search"
 QUERY = "https://api.stacspec.org/v1.0.0/item-search#query"
@@ -24,8 +30,9 @@ def _when(text: str) -> datetime:
 
 class StacApi:
     def __init__(self, files: Path, items: list[dict], page_size: int = 3, query: bool = True,
-                 search: bool = True):
+                 search: bool = True, latency_s: float = 0.0):
         self.files, self.items, self.page_size = Path(files), items, page_size
+        self.latency_s = latency_s  # added to every answer: a server across the internet, not on loopback
         self.conforms = [CORE, COLLECTIONS] + ([ITEM_SEARCH] + ([QUERY] if query else []) if search else [])
         self.log: list[tuple[str, str, dict | None]] = []
         self.fail_once: set[str] = set()
@@ -125,12 +132,16 @@ class StacApi:
             def _route(self, method: str, body: dict | None) -> None:
                 url = urlparse(self.path)
                 api.log.append((method, self.path, body))
+                if api.latency_s:
+                    time.sleep(api.latency_s)
                 if self.path in api.fail_once:
                     api.fail_once.discard(self.path)
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if url.path == "/_requests":  # how many requests came before this one (another process asks)
+                    return self._json({"requests": len(api.log) - 1})
                 if url.path.startswith("/files/"):
                     return self._file(url.path[len("/files/"):], method == "HEAD")
                 if url.path in ("", "/"):
@@ -154,18 +165,19 @@ class StacApi:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
-                data = path.read_bytes()
+                size = path.stat().st_size
                 rng = self.headers.get("Range")
+                a, b = 0, size - 1
                 if rng and rng.startswith("bytes="):
-                    a, _, b = rng[6:].partition("-")
-                    a = int(a)
-                    b = min(int(b) if b else len(data) - 1, len(data) - 1)
+                    lo, _, hi = rng[6:].partition("-")
+                    a, b = int(lo), min(int(hi) if hi else size - 1, size - 1)
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
-                    chunk = data[a:b + 1]
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{size}")
                 else:
                     self.send_response(200)
-                    chunk = data
+                with path.open("rb") as f:  # only the bytes asked for, as an object store serves a range
+                    f.seek(a)
+                    chunk = f.read(b - a + 1)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "image/tiff")
                 self.send_header("Content-Length", str(len(chunk)))
@@ -184,3 +196,78 @@ class StacApi:
                 self._route("POST", json.loads(self.rfile.read(n) or b"{}"))
 
         return Handler
+
+
+def _cog(path: Path, data: np.ndarray, profile: dict, driver: str = "COG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof = {**profile, "driver": driver, "count": data.shape[0], "dtype": data.dtype.name}
+    for key in ("blockxsize", "blockysize", "tiled", "interleave", "compress", "photometric"):
+        prof.pop(key, None)
+    with rasterio.open(path, "w", **prof) as dst:
+        dst.write(data)
+
+
+def earth_search_items(region: Path, files: Path, url_of, n: int, collection: str,
+                       since: str = "S2SYN_20210601") -> list[dict]:
+    """``n`` items of a synthetic region (``geowm synth``) from ``since`` on (summer: clear, partly and fully
+    cloudy scenes), in ``collection``, as Earth Search publishes Sentinel-2 L2A: one COG per band (asset keys
+    blue, green, red, nir; eo:bands named so), ``scl`` with no eo:bands, and two assets that are not the
+    measurements: the 8-bit true-colour ``visual`` COG (eo:bands red, green, blue) and a JPEG 2000 copy of the red
+    band with no media type (``B04-jp2``), an ``overview`` COG of no named band, all of other values, and a
+    thumbnail."""
+    docs = [d for d in sorted((region / "stac").rglob("S2SYN_*.json"), key=lambda p: p.stem)
+            if d.stem >= since][:n]
+    items = []
+    for doc in docs:
+        src = json.loads(doc.read_text())
+        iid = src["id"]
+        refl = (doc.parent / src["assets"]["reflectance"]["href"]).resolve()
+        scl = (doc.parent / src["assets"]["SCL"]["href"]).resolve()
+        with rasterio.open(refl) as r:
+            data, profile = r.read(), r.profile
+        assets = {}
+        for key, b in BANDS.items():
+            _cog(files / iid / f"{key}.tif", data[b - 1:b], profile)
+            assets[key] = {"href": url_of(f"{iid}/{key}.tif"), "type": "image/tiff; application=geotiff; "
+                           "profile=cloud-optimized", "roles": ["data", "reflectance"],
+                           "eo:bands": [{"name": key, "common_name": key}],
+                           "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": 0}]}
+        shutil.copy(scl, files / iid / "SCL.tif")
+        assets["scl"] = {"href": url_of(f"{iid}/SCL.tif"), "roles": ["data"],
+                         "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                         "raster:bands": [{"nodata": 0, "data_type": "uint8"}]}
+        _cog(files / iid / "TCI.tif", np.full((3, *data.shape[1:]), 255, np.uint8), {**profile, "nodata": 0})
+        assets["visual"] = {"href": url_of(f"{iid}/TCI.tif"), "roles": ["visual"],
+                            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
+                            "eo:bands": [{"name": n, "common_name": n} for n in ("red", "green", "blue")]}
+        _cog(files / iid / "B04.jp2", np.full((1, *data.shape[1:]), 7, np.uint16), profile, "JP2OpenJPEG")
+        assets["B04-jp2"] = {"href": url_of(f"{iid}/B04.jp2"), "roles": ["data"],
+                             "eo:bands": [{"name": "red", "common_name": "red"}]}
+        _cog(files / iid / "quicklook.tif", np.full((1, *data.shape[1:]), 9, np.uint8), {**profile, "nodata": 0})
+        assets["overview"] = {"href": url_of(f"{iid}/quicklook.tif"), "roles": ["overview"],
+                              "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
+        assets["thumbnail"] = {"href": url_of(f"{iid}/thumb.jpg"), "type": "image/jpeg", "roles": ["thumbnail"]}
+        items.append({"type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": collection,
+                      "geometry": src["geometry"], "bbox": src["bbox"], "properties": {
+                          "datetime": src["properties"]["datetime"], "platform": "sentinel-2a",
+                          "eo:cloud_cover": src["properties"]["eo:cloud_cover"]},
+                      "assets": assets, "links": [], "stac_extensions": []})
+    return items
+
+
+def main() -> None:
+    """``python -m tests.stac_api FILES ITEMS.json [LATENCY_S]``: serve in a process of its own (a benchmark's
+    server must not share the GIL with the ingest it measures); prints the URL, serves until killed. The items'
+    hrefs may hold ``{base}``, replaced by the server's URL."""
+    import sys
+
+    files, items = Path(sys.argv[1]), Path(sys.argv[2])
+    api = StacApi(files, [], page_size=10, latency_s=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+    api.items = json.loads(items.read_text().replace("{base}", api.url))
+    print(api.url, flush=True)
+    with api:
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard", "skill",
-              "efficiency")
+BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard",
+              "skill", "efficiency")
 PLOTS = {"scaling": ["scaling.png"]}  # benchmark -> the PNG files it must write next to its JSON
 SIGNED = ("_exponent",)  # headline metrics that may be zero or negative (fitted exponents)
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
@@ -65,6 +65,8 @@ def test_correctness_checks(smoke_results: Path) -> None:
     ingest = json.loads((smoke_results / "ingest.json").read_text())["results"]
     assert ingest["cubes_identical"] and ingest["bytes_match"]
     assert ingest["zarr_source"]["values_equal"]  # the same pixels as a Zarr datacube make the same cube
+    stac_api = json.loads((smoke_results / "stac_api.json").read_text())["results"]
+    assert stac_api["values_equal"]  # items from a STAC API over HTTP make the cube their local files make
     insert = json.loads((smoke_results / "store_choice.json").read_text())["results"]["insert"]
     assert insert["icechunk"]["correct"] and insert["plain_zarr_wal"]["correct"]
     loader = json.loads((smoke_results / "loader.json").read_text())["results"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
 from conftest import catalogued_item
 from pyproj import Transformer
-from stac_api import StacApi
+from stac_api import StacApi, earth_search_items
 from typer.testing import CliRunner
 
 from catalog.stac import validate_catalog
@@ -23,69 +22,13 @@ from geowm.sources import SourceError, discover
 runner = CliRunner()
 N_ITEMS = 10
 COLLECTION = "sentinel-2-l2a"
-BANDS = {"blue": 1, "green": 2, "red": 3, "nir": 4}  # asset key (Earth Search's) -> band of the synthetic file
-
-
-def _cog(path: Path, data: np.ndarray, profile: dict, driver: str = "COG") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof = {**profile, "driver": driver, "count": data.shape[0], "dtype": data.dtype.name}
-    for key in ("blockxsize", "blockysize", "tiled", "interleave", "compress", "photometric"):
-        prof.pop(key, None)
-    with rasterio.open(path, "w", **prof) as dst:
-        dst.write(data)
-
-
-def _earth_search_items(region: Path, files: Path, url_of) -> list[dict]:
-    """N_ITEMS synthetic items from June as Earth Search publishes Sentinel-2 L2A: one COG per band (asset keys
-    blue, green, red, nir; eo:bands named so), ``scl`` with no eo:bands, and two assets that are not the
-    measurements: the 8-bit true-colour ``visual`` COG (eo:bands red, green, blue) and a JPEG 2000 copy of the red
-    band with no media type (``B04-jp2``), an ``overview`` COG of no named band, all of other values, and a
-    thumbnail."""
-    docs = [d for d in sorted((region / "stac").rglob("S2SYN_*.json"), key=lambda p: p.stem)
-            if d.stem >= "S2SYN_20210601"][:N_ITEMS]  # summer: clear, partly and fully cloudy scenes
-    items = []
-    for doc in docs:
-        src = json.loads(doc.read_text())
-        iid = src["id"]
-        refl = (doc.parent / src["assets"]["reflectance"]["href"]).resolve()
-        scl = (doc.parent / src["assets"]["SCL"]["href"]).resolve()
-        with rasterio.open(refl) as r:
-            data, profile = r.read(), r.profile
-        assets = {}
-        for key, b in BANDS.items():
-            _cog(files / iid / f"{key}.tif", data[b - 1:b], profile)
-            assets[key] = {"href": url_of(f"{iid}/{key}.tif"), "type": "image/tiff; application=geotiff; "
-                           "profile=cloud-optimized", "roles": ["data", "reflectance"],
-                           "eo:bands": [{"name": key, "common_name": key}],
-                           "raster:bands": [{"nodata": 0, "data_type": "uint16", "scale": 0.0001, "offset": 0}]}
-        shutil.copy(scl, files / iid / "SCL.tif")
-        assets["scl"] = {"href": url_of(f"{iid}/SCL.tif"), "roles": ["data"],
-                         "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                         "raster:bands": [{"nodata": 0, "data_type": "uint8"}]}
-        _cog(files / iid / "TCI.tif", np.full((3, *data.shape[1:]), 255, np.uint8), {**profile, "nodata": 0})
-        assets["visual"] = {"href": url_of(f"{iid}/TCI.tif"), "roles": ["visual"],
-                            "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                            "eo:bands": [{"name": n, "common_name": n} for n in ("red", "green", "blue")]}
-        _cog(files / iid / "B04.jp2", np.full((1, *data.shape[1:]), 7, np.uint16), profile, "JP2OpenJPEG")
-        assets["B04-jp2"] = {"href": url_of(f"{iid}/B04.jp2"), "roles": ["data"],
-                             "eo:bands": [{"name": "red", "common_name": "red"}]}
-        _cog(files / iid / "quicklook.tif", np.full((1, *data.shape[1:]), 9, np.uint8), {**profile, "nodata": 0})
-        assets["overview"] = {"href": url_of(f"{iid}/quicklook.tif"), "roles": ["overview"],
-                              "type": "image/tiff; application=geotiff; profile=cloud-optimized"}
-        assets["thumbnail"] = {"href": url_of(f"{iid}/thumb.jpg"), "type": "image/jpeg", "roles": ["thumbnail"]}
-        items.append({"type": "Feature", "stac_version": "1.0.0", "id": iid, "collection": COLLECTION,
-                      "geometry": src["geometry"], "bbox": src["bbox"], "properties": {
-                          "datetime": src["properties"]["datetime"], "platform": "sentinel-2a",
-                          "eo:cloud_cover": src["properties"]["eo:cloud_cover"]},
-                      "assets": assets, "links": [], "stac_extensions": []})
-    return items
 
 
 @pytest.fixture(scope="module")
 def api_files(synth_region, tmp_path_factory):
     """(files folder, items) with hrefs to be filled in per server (``{base}``)."""
     files = tmp_path_factory.mktemp("stac_api") / "files"
-    items = _earth_search_items(synth_region, files, lambda rel: "{base}/files/" + rel)
+    items = earth_search_items(synth_region, files, lambda rel: "{base}/files/" + rel, N_ITEMS, COLLECTION)
     return files, items
 
 
@@ -197,7 +140,7 @@ def test_the_bands_of_an_item_are_its_measurements(api_files):
         scene = discover(api.url, search=_search(datetime=api.items[0]["properties"]["datetime"]))[0]
     assert sorted(scene.bands) == ["blue", "green", "nir", "red"]
     assert all(ref.path.endswith(f"/{name}.tif") and ref.index == 1 for name, ref in scene.bands.items())
-    assert scene.common_names == {n: n for n in BANDS}
+    assert scene.common_names == {n: n for n in ('blue', 'green', 'red', 'nir')}
     assert scene.mask.path.endswith("/SCL.tif") and scene.mask_clear
     assert {ref.scale for ref in scene.bands.values()} == {0.0001}
 

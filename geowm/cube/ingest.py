@@ -54,6 +54,7 @@ from geowm.sources import (
     discover,
     is_auxiliary_band,
     is_unnamed,
+    is_url,
     is_vector_mask,
     natural_key,
     scene_fingerprints,
@@ -61,7 +62,7 @@ from geowm.sources import (
     source_crs,
     with_mask,
 )
-from geowm.stacsource import StacSearch
+from geowm.stacsource import OPEN_THREADS, StacSearch
 from geowm.zarrcube import open_raster
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
@@ -195,6 +196,17 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
             count=src.count, width=src.width, height=src.height,
             pixel_bytes=sum(np.dtype(d).itemsize for d in src.dtypes) * src.width * src.height,
         )
+
+
+def _inspect_all(paths: Sequence[str], cube_crs: str | None, max_pixels: int) -> dict[str, FileInfo]:
+    """:func:`inspect_file` of every path, on ``OPEN_THREADS`` threads where some are URLs (their round trips
+    overlap); the first bad file in ``paths`` order raises, as one by one."""
+    if not any(is_url(p) for p in paths):
+        return {p: inspect_file(p, cube_crs, max_pixels) for p in paths}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        return dict(zip(paths, pool.map(lambda p: inspect_file(p, cube_crs, max_pixels), paths), strict=True))
 
 
 def _check_vector_mask(path: str) -> None:
@@ -449,12 +461,20 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
         v = g["valid"][lo:hi, region.y, region.x]
         for k, j in old:
             data[k], valid[k] = r[j - lo], v[j - lo]
-    seen = set()
-    for k, (kind, scenes) in enumerate(entries):
-        if kind == "new":
-            read = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling], buffer_px)
-            data[k], valid[k], has_data = read
-            seen.update(s.id for s, yes in zip(scenes, has_data, strict=True) if yes)
+    news = [(k, scenes) for k, (kind, scenes) in enumerate(entries) if kind == "new"]
+
+    def read(k: int, scenes) -> list[str]:  # into its own date of the block; the ids of the scenes with data
+        data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling], buffer_px)
+        return [s.id for s, yes in zip(scenes, has_data, strict=True) if yes]
+
+    if len(news) > 1 and any(is_url(p) for _, scenes in news for s in scenes for p in s.files):
+        from concurrent.futures import ThreadPoolExecutor  # reads of URLs wait on the network: overlap the dates
+
+        with ThreadPoolExecutor(min(OPEN_THREADS, len(news))) as pool:
+            found = list(pool.map(lambda item: read(*item), news))
+    else:
+        found = [read(k, scenes) for k, scenes in news]
+    seen = {sid for ids in found for sid in ids}
     out = zarr.open_group(fork.store, mode="r+")
     out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
     out["valid"][t0: t0 + n, region.y, region.x] = valid
@@ -690,13 +710,14 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
         bands = _resolve_bands(new, state, opts.bands)
         common = _common_names(new, bands, state)
         cube_crs = state.grid.crs if state else opts.crs
-        infos = {}
+        rasters = []
         for s in new:
             for ref in [*(s.bands[b] for b in bands), *([s.mask] if s.mask else [])]:
                 if is_vector_mask(ref.path):  # polygons, no grid of their own: read them now, to fail before writing
                     _check_vector_mask(ref.path)
-                elif ref.path not in infos:
-                    infos[ref.path] = inspect_file(ref.path, cube_crs, opts.max_pixels)
+                else:
+                    rasters.append(ref.path)
+        infos = _inspect_all(list(dict.fromkeys(rasters)), cube_crs, opts.max_pixels)
         grid = state.grid if state else _new_grid(list(infos.values()), opts)
         if state is None:  # bounds were in each file's own CRS: express them in the new cube's
             if grid.width * grid.height > opts.max_pixels:
