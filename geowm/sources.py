@@ -215,7 +215,9 @@ def scene_fingerprints(scene: Scene, known: dict[str, list] | None = None,
                        memo: dict[str, list] | None = None) -> dict[str, list] | None:
     """:func:`file_fingerprints` of a scene's files, except that a variable of a Zarr datacube is fingerprinted by
     the values of the scene's time step in it: appending dates to a store, or rewriting others, leaves the
-    scenes it held as they were (a NetCDF file, written whole, is fingerprinted as a file)."""
+    scenes it held as they were (a NetCDF file, written whole, is fingerprinted as a file). The values are read
+    only where the objects holding them changed size or time since ``known``
+    (:func:`geowm.zarrcube.step_fingerprint`)."""
     from geowm.zarrcube import step_fingerprint, zarr_ref
 
     refs = [*scene.bands.values(), *([scene.mask] if scene.mask else [])]
@@ -224,7 +226,7 @@ def scene_fingerprints(scene: Scene, known: dict[str, list] | None = None,
     if out is None:
         return None
     for path in sorted(steps):
-        out[path] = step_fingerprint(path, sorted({r.index for r in refs if r.path == path}))
+        out[path] = step_fingerprint(path, sorted({r.index for r in refs if r.path == path}), (known or {}).get(path))
     return out
 
 

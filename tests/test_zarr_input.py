@@ -36,7 +36,7 @@ def _data(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def band_per_variable(path, rho: np.ndarray, scl: np.ndarray, zarr_format: int, *, chunks: int = 16,
-                      times: pd.DatetimeIndex = TIMES) -> None:
+                      times: pd.DatetimeIndex = TIMES, shards: tuple[int, int, int] | None = None) -> None:
     """As xarray writes a Dataset of one variable per band (``time, y, x``): int16 reflectance with CF scale_factor,
     add_offset and _FillValue, SCL, x/y pixel centres in metres and rioxarray's ``spatial_ref`` grid mapping."""
     x = 500000 + 10 * np.arange(W) + 5
@@ -49,7 +49,7 @@ def band_per_variable(path, rho: np.ndarray, scl: np.ndarray, zarr_format: int, 
     for v in (*BANDS, "SCL"):
         ds[v].attrs["grid_mapping"] = "spatial_ref"
     enc = {b: {"dtype": "int16", "scale_factor": 1e-4, "add_offset": -0.1, "_FillValue": -9999,
-               "chunks": (1, chunks, chunks)} for b in BANDS}
+               "chunks": (1, chunks, chunks), **({"shards": shards} if shards else {})} for b in BANDS}
     ds.to_zarr(path, mode="w", zarr_format=zarr_format, encoding=enc, consolidated=False)
 
 
@@ -113,6 +113,47 @@ def test_a_store_grown_by_appending_dates_adds_them(tmp_path, zarr_format):
     report = ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
     assert len(report.added_times) == 1 and len(report.skipped_scenes) == 2
     np.testing.assert_allclose(open_cube(tmp_path / "cube").reflectance.values, rho, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["v2", "v3", "v3-sharded"])
+def test_dates_already_ingested_are_checked_without_reading_their_values(tmp_path, monkeypatch, layout):
+    """A re-ingest of a store compares the size and time of the chunk (or shard) files of each date it holds, as a
+    file's size and mtime are compared: unchanged dates are not read again; a date rewritten in place is read,
+    and refused as other content; a date appended is read alone."""
+    rho, scl = _data(6)
+    store = tmp_path / "series.zarr"
+    fmt = 2 if layout == "v2" else 3
+    shards = (2, 24, 40) if layout == "v3-sharded" else None
+    band_per_variable(store, rho[:2], scl[:2], fmt, chunks=8, times=TIMES[:2], shards=shards)
+    ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
+    reads: list[tuple[str, int]] = []
+    real = ZarrRaster.read
+
+    def counted(self, index, window=None):
+        reads.append((self.name, index))
+        return real(self, index, window)
+
+    monkeypatch.setattr(ZarrRaster, "read", counted)
+    report = ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
+    assert not report.changed and len(report.skipped_scenes) == 2 and reads == []
+    # a date appended: only its values are read (its fingerprint and pixels); sharded, it starts a new shard
+    band_per_variable(tmp_path / "next.zarr", rho[2:], scl[2:], fmt, chunks=8, times=TIMES[2:], shards=shards)
+    nxt = xr.open_zarr(tmp_path / "next.zarr", consolidated=False).load()  # in memory: a shard takes it whole
+    for v in nxt.variables.values():
+        v.encoding = {}
+    nxt.to_zarr(store, append_dim="time", consolidated=False)
+    report = ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
+    assert len(report.added_times) == 1 and len(report.skipped_scenes) == 2
+    assert {i for _, i in reads} == {3}  # 1-based time steps: the third
+    # a date rewritten in place with other values: its chunks changed, it is read and refused
+    reads.clear()
+    import zarr
+
+    g = zarr.open_group(store, mode="r+")
+    g["B04"][0, 16:, 32:] = g["B04"][0, 16:, 32:] + 1  # the last chunk: sharded, inside shard 0's one object
+    with pytest.raises(IngestError, match="already in the cube with other content"):
+        ingest(store, tmp_path / "cube", IngestOptions(**OPTS))
+    assert {i for _, i in reads} == {1}  # the date rewritten is read (and refused first); not the others
 
 
 def test_a_band_dimension_of_names_south_up_lat_lon(tmp_path, tif):
