@@ -110,21 +110,23 @@ def stac_search(search: dict | None, cube: str):
     """The STAC API search of a scheduled ingest (:class:`geowm.stacsource.StacSearch`), or None.
 
     ``search``: ``collections`` (ids), ``bbox`` (degrees), ``start`` (the first date to ingest), ``max_cloud``,
-    ``max_items``. Its window runs from the cube's last date (``start`` while the cube is empty) to now, so each
-    tick asks only for what is new; the items of the last date come back and are skipped by id."""
+    ``max_items``, ``sign`` (tokens are fetched anew each tick). Its window runs from the cube's last date
+    (``start`` while the cube is empty) to now, so each tick asks only for what is new; the items of the last date
+    come back and are skipped by id."""
     if not search:
         return None
     from geowm.stacsource import StacSearch, collections_of
 
-    unknown = set(search) - {"collections", "bbox", "start", "max_cloud", "max_items"}
+    unknown = set(search) - {"collections", "bbox", "start", "max_cloud", "max_items", "sign"}
     if unknown:
-        raise ValueError(f"search: unknown keys {sorted(unknown)} (collections, bbox, start, max_cloud, max_items)")
+        raise ValueError(f"search: unknown keys {sorted(unknown)} (collections, bbox, start, max_cloud, max_items, "
+                         "sign)")
     times = cube_state.fn(cube)["times"] if cube else []
     start = str(times[-1])[:10] if times else search.get("start")
     bbox = search.get("bbox")
     return StacSearch(collections_of(search.get("collections")), tuple(bbox) if bbox else None,
                       f"{start}/.." if start else None, search.get("max_cloud"),
-                      int(search.get("max_items") or 1000))
+                      int(search.get("max_items") or 1000), search.get("sign"))
 
 
 @task(name="discover-scenes", **IO)

@@ -143,6 +143,8 @@ def ingest(
                                                       "is above this percentage (the mask still decides "
                                                       "per pixel)."),
     max_items: int = typer.Option(1000, help="With --collection: refuse a search matching more items than this."),
+    sign: str | None = typer.Option(None, help="With --collection: sign the assets' hrefs: planetary-computer (SAS "
+                                               "tokens) or none (default: planetary-computer for its API)."),
     tile_size: int = typer.Option(256, help="New cube only: tile (spatial chunk) size in pixels."),
     time_chunk: int = typer.Option(8, help="New cube only: dates per chunk."),
     bands: str | None = typer.Option(None, help="New cube only: comma-separated bands to keep, by name or by STAC "
@@ -200,10 +202,10 @@ def ingest(
         check_bbox(area, source)
         search = None
         if collection is not None:
-            search = StacSearch(collections_of(collection), area, datetime_range, max_cloud, max_items)
+            search = StacSearch(collections_of(collection), area, datetime_range, max_cloud, max_items, sign)
             search.check(source)
-        elif datetime_range is not None or max_cloud is not None:
-            raise SourceError("--datetime and --max-cloud filter a STAC API search: give --collection too")
+        elif datetime_range is not None or max_cloud is not None or sign is not None:
+            raise SourceError("--datetime, --max-cloud and --sign belong to a STAC API search: give --collection too")
     except SourceError as exc:
         _fail(exc)
     opts = IngestOptions(

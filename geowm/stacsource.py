@@ -232,13 +232,17 @@ class StacSearch:
     """A STAC API item search: ``collections`` (ids), ``bbox`` (west, south, east, north in degrees, WGS 84),
     ``datetime`` (an RFC 3339 instant or interval, ``2023-01-01/2023-06-30``; open ends ``..``), ``max_cloud``
     (items whose ``eo:cloud_cover`` is above this percentage are left out; items without it are kept, their
-    mask decides), ``max_items`` (more matches than this is an error, not a silent cut)."""
+    mask decides), ``max_items`` (more matches than this is an error, not a silent cut), ``sign`` (how the
+    assets' hrefs are signed: :data:`SIGNERS`; None: the Planetary Computer's SAS tokens for its API)."""
 
     collections: tuple[str, ...]
     bbox: tuple[float, float, float, float] | None = None
     datetime: str | None = None
     max_cloud: float | None = None
     max_items: int = MAX_ITEMS_DEFAULT
+    # how asset hrefs are signed: "planetary-computer" (SAS tokens), "none"; None: the Planetary Computer's for
+    # its API, none for others
+    sign: str | None = None
 
     def check(self, where: str) -> None:
         """Raise :class:`SourceError` on a search that cannot be meant (no collection, a bbox off the globe or
@@ -250,6 +254,8 @@ class StacSearch:
             raise SourceError(f"{where}: --max-cloud {self.max_cloud!r}: a percentage, 0 to 100")
         if self.max_items < 1:
             raise SourceError(f"{where}: --max-items {self.max_items}: at least 1")
+        if self.sign is not None and self.sign not in SIGNERS:
+            raise SourceError(f"{where}: --sign {self.sign!r}: one of {', '.join(SIGNERS)}")
 
     def describe(self) -> str:
         parts = [f"collections {','.join(self.collections)}"]
@@ -296,7 +302,53 @@ def search_stac_api(url: str, search: StacSearch, mask_band: str | None) -> list
         items = [it for it in items if not _cloudier(it, search.max_cloud)]
     if not items:
         raise SourceError(f"{url}: no item matches {search.describe()}")
+    if search.sign == "planetary-computer" or search.sign is None and is_planetary_computer(url):
+        sign_planetary_computer(items, url)
     return _scenes(items, mask_band, url)
+
+
+# ---------------------------------------------------------------- signed hrefs (Microsoft Planetary Computer)
+
+PC_API_HOST = "planetarycomputer.microsoft.com"
+PC_SAS_URL = f"https://{PC_API_HOST}/api/sas/v1/token"  # PC_SDK_SAS_URL overrides it, as for Microsoft's own SDK
+BLOB_HOST = ".blob.core.windows.net"
+SIGNERS = ("planetary-computer", "none")
+
+
+def is_planetary_computer(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    return (urlparse(url).hostname or "").endswith(PC_API_HOST)
+
+
+def sign_planetary_computer(items: Iterable, where: str) -> None:
+    """Append a SAS token to the href of every asset in Azure Blob Storage (``<account>.blob.core.windows.net/
+    <container>/...``) that has none, as the Planetary Computer's data require: one token per account and
+    container, from its token service (``PC_SDK_SAS_URL``; ``PC_SDK_SUBSCRIPTION_KEY`` sent as
+    ``Ocp-Apim-Subscription-Key`` when set). A token that cannot be had is an error naming the asset."""
+    import os
+    import urllib.request
+    from urllib.parse import urlparse
+
+    tokens: dict[tuple[str, str], str] = {}
+    base = os.environ.get("PC_SDK_SAS_URL", PC_SAS_URL).rstrip("/")
+    key = os.environ.get("PC_SDK_SUBSCRIPTION_KEY")
+    for item in items:
+        for asset in item.assets.values():
+            u = urlparse(asset.href)
+            if not (u.hostname or "").endswith(BLOB_HOST) or "sig=" in u.query:
+                continue
+            account, container = u.hostname.split(".")[0], u.path.lstrip("/").split("/")[0]
+            if (account, container) not in tokens:
+                try:
+                    req = urllib.request.Request(f"{base}/{account}/{container}",
+                                                 headers={"Ocp-Apim-Subscription-Key": key} if key else {})
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        tokens[account, container] = str(json.loads(r.read())["token"]).lstrip("?")
+                except Exception as exc:  # connection errors, HTTP errors, an answer without a token
+                    raise SourceError(f"{where}: STAC item {item.id!r}: no SAS token for {account}/{container} "
+                                      f"from {base} ({type(exc).__name__}: {exc})") from None
+            asset.href = f"{asset.href}{'&' if u.query else '?'}{tokens[account, container]}"
 
 
 def _cloudier(item, max_cloud: float) -> bool:

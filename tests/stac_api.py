@@ -18,6 +18,9 @@ import numpy as np
 import rasterio
 
 BANDS = {"blue": 1, "green": 2, "red": 3, "nir": 4}  # asset key (Earth Search's) -> band of the synthetic file
+BLOB_HOST = ".blob.core.windows.net"  # Azure Blob Storage hosts, served here as a proxy (the Planetary Computer)
+SAS_PATH = "/api/sas/v1/token/"
+SIGNATURE = "geowm-test-signature"
 CORE = "https://api.stacspec.org/v1.0.0/core"
 ITEM_SEARCH = "https://api.stacspec.org/v1.0.0/item-search"
 QUERY = "https://api.stacspec.org/v1.0.0/item-search#query"
@@ -140,6 +143,13 @@ class StacApi:
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                     return
+                if (url.hostname or "").endswith(BLOB_HOST):  # as the HTTP proxy GDAL is told to use (tests)
+                    if f"sig={SIGNATURE}" not in url.query:
+                        return self._json({"code": "AuthenticationFailed", "description": "no SAS token"}, 403)
+                    return self._file(url.path.lstrip("/").partition("/")[2], method == "HEAD")
+                if url.path.startswith(SAS_PATH):  # /api/sas/v1/token/<account>/<container>
+                    return self._json({"msft:expiry": "2099-01-01T00:00:00Z",
+                                       "token": f"st=2026-01-01&se=2099-01-01&sp=rl&sr=c&sig={SIGNATURE}"})
                 if url.path == "/_requests":  # how many requests came before this one (another process asks)
                     return self._json({"requests": len(api.log) - 1})
                 if url.path.startswith("/files/"):

@@ -11,7 +11,7 @@ import pytest
 import rasterio
 from conftest import catalogued_item
 from pyproj import Transformer
-from stac_api import StacApi, earth_search_items
+from stac_api import SIGNATURE, StacApi, earth_search_items
 from typer.testing import CliRunner
 
 from catalog.stac import validate_catalog
@@ -240,3 +240,34 @@ def test_the_scheduled_ingest_searches_from_the_cube_s_last_date(prefect_api, ap
     assert len(windows) == 3
     assert open_cube(cube).sizes["time"] == N_ITEMS
     assert open_cube(cube).sizes["x"] < 256 * 0.6  # the bbox, not the scenes
+
+
+def test_planetary_computer_assets_are_signed(api_files, tmp_path, monkeypatch):
+    """Assets in Azure Blob Storage get a SAS token from the token service (one per account and container), as
+    the Planetary Computer's do; unsigned, the store refuses them (403) and so does the ingest. GDAL reaches the
+    blob host through the test server as its HTTP proxy."""
+    with _serve(api_files) as api:
+        blob = "http://pcstore.blob.core.windows.net/sentinel-2"
+        api.items = json.loads(json.dumps(api.items[:2]).replace(f"{api.url}/files", blob))
+        monkeypatch.setenv("PC_SDK_SAS_URL", f"{api.url}/api/sas/v1/token")
+        monkeypatch.setenv("GDAL_HTTP_PROXY", api.url.removeprefix("http://"))
+        args = ["ingest", api.url, "--collection", COLLECTION, "--no-catalog", "--scheduler", "threads"]
+        res = runner.invoke(app, [*args, "--sign", "none", "--cube", str(tmp_path / "unsigned")])
+        assert res.exit_code == 2 and "403" in res.output and "pcstore.blob.core.windows.net" in res.output
+        assert not (tmp_path / "unsigned").exists()
+        api.log.clear()
+        res = runner.invoke(app, [*args, "--sign", "planetary-computer", "--cube", str(tmp_path / "signed")])
+        assert res.exit_code == 0, res.output
+        tokens = [p for _, p, _ in api.log if p.startswith("/api/sas/v1/token/")]
+        blobs = [p for _, p, _ in api.log if "blob.core.windows.net" in p]
+        api.log.clear()
+        monkeypatch.setenv("PC_SDK_SAS_URL", f"{api.url}/nothing-here")
+        res = runner.invoke(app, [*args, "--sign", "planetary-computer", "--cube", str(tmp_path / "c3")])
+    from geowm.stacsource import is_planetary_computer  # signed by default: the Planetary Computer's own API
+
+    assert is_planetary_computer("https://planetarycomputer.microsoft.com/api/stac/v1")
+    assert not is_planetary_computer("https://earth-search.aws.element84.com/v1")
+    assert tokens == ["/api/sas/v1/token/pcstore/sentinel-2"]  # one token for the account and container
+    assert blobs and all(f"sig={SIGNATURE}" in p for p in blobs)
+    assert open_cube(tmp_path / "signed").sizes["time"] == 2
+    assert res.exit_code == 2 and "no SAS token for pcstore/sentinel-2" in " ".join(res.output.split())
