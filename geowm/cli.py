@@ -245,6 +245,18 @@ def ingest(
     _catalog(catalog, no_catalog, cube, lambda d: update_catalog(d, cube, source))
 
 
+def _files_text(files: list[str]) -> str:
+    """What a scene is read from, in words: ``5 variables of series.zarr`` (a datacube), ``13 files in
+    S2B_...zip`` (an archive), ``5 files, URLs``, ``2 files``."""
+    from geowm.scene import is_url, local_file
+
+    holders = sorted({local_file(f) for f in files})
+    if len(holders) == 1 and holders[0] not in files:  # variables of one datacube, or members of one archive
+        name = Path(holders[0]).name
+        return f"{len(files)} {'files in' if name.lower().endswith('.zip') else 'variables of'} {name}"
+    return f"{len(files)} file(s)" + (", URLs" if all(is_url(f) for f in files) else "")
+
+
 def _print_plan(report, as_json: bool) -> None:
     """The plan of ``geowm ingest --dry-run``: as JSON, or each scene's bands (dtype, scale and offset read at)
     and mask, then the cube it would make or add to."""
@@ -269,7 +281,7 @@ def _print_plan(report, as_json: bool) -> None:
         for name, b in sc["bands"].items():
             kinds.setdefault(f"{b['dtype']}, {scaling(b)}", []).append(name)
         mask = sc["mask"]
-        line(f"{sc['id']}  {sc['datetime'][:19]}  ({len(sc['files'])} file(s))")
+        line(f"{sc['id']}  {sc['datetime'][:19]}  ({_files_text(sc['files'])})")
         for k, names in kinds.items():
             line(f"  bands {','.join(names)}: {k}")
         line(f"  mask  {mask['band']}: {describe_mask_rule(mask)}" if mask else "  mask  none: covered = clear")

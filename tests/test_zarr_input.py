@@ -156,6 +156,20 @@ def test_dates_already_ingested_are_checked_without_reading_their_values(tmp_pat
     assert {i for _, i in reads} == {1}  # the date rewritten is read (and refused first); not the others
 
 
+def test_the_dry_run_names_the_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from geowm.cli import app
+
+    rho, scl = _data(7)
+    band_per_variable(tmp_path / "series.zarr", rho, scl, 3)
+    res = CliRunner().invoke(app, ["ingest", str(tmp_path / "series.zarr"), "--cube", str(tmp_path / "cube"),
+                                   "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "series_20230105T102000  2023-01-05T10:20:00  (5 variables of series.zarr)" in res.output
+    assert not (tmp_path / "cube").exists()
+
+
 def test_a_band_dimension_of_names_south_up_lat_lon(tmp_path, tif):
     """``(time, band, lat, lon)`` as stackstac and odc-stac load it, with the band coordinate naming the bands
     (``red``, ``nir``...) and latitude stored south to north: named bands, an EPSG:4326 grid, rows north-up."""
