@@ -255,10 +255,11 @@ def natural_key(name: str) -> tuple:
 
 
 
-def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None, list[bool]]:
+def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None, list[bool], list[bool]]:
     """Band count, band descriptions, the date of its tags (or None) and, per band, whether it has scale/offset
-    tags."""
+    tags and whether it is an alpha band (RGBA: the other bands' validity mask, not a band)."""
     import rasterio
+    from rasterio.enums import ColorInterp
 
     try:
         with rasterio.open(path) as src:
@@ -266,6 +267,7 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
             descriptions = list(src.descriptions)
             tags = src.tags()
             tagged = [(s, o) != (1.0, 0.0) for s, o in zip(src.scales, src.offsets, strict=True)]
+            alpha = [c == ColorInterp.alpha for c in src.colorinterp]
     except rasterio.errors.RasterioIOError as exc:
         raise SourceError(f"{path}: not a readable raster ({exc})") from None
     dt = None
@@ -275,7 +277,7 @@ def _tiff_meta(path: str | Path) -> tuple[int, list[str | None], datetime | None
             if dt is None:
                 raise SourceError(f"{path}: unparseable date in GeoTIFF tag {key}={tags[key]!r}")
             break
-    return count, descriptions, dt, tagged
+    return count, descriptions, dt, tagged, alpha
 
 
 def _scenes_from_folder(folder: Path, mask_band: str | None) -> list[Scene]:
@@ -409,9 +411,9 @@ def _scenes_from_files(found: list[str], mask_band: str | None, where: Path) -> 
         bands: dict[str, BandRef] = {}
         dates: list[tuple[datetime, str]] = []
         for path, suffix in sorted(members, key=lambda m: _file_resolution(m[0]) or 0.0):  # finest first
-            count, descriptions, dt, tagged = _tiff_meta(path)
+            count, descriptions, dt, tagged, alpha = _tiff_meta(path)
             for i, name in enumerate(_file_band_names(path, suffix, descriptions), start=1):
-                if name is None:
+                if name is None or alpha[i - 1]:  # an alpha band masks the others (the reader applies it)
                     continue
                 if name in bands:
                     if _file_resolution(path) and _file_resolution(bands[name].path):

@@ -143,6 +143,50 @@ def test_mask_buffer_grows_the_mask_across_tiles_and_a_bad_buffer_is_refused(tmp
     assert buffer_pixels(geo, 20) == 2  # 0.0001 degree: 11.1 m at the equator
 
 
+def _masked_tif(path: Path, how: str) -> None:
+    """Bands of 1000 left of column 40 and of 1234 right of it, where a validity mask says no data; no nodata
+    value. The mask: an internal per-dataset mask (``GDAL_TIFF_INTERNAL_MASK``) of 4 bands B02, B03, B04, B08, or
+    the alpha band of an RGBA file (B04, B03, B02 and alpha)."""
+    data = np.full((4, 64, 64), 1000, np.uint16)
+    data[:, :, 40:] = 1234  # looks like data: only the mask tells
+    mask = np.full((64, 64), 255, np.uint8)
+    mask[:, 40:] = 0
+    prof = dict(driver="GTiff", width=64, height=64, dtype="uint16", crs="EPSG:32633", tiled=True, blockxsize=32,
+                blockysize=32, transform=Affine(10, 0, 500000, 0, -10, 5400000))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        if how == "internal mask":
+            names = ("B02", "B03", "B04", "B08")
+            with rasterio.open(path, "w", count=4, **prof) as dst:
+                dst.write(data)
+                dst.write_mask(mask)
+        else:
+            names = ("B04", "B03", "B02")
+            with rasterio.open(path, "w", count=4, photometric="RGB", alpha="YES", **prof) as dst:
+                dst.write(np.concatenate([data[:3], mask[None].astype(np.uint16) * 257]))
+        with rasterio.open(path, "r+") as dst:
+            for i, name in enumerate(names, start=1):
+                dst.set_band_description(i, name)
+
+
+@pytest.mark.parametrize("how", ["internal mask", "alpha band"])
+@pytest.mark.parametrize("grid", ["same grid", "warped"])
+def test_a_validity_mask_beside_the_bands_is_no_data(tmp_path, how, grid):
+    """A GeoTIFF whose footprint is a mask band (COGs of warped scenes; RGBA files), not a nodata value: the
+    pixels it masks are not observations, on the file's own grid and warped; an alpha band is not a cube band."""
+    _masked_tif(tmp_path / "src" / "S2X_20230601T100000.tif", how)
+    opts = IngestOptions(scheduler="synchronous", **({"crs": "EPSG:32634", "resolution": 10.0} if grid == "warped"
+                                                      else {}))
+    ingest(tmp_path / "src", tmp_path / "cube", opts)
+    ds = open_cube(tmp_path / "cube")
+    assert list(ds.band.values) == (["B02", "B03", "B04", "B08"] if how == "internal mask" else ["B02", "B03", "B04"])
+    valid, refl = ds.valid.values[0], ds.reflectance.values[0]
+    assert valid.sum() > 1500  # the 40 unmasked columns of 64 x 64 px
+    np.testing.assert_array_equal(refl[:, valid], 1000)  # nothing of what the mask hides
+    if grid == "same grid":
+        assert valid[:, :40].all() and not valid[:, 40:].any()
+
+
 def test_round_trip_exact_values_and_mask(tmp_path):
     src = tmp_path / "src"
     written = {d: make_scene(src, d, i) for i, d in enumerate(days(5))}

@@ -72,6 +72,27 @@ def implicit_nodata(dtype: str, nodata: float | None) -> float | None:
     return None
 
 
+def has_mask_band(src, index: int) -> bool:
+    """Whether band ``index`` of ``src`` has a validity mask of its own beside any nodata value: a per-dataset
+    mask (a GeoTIFF's internal mask, ``GDAL_TIFF_INTERNAL_MASK``, or a ``.msk`` side-car, as COG tools write the
+    footprint of a warped scene) or an alpha band (RGBA); 0 in it is no data."""
+    from rasterio.enums import MaskFlags
+
+    flags = getattr(src, "mask_flag_enums", None)  # a Zarr datacube (ZarrRaster) has none: its _FillValue says
+    if not flags:
+        return False
+    return bool({MaskFlags.per_dataset, MaskFlags.alpha} & set(flags[index - 1]))
+
+
+def alpha_band(src) -> int:
+    """The 1-based index of the alpha band of ``src`` (RGBA), 0 if none (GDAL's warper applies a per-dataset mask
+    of its own accord, an alpha band only when told)."""
+    from rasterio.enums import ColorInterp
+
+    interp = getattr(src, "colorinterp", None) or ()
+    return next((i for i, c in enumerate(interp, start=1) if c == ColorInterp.alpha), 0)
+
+
 def _is_fill(values: np.ndarray, fill: float | None) -> np.ndarray:
     if fill is None:
         return np.zeros(values.shape, bool)
@@ -106,6 +127,8 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
             win = Window(c0 - col0, r0 - row0, c1 - c0, r1 - r0)
             vals = src.read(ref.index, window=win)
             ok = ~_is_fill(vals, src_fill)
+            if has_mask_band(src, ref.index):  # GDAL's warper applies it itself on the other path
+                ok &= src.read_masks(ref.index, window=win) > 0
             dst = (slice(r0 - tile.y.start, r1 - tile.y.start), slice(c0 - tile.x.start, c1 - tile.x.start))
             if frm is not None:
                 vals = _fit(_rescale(vals, frm, to), out.dtype, fill_out)
@@ -119,7 +142,7 @@ def _read_band(src, ref: BandRef, grid: CubeGrid, tile: Tile, out: np.ndarray, f
         source=source, destination=tmp,
         src_transform=src_transform, src_crs=src_crs, src_nodata=src_fill,
         dst_transform=dst_transform, dst_crs=grid.crs, dst_nodata=np.nan,
-        resampling=resampling,
+        resampling=resampling, **({"src_alpha": alpha} if (alpha := alpha_band(src)) else {}),
     )
     covered = ~np.isnan(tmp)
     if frm is not None:
