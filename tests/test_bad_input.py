@@ -151,6 +151,19 @@ def test_unexpected_dtype(existing):
     run_bad(existing, bad, "S2T_20210601T103021.tif", "unexpected dtype float32")
 
 
+@pytest.mark.parametrize("new_cube", [False, True])
+def test_complex_values_are_refused(existing, new_cube):
+    """Complex values (a SAR single-look complex product): refused naming the file, not a traceback (a ValueError
+    from the encoding before)."""
+    bad = existing / "bad"
+    write_tif(bad / "S2T_20210601T103021.tif", np.ones((4, 16, 16), np.complex64), descriptions=BANDS)
+    if new_cube:
+        res = runner.invoke(app, ["ingest", str(bad), "--cube", str(existing / "new"), "--scheduler", "synchronous"])
+        assert res.exit_code == 2 and "complex64 values" in res.output and not (existing / "new").exists()
+    else:
+        run_bad(existing, bad, "S2T_20210601T103021.tif", "complex64 values")
+
+
 @pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
 def test_corrupt_block_data_fails_during_read_and_cleans_up(existing, scheduler):
     """Header fine, compressed bytes garbled: found only while reading pixels, after chunks were written; on a

@@ -186,6 +186,10 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
                 "(raise --max-pixels if this is intended)"
             )
         _check_not_truncated(src, path)
+        if any(np.dtype(d).kind not in "uif" for d in src.dtypes):
+            kinds = sorted({d for d in src.dtypes if np.dtype(d).kind not in "uif"})
+            raise IngestError(f"{path}: {', '.join(kinds)} values: geowm ingests real numbers (reflectance, "
+                              "backscatter); take the intensity or amplitude of complex (SAR SLC) data first")
         crs = src_crs.to_string()
         bounds = tuple(src.bounds)
         if cube_crs is not None:
