@@ -29,11 +29,11 @@ import rasterio
 from pystac.extensions.datacube import DatacubeExtension, Dimension, DimensionType, Variable, VariableType
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
-from rasterio.warp import transform_bounds, transform_geom
+from rasterio.warp import transform_bounds
 from shapely.geometry import box, mapping
 
 from geowm.atomic import atomic_write_text
-from geowm.scene import is_url, is_vector_mask, local_file, netcdf_variable
+from geowm.scene import footprint, is_url, is_vector_mask, local_file, netcdf_variable
 from geowm.sources import source_crs
 from geowm.zarrcube import open_raster, zarr_ref
 
@@ -69,29 +69,21 @@ def _collection(cat: pystac.Catalog, cid: str, description: str) -> pystac.Colle
     return coll
 
 
-def _footprint(paths: list[str]) -> tuple[dict, list[float], dict]:
-    """Union footprint (GeoJSON in EPSG:4326), bbox and projection info of a scene's files."""
-    shapes, proj = [], {}
+def _footprint(paths: list[str]) -> dict:
+    """:func:`geowm.scene.footprint` of a scene's files, opened (cubes from before ingest recorded it)."""
+    parts = []
     for p in paths:
         if is_vector_mask(p):  # a GML cloud mask: polygons inside the footprint of the scene's bands
             continue
         with open_raster(p) as src:
-            crs = source_crs(src, p)
-            geom = transform_geom(crs, "EPSG:4326", mapping(box(*src.bounds)), precision=7)
-            shapes.append(geom)
-            if not proj:
-                proj = {"epsg": crs.to_epsg(), "shape": [src.height, src.width],
-                        "transform": list(src.transform)[:6]}
-    from shapely.geometry import shape
-    from shapely.ops import unary_union
-
-    u = unary_union([shape(g) for g in shapes])
-    return mapping(u), list(u.bounds), proj
+            parts.append((source_crs(src, p).to_string(), tuple(src.transform)[:6], src.width, src.height))
+    return footprint(parts)
 
 
 def _scene_item(src: dict) -> pystac.Item:
     files = list(src["files"])
-    geom, bbox, proj = _footprint(files)
+    where = src.get("footprint") or _footprint(files)  # recorded at ingest: no source is opened again
+    geom, bbox, proj = where["geometry"], where["bbox"], where["proj"]
     dt = datetime.fromisoformat(src["datetime"])
     item = pystac.Item(src["id"], geom, bbox, dt, properties={})
     for f in files:

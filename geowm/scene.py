@@ -90,6 +90,41 @@ def is_url(source: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+SIGNATURE_PARAMS = ("sig=", "x-amz-signature=", "signature=")  # Azure SAS, S3 and other presigned URLs
+
+
+def public_href(path: str) -> str:
+    """``path`` as a record may keep it: a URL signed for reading (an Azure SAS token, a presigned S3 URL) without
+    its query, which expires and grants access; anything else as it is."""
+    if is_url(path) and "?" in path:
+        base, _, query = path.partition("?")
+        if any(p in query.lower() for p in SIGNATURE_PARAMS):
+            return base
+    return path
+
+
+def footprint(parts: list[tuple[str, tuple[float, ...], int, int]]) -> dict:
+    """A scene's footprint from its rasters, each ``(crs, affine transform (6), width, height)``: ``geometry``
+    (GeoJSON, EPSG:4326, the union of their bounds), ``bbox``, and ``proj`` (``epsg``, ``shape``, ``transform``
+    of the first), as its STAC item states them."""
+    from affine import Affine
+    from rasterio.crs import CRS
+    from rasterio.warp import transform_geom
+    from shapely.geometry import box, mapping, shape
+    from shapely.ops import unary_union
+
+    shapes, proj = [], {}
+    for crs, transform, width, height in parts:
+        t = Affine(*transform[:6])
+        xs, ys = (t.c, t.c + t.a * width), (t.f, t.f + t.e * height)
+        shapes.append(shape(transform_geom(crs, "EPSG:4326", mapping(box(min(xs), min(ys), max(xs), max(ys))),
+                                           precision=7)))
+        if not proj:
+            proj = {"epsg": CRS.from_user_input(crs).to_epsg(), "shape": [height, width], "transform": list(t)[:6]}
+    u = unary_union(shapes)
+    return {"geometry": mapping(u), "bbox": list(u.bounds), "proj": proj}
+
+
 def open_url_raster(path: str):
     """rasterio's dataset for a raster URL, opened without listing the folder it lies in (GDAL would otherwise
     request the object store's listing for side-car files a COG does not have)."""

@@ -25,6 +25,15 @@ def test_catalog_tracks_ingests_and_validates(tmp_path):
     cat = pystac.Catalog.from_file(str(root))
     sources, cubes = cat.get_child("sources"), cat.get_child("cubes")
     assert len(list(sources.get_items())) == 3
+    # each scene's footprint, recorded at ingest, is the one its files give when opened (cubes made before)
+    from catalog.stac import _footprint
+    from geowm.cube.store import read_state
+
+    for rec in read_state(tmp_path / "cube").sources:
+        item = sources.get_item(rec["id"])
+        opened = json.loads(json.dumps(_footprint(rec["files"])))
+        assert item.geometry == opened["geometry"] == rec["footprint"]["geometry"]
+        assert item.bbox == opened["bbox"] and rec["footprint"]["proj"] == opened["proj"]
     (item,) = cubes.get_items()
     dims = item.properties["cube:dimensions"]
     assert dims["band"]["values"] == ["B02", "B03", "B04", "B08"]

@@ -256,7 +256,9 @@ def test_planetary_computer_assets_are_signed(api_files, tmp_path, monkeypatch):
         assert res.exit_code == 2 and "403" in res.output and "pcstore.blob.core.windows.net" in res.output
         assert not (tmp_path / "unsigned").exists()
         api.log.clear()
-        res = runner.invoke(app, [*args, "--sign", "planetary-computer", "--cube", str(tmp_path / "signed")])
+        signed = [a for a in args if a != "--no-catalog"]  # the catalog too: made from what ingest recorded
+        res = runner.invoke(app, [*signed, "--sign", "planetary-computer", "--cube", str(tmp_path / "signed"),
+                                  "--catalog", str(tmp_path / "catalog")])
         assert res.exit_code == 0, res.output
         tokens = [p for _, p, _ in api.log if p.startswith("/api/sas/v1/token/")]
         blobs = [p for _, p, _ in api.log if "blob.core.windows.net" in p]
@@ -270,4 +272,25 @@ def test_planetary_computer_assets_are_signed(api_files, tmp_path, monkeypatch):
     assert tokens == ["/api/sas/v1/token/pcstore/sentinel-2"]  # one token for the account and container
     assert blobs and all(f"sig={SIGNATURE}" in p for p in blobs)
     assert open_cube(tmp_path / "signed").sizes["time"] == 2
+    # the records keep the hrefs without their tokens (which expire, and grant access): the cube's sources and
+    # the catalog; the catalog's footprints come from ingest, not from opening the (unsigned) hrefs again
+    from geowm.cube.store import read_state
+
+    recorded = [f for src in read_state(tmp_path / "signed").sources for f in src["files"]]
+    assert recorded and all(f.startswith(blob) and "?" not in f for f in recorded)
+    assert validate_catalog(tmp_path / "catalog" / "catalog.json") == []
+    hrefs = [a["href"] for p in (tmp_path / "catalog").rglob("*.json") for a in json.loads(p.read_text()).get(
+        "assets", {}).values()]
+    assert any(h.startswith(blob) for h in hrefs) and not any("sig=" in h for h in hrefs)
     assert res.exit_code == 2 and "no SAS token for pcstore/sentinel-2" in " ".join(res.output.split())
+
+
+def test_records_keep_hrefs_without_their_signatures():
+    from geowm.scene import public_href
+
+    assert public_href("https://a.blob.core.windows.net/c/x.tif?st=1&se=2&sp=rl&sig=abc") == \
+        "https://a.blob.core.windows.net/c/x.tif"
+    assert public_href("https://b.s3.amazonaws.com/x.tif?X-Amz-Expires=3600&X-Amz-Signature=f00") == \
+        "https://b.s3.amazonaws.com/x.tif"
+    assert public_href("https://example.com/x.tif?version=2") == "https://example.com/x.tif?version=2"
+    assert public_href("/data/x.tif") == "/data/x.tif"

@@ -45,6 +45,7 @@ from geowm.cube.store import (
     storage_for,
 )
 from geowm.cube.vector_mask import read_vector_mask
+from geowm.scene import footprint, public_href
 from geowm.sources import (
     BandRef,
     Scene,
@@ -770,10 +771,16 @@ def ingest(source: str | Path, cube: str | Path, opts: IngestOptions | None = No
             report.replaced_times = [str(t) for t in sorted(replaced)]
             report.seconds = _time.perf_counter() - t_start
             return report
+        memo: dict[str, list] = {}  # a datacube's store is fingerprinted once for all its time steps
+        records = [{"id": s.id, "datetime": s.datetime.isoformat(), "files": [public_href(f) for f in s.files],
+                    "footprint": footprint([(i.crs, i.transform, i.width, i.height) for f in s.files
+                                            if (i := infos.get(f)) is not None]),
+                    "content": scene_fingerprints(s, memo=memo), "mask": mask_rule(s, opts),
+                    **({"band_names": list(opts.band_names)} if opts.band_names else {})} for s in new]
         before = _local_files(cube)
         try:
             report.snapshot = _write(cube, created, state, grid, bands, common, merged, enc, ct, start, entries,
-                                     new, sources, opts, progress, report)
+                                     new, sources + records, opts, progress, report)
         except BaseException:
             _remove_new_files(cube, before, created and not existed)
             raise
@@ -948,10 +955,6 @@ def _write(cube, created, state, grid, bands, common, merged, enc, ct, start, en
         g["valid"].resize((len(merged), grid.height, grid.width))
         g["time"].resize((len(merged),))
         g["time"][:] = merged.astype("int64")
-    memo: dict[str, list] = {}  # a datacube's store is fingerprinted once for all its time steps
-    sources = list(sources) + [{"id": s.id, "datetime": s.datetime.isoformat(), "files": s.files,
-                                "content": scene_fingerprints(s, memo=memo), "mask": mask_rule(s, opts),
-                                **({"band_names": list(opts.band_names)} if opts.band_names else {})} for s in new]
     g.attrs["geowm:sources"] = sorted(sources, key=lambda s: (s["datetime"], s["id"]))
     session.commit("prepare ingest (metadata)")
     session = repo.writable_session(tmp)
