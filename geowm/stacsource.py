@@ -168,9 +168,11 @@ def _scenes(items: Iterable, mask_band: str | None, doc: str) -> list[Scene]:
     trip each over the network."""
     from concurrent.futures import ThreadPoolExecutor
 
-    unique = list({it.id: it for it in reversed(list(items))}.values())[::-1]  # the first of each id, in order
+    unique: dict[str, object] = {}
+    for it in items:
+        unique.setdefault(it.id, it)  # the first of each id
     with ThreadPoolExecutor(OPEN_THREADS) as pool:
-        return list(pool.map(lambda it: _scene_from_item(it, mask_band, doc), unique))
+        return list(pool.map(lambda it: _scene_from_item(it, mask_band, doc), unique.values()))
 
 
 # ---------------------------------------------------------------- documents
@@ -178,7 +180,10 @@ def _scenes(items: Iterable, mask_band: str | None, doc: str) -> list[Scene]:
 
 def _read_text(source: str) -> str:
     if not is_url(source):
-        return Path(source.removeprefix("file://")).read_text()
+        try:
+            return Path(source.removeprefix("file://")).read_text()
+        except OSError as exc:
+            raise SourceError(f"{source}: cannot read this STAC document ({exc.strerror or exc})") from None
     import pystac
 
     try:
