@@ -133,6 +133,9 @@ def ingest(
     bounds: str | None = typer.Option(None, help="New cube only: left,bottom,right,top in the cube CRS."),
     bbox: str | None = typer.Option(None, help="west,south,east,north in degrees (WGS 84): the STAC API search's "
                                                "area, and a new cube's bounds (unless --bounds)."),
+    aoi: Path | None = typer.Option(None, help="Instead of --bbox: a vector file of the area of interest "
+                                               "(GeoJSON, GeoPackage, shapefile; any CRS): the search takes the "
+                                               "items intersecting it, a new cube covers its bounds."),
     collection: str | None = typer.Option(None, "--collection", help="SOURCE is a STAC API: search these "
                                                                      "collections (comma-separated ids, e.g. "
                                                                      "sentinel-2-l2a) with --bbox/--datetime."),
@@ -195,14 +198,19 @@ def ingest(
     from geowm.cube.reader import ReadError
     from geowm.cube.store import CubeError
     from geowm.sources import SourceError
-    from geowm.stacsource import StacSearch, check_bbox, collections_of
+    from geowm.stacsource import StacSearch, check_bbox, collections_of, read_aoi
 
     area = _floats(bbox, 4, "--bbox")
     try:
+        shape = None
+        if aoi is not None:
+            if area is not None:
+                raise SourceError("--aoi and --bbox both give the area: give one")
+            shape, area = read_aoi(aoi)
         check_bbox(area, source)
         search = None
         if collection is not None:
-            search = StacSearch(collections_of(collection), area, datetime_range, max_cloud, max_items, sign)
+            search = StacSearch(collections_of(collection), area, datetime_range, max_cloud, max_items, sign, shape)
             search.check(source)
         elif datetime_range is not None or max_cloud is not None or sign is not None:
             raise SourceError("--datetime, --max-cloud and --sign belong to a STAC API search: give --collection too")

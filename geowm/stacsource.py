@@ -248,6 +248,7 @@ class StacSearch:
     # how asset hrefs are signed: "planetary-computer" (SAS tokens), "none"; None: the Planetary Computer's for
     # its API, none for others
     sign: str | None = None
+    intersects: dict | None = None  # a GeoJSON geometry (EPSG:4326) the items must intersect (--aoi)
 
     def check(self, where: str) -> None:
         """Raise :class:`SourceError` on a search that cannot be meant (no collection, a bbox off the globe or
@@ -264,7 +265,9 @@ class StacSearch:
 
     def describe(self) -> str:
         parts = [f"collections {','.join(self.collections)}"]
-        if self.bbox:
+        if self.intersects:
+            parts.append(f"intersecting a {self.intersects.get('type', 'geometry')}")
+        elif self.bbox:
             parts.append(f"bbox {','.join(f'{v:g}' for v in self.bbox)}")
         if self.datetime:
             parts.append(f"datetime {self.datetime}")
@@ -293,8 +296,9 @@ def search_stac_api(url: str, search: StacSearch, mask_band: str | None) -> list
     if search.max_cloud is not None and client.conforms_to(ConformanceClasses.QUERY):
         query = {"eo:cloud_cover": {"lte": search.max_cloud}}  # also filtered below, for APIs without query
     try:
-        found = client.search(collections=list(search.collections), bbox=search.bbox, datetime=search.datetime,
-                              query=query, max_items=search.max_items + 1)
+        area = {"intersects": search.intersects} if search.intersects else {"bbox": search.bbox}
+        found = client.search(collections=list(search.collections), datetime=search.datetime, query=query,
+                              max_items=search.max_items + 1, **area)
         items = list(found.items())
     except ValueError as exc:  # pystac-client's own check of the arguments (a datetime it cannot parse)
         raise SourceError(f"{url}: search {search.describe()}: {exc}") from None
@@ -372,6 +376,27 @@ def check_bbox(bbox: Sequence[float] | None, where: str) -> None:
     if not all(math.isfinite(v) for v in bbox) or not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
         raise SourceError(f"{where}: --bbox {','.join(f'{v:g}' for v in bbox)}: west,south,east,north in degrees, "
                           "west < east, south < north, within -180..180 and -90..90")
+
+
+def read_aoi(path: str | Path) -> tuple[dict, tuple[float, float, float, float]]:
+    """An area of interest from a vector file (GeoJSON, GeoPackage, shapefile...; any CRS): its union as a GeoJSON
+    geometry in EPSG:4326 and that geometry's bounds. :class:`SourceError` naming the file when it cannot be read,
+    has no CRS (GeoJSON: WGS 84) or no geometry."""
+    import geopandas as gpd
+    from shapely.geometry import mapping
+
+    try:
+        df = gpd.read_file(path)
+    except Exception as exc:  # pyogrio's DataSourceError, OSError, ...
+        raise SourceError(f"{path}: --aoi: not a readable vector file ({type(exc).__name__}: {exc})") from None
+    df = df[df.geometry.notna() & ~df.geometry.is_empty] if len(df) else df
+    if not len(df):
+        raise SourceError(f"{path}: --aoi: no geometry in this file")
+    if df.crs is None:
+        raise SourceError(f"{path}: --aoi: the file states no CRS")
+    geom = df.to_crs("EPSG:4326").geometry.union_all()
+    w, s, e, n = (float(v) for v in geom.bounds)
+    return mapping(geom), (w, s, e, n)
 
 
 def collections_of(text: str | Sequence[str] | None) -> tuple[str, ...]:

@@ -1,6 +1,7 @@
 """A small STAC API on 127.0.0.1 for tests: the landing page, conformance, collections and item search (GET and
-POST; collections, bbox, datetime, the query extension's ``eo:cloud_cover``, pages of ``limit`` items linked by
-``next``), beside the files its items point at, served with HTTP range requests as an object store serves COGs.
+POST; collections, bbox, intersects, datetime, the query extension's ``eo:cloud_cover``, pages of ``limit`` items
+linked by ``next``), beside the files its items point at, served with HTTP range requests as an object store serves
+COGs.
 Every request is logged; ``fail_once`` paths answer 503 the first time (a busy object store)."""
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ class StacApi:
                 t = _when(it["properties"]["datetime"])
                 lo, _, hi = dt.partition("/") if "/" in dt else (dt, "", dt)
                 if lo not in ("", "..") and t < _when(lo) or hi not in ("", "..") and t > _when(hi):
+                    continue
+            if params.get("intersects"):
+                from shapely.geometry import shape
+
+                if not shape(params["intersects"]).intersects(shape(it["geometry"])):
                     continue
             cover = (query or {}).get("eo:cloud_cover", {})
             if "lte" in cover and it["properties"].get("eo:cloud_cover", 0) > cover["lte"]:

@@ -294,3 +294,36 @@ def test_records_keep_hrefs_without_their_signatures():
         "https://b.s3.amazonaws.com/x.tif"
     assert public_href("https://example.com/x.tif?version=2") == "https://example.com/x.tif?version=2"
     assert public_href("/data/x.tif") == "/data/x.tif"
+
+
+def test_an_area_of_interest_file_in_any_crs(api_files, synth_region, tmp_path):
+    """``--aoi field.gpkg`` (a polygon in UTM): the search asks for the items intersecting it (in WGS 84) and the new
+    cube covers its bounds; a file that is not a vector file, or with --bbox too, is refused."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    with rasterio.open(next((synth_region / "scenes").glob("*_SCL.tif"))) as r:
+        left, bottom, right, top = r.bounds
+        crs = r.crs
+    aoi = box(left + 500, bottom + 700, left + 1500, bottom + 1300)  # 1000 x 600 m
+    gpd.GeoDataFrame(geometry=[aoi], crs=crs).to_file(tmp_path / "field.gpkg")
+    with _serve(api_files) as api:
+        first = api.items[0]["properties"]["datetime"]
+        args = ["ingest", api.url, "--collection", COLLECTION, "--datetime", first, "--no-catalog",
+                "--scheduler", "threads"]
+        res = runner.invoke(app, [*args, "--aoi", str(tmp_path / "field.gpkg"), "--cube", str(tmp_path / "c")])
+        assert res.exit_code == 0, res.output
+        body = api.searches()[0]
+        (tmp_path / "notes.txt").write_text("not a vector file")
+        bad = runner.invoke(app, [*args, "--aoi", str(tmp_path / "notes.txt"), "--cube", str(tmp_path / "d")])
+        both = runner.invoke(app, [*args, "--aoi", str(tmp_path / "field.gpkg"), "--bbox", "15,48.7,15.1,48.8",
+                                   "--cube", str(tmp_path / "d")])
+    assert body["intersects"]["type"] == "Polygon" and "bbox" not in body
+    ds = open_cube(tmp_path / "c")
+    assert ds.sizes["time"] == 1
+    x0, x1 = float(ds.x.min()) - 5, float(ds.x.max()) + 5
+    y0, y1 = float(ds.y.min()) - 5, float(ds.y.max()) + 5
+    assert x0 <= aoi.bounds[0] and x1 >= aoi.bounds[2] and y0 <= aoi.bounds[1] and y1 >= aoi.bounds[3]
+    assert (x1 - x0) < 1100 and (y1 - y0) < 720  # its bounds (a little more: the box in degrees, back in UTM)
+    assert bad.exit_code == 2 and "notes.txt: --aoi: not a readable vector file" in " ".join(bad.output.split())
+    assert both.exit_code == 2 and "give one" in both.output and not (tmp_path / "d").exists()
