@@ -137,15 +137,14 @@ def discover_scenes(source: str, search: dict | None = None, cube: str | None = 
     A watched folder that exists but holds no raster or SAFE archive yet has no scenes (a normal state before
     the first delivery), and so has a search that matches no item yet; a missing folder or catalog is an error
     naming the path."""
-    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, ZARR_SUFFIXES, SourceError, discover
+    from geowm.sources import ARCHIVE_SUFFIXES, NETCDF_SUFFIXES, RASTER_SUFFIXES, ZARR_SUFFIXES, discover
+    from geowm.stacsource import NoItems
 
     if search:
         query = stac_search(search, cube or "")
         try:
             scenes = discover(source, search=query)
-        except SourceError as exc:
-            if "no item matches" not in str(exc):
-                raise
+        except NoItems as exc:
             get_run_logger().info("no new item yet: %s", exc)
             return []
         get_run_logger().info("%d item(s) from %s (%s)", len(scenes), source, query.describe())

@@ -90,6 +90,21 @@ def is_url(source: str | Path) -> bool:
     return "://" in text and not text.startswith("file://")
 
 
+OPEN_THREADS = 8  # reads of URLs at once (item documents, file headers, a block's dates): their round trips overlap
+
+
+def io_map(fn, items, overlap: bool) -> list:
+    """``[fn(x) for x in items]``, on ``OPEN_THREADS`` threads when ``overlap`` (what waits on the network: URLs);
+    results in order, and the first item's error in order is the one raised, as one by one."""
+    items = list(items)
+    if not overlap or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(OPEN_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
 SIGNATURE_PARAMS = ("sig=", "x-amz-signature=", "signature=")  # Azure SAS, S3 and other presigned URLs
 
 

@@ -30,7 +30,7 @@ from urllib.parse import urljoin
 
 from geowm.bands import COMMON_NAMES, sensor_of
 from geowm.products import product_scaling, s2_item_scaling
-from geowm.scene import BandRef, Scene, SourceError, is_url, open_url_raster
+from geowm.scene import BandRef, Scene, SourceError, io_map, is_url
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2")
 RASTER_MEDIA_HINTS = ("image/tiff", "image/geotiff", "application=geotiff", "cloud-optimized")
@@ -38,7 +38,6 @@ RENDERING_ROLES = frozenset({"visual", "overview", "thumbnail"})  # pictures of 
 RENDERING_KEYS = frozenset({"visual", "tci", "rendered_preview", "preview", "thumbnail"})
 SAFE_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")  # STAC item ids become folder and file names in the catalog
 MAX_ITEMS_DEFAULT = 1000
-OPEN_THREADS = 8  # files opened at once for their headers: round trips to an object store overlap
 
 
 # ---------------------------------------------------------------- assets
@@ -107,11 +106,13 @@ def _asset_path(item, key: str, asset, doc: str) -> str:
 def _band_names(item, key: str, asset, path: str, doc: str) -> tuple[list[str | None], list[str]]:
     import rasterio
 
+    from geowm.zarrcube import open_raster
+
     named = _asset_bands(asset)
     if named is not None:
         return named
     try:
-        with open_url_raster(path) if is_url(path) else rasterio.open(path) as src:
+        with open_raster(path) as src:
             descriptions = list(src.descriptions)
     except rasterio.errors.RasterioIOError as exc:
         raise SourceError(f"{path}: not a readable raster (STAC item {item.id!r}: {exc})") from None
@@ -164,15 +165,12 @@ def _scene_from_item(item, mask_band: str | None, doc: str) -> Scene:
 
 def _scenes(items: Iterable, mask_band: str | None, doc: str) -> list[Scene]:
     """One scene per item (an item listed twice, by two collections or two pages of a search, once). Items are
-    read on ``OPEN_THREADS`` threads: naming the bands of an asset without ``eo:bands`` opens its file, a round
-    trip each over the network."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    read on threads (:func:`geowm.scene.io_map`): naming the bands of an asset without ``eo:bands`` opens its file,
+    a round trip each over the network."""
     unique: dict[str, object] = {}
     for it in items:
         unique.setdefault(it.id, it)  # the first of each id
-    with ThreadPoolExecutor(OPEN_THREADS) as pool:
-        return list(pool.map(lambda it: _scene_from_item(it, mask_band, doc), unique.values()))
+    return io_map(lambda it: _scene_from_item(it, mask_band, doc), unique.values(), overlap=True)
 
 
 # ---------------------------------------------------------------- documents
@@ -310,7 +308,7 @@ def search_stac_api(url: str, search: StacSearch, mask_band: str | None) -> list
     if search.max_cloud is not None:
         items = [it for it in items if not _cloudier(it, search.max_cloud)]
     if not items:
-        raise SourceError(f"{url}: no item matches {search.describe()}")
+        raise NoItems(f"{url}: no item matches {search.describe()}")
     if search.sign == "planetary-computer" or search.sign is None and is_planetary_computer(url):
         sign_planetary_computer(items, url)
     return _scenes(items, mask_band, url)
@@ -366,6 +364,10 @@ def _cloudier(item, max_cloud: float) -> bool:
         return cover is not None and float(cover) > max_cloud
     except (TypeError, ValueError):
         return False
+
+
+class NoItems(SourceError):
+    """A STAC API search that matched no item (a scheduled search before the next acquisition is published)."""
 
 
 def check_bbox(bbox: Sequence[float] | None, where: str) -> None:

@@ -381,7 +381,7 @@ def step_fingerprint(path: str, indexes: list[int], known: list | None = None) -
     n = np.dtype(src.dtypes[0]).itemsize * src.height * src.width * len(indexes)
     if known and list(known[:2]) == [n, quick]:
         return list(known)
-    h, n = hashlib.sha256(), 0
+    h = hashlib.sha256()
     for k in indexes:
         try:
             values = np.ascontiguousarray(src.read(k))
@@ -389,7 +389,6 @@ def step_fingerprint(path: str, indexes: list[int], known: list | None = None) -
             raise SourceError(f"{path}: failed while reading pixels ({exc})") from None
         h.update(f"{values.dtype.str}{values.shape}".encode())
         h.update(values.tobytes())
-        n += values.nbytes
     return [n, quick, h.hexdigest()]
 
 

@@ -233,6 +233,14 @@ def test_the_scheduled_ingest_searches_from_the_cube_s_last_date(prefect_api, ap
         second = ingest_flow(api.url, str(cube), catalog=str(tmp_path / "cat"), scheduler="threads", search=search)
         third = ingest_flow(api.url, str(cube), catalog=str(tmp_path / "cat"), scheduler="threads", search=search)
         windows = [b["datetime"] for b in api.searches() if "token" not in b]  # the first page of each search
+        # before anything is published: a tick with nothing new; an API that cannot be reached: an error
+        from flows.tasks import discover_scenes
+        from geowm.sources import SourceError
+
+        later = {**search, "start": "2030-01-01"}
+        assert discover_scenes(api.url, later, str(tmp_path / "empty")) == []
+        with pytest.raises(SourceError, match="cannot open this STAC API"):
+            discover_scenes("http://127.0.0.1:9", later, str(tmp_path / "empty"))
     assert [t[:19] for t in second["added_times"]] == [it["properties"]["datetime"][:19] for it in items[6:]]
     assert third["added_times"] == [] and third["skipped"] == 1  # the item of the cube's last date, skipped
     assert windows[0].startswith(items[0]["properties"]["datetime"][:10])

@@ -45,7 +45,7 @@ from geowm.cube.store import (
     storage_for,
 )
 from geowm.cube.vector_mask import read_vector_mask
-from geowm.scene import footprint, public_href
+from geowm.scene import footprint, io_map, public_href
 from geowm.sources import (
     BandRef,
     Scene,
@@ -63,7 +63,7 @@ from geowm.sources import (
     source_crs,
     with_mask,
 )
-from geowm.stacsource import OPEN_THREADS, StacSearch
+from geowm.stacsource import StacSearch
 from geowm.zarrcube import open_raster
 
 MAX_PIXELS_DEFAULT = 2**31  # refuse absurd rasters instead of exhausting memory
@@ -204,14 +204,10 @@ def inspect_file(path: str, cube_crs: str | None, max_pixels: int) -> FileInfo:
 
 
 def _inspect_all(paths: Sequence[str], cube_crs: str | None, max_pixels: int) -> dict[str, FileInfo]:
-    """:func:`inspect_file` of every path, on ``OPEN_THREADS`` threads where some are URLs (their round trips
-    overlap); the first bad file in ``paths`` order raises, as one by one."""
-    if not any(is_url(p) for p in paths):
-        return {p: inspect_file(p, cube_crs, max_pixels) for p in paths}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(OPEN_THREADS) as pool:
-        return dict(zip(paths, pool.map(lambda p: inspect_file(p, cube_crs, max_pixels), paths), strict=True))
+    """:func:`inspect_file` of every path, on threads where some are URLs (:func:`geowm.scene.io_map`: their round
+    trips overlap); the first bad file in ``paths`` order raises, as one by one."""
+    infos = io_map(lambda p: inspect_file(p, cube_crs, max_pixels), paths, overlap=any(is_url(p) for p in paths))
+    return dict(zip(paths, infos, strict=True))
 
 
 def _check_vector_mask(path: str) -> None:
@@ -472,14 +468,8 @@ def _build_block(fork, cube: str, base_snapshot: str | None, grid: CubeGrid, ban
         data[k], valid[k], has_data = mosaic_date(scenes, bands, grid, region, enc, Resampling[resampling], buffer_px)
         return [s.id for s, yes in zip(scenes, has_data, strict=True) if yes]
 
-    if len(news) > 1 and any(is_url(p) for _, scenes in news for s in scenes for p in s.files):
-        from concurrent.futures import ThreadPoolExecutor  # reads of URLs wait on the network: overlap the dates
-
-        with ThreadPoolExecutor(min(OPEN_THREADS, len(news))) as pool:
-            found = list(pool.map(lambda item: read(*item), news))
-    else:
-        found = [read(k, scenes) for k, scenes in news]
-    seen = {sid for ids in found for sid in ids}
+    remote = any(is_url(p) for _, scenes in news for s in scenes for p in s.files)  # reads wait on the network
+    seen = {sid for ids in io_map(lambda item: read(*item), news, overlap=remote) for sid in ids}
     out = zarr.open_group(fork.store, mode="r+")
     out["reflectance"][t0: t0 + n, :, region.y, region.x] = data
     out["valid"][t0: t0 + n, region.y, region.x] = valid
