@@ -45,6 +45,7 @@ import xarray as xr
 from geowm.baselines import ndvi
 from geowm.cube.store import date_sources
 from geowm.forecast import (
+    LOOKBACK_DAYS,
     TILE,
     _as_dataset,
     block_grid,
@@ -53,6 +54,7 @@ from geowm.forecast import (
     model_inputs,
     region,
     tile_regions,
+    whole_tubelets,
 )
 from geowm.inference import WorldModel
 
@@ -353,7 +355,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
     (the departure needs them) they are still encoded, in the window of the context dates they have: what the
     satellite saw does not depend on a forecast (without it, a cube's first months and the months after a
     long cloudy spell lost their latents, and with them the departure of the dates a year later)."""
-    p, win = wm.cfg.patch, wm.window
+    p, win, tf = wm.cfg.patch, wm.window, wm.cfg.t_frames
     H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
     sub = sub.isel(y=slice(0, H), x=slice(0, W))
     times = sub["time"].values.astype("datetime64[s]")
@@ -385,29 +387,44 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
         for b in range(len(blocks)):
             past = context_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], t - _td(lead_days), t, wm)
             forecastable = len(past) >= 2
-            if frac[ti, b] > 0 and (forecastable or encode_all):
-                key = (len(past), bool(predict[k]) and forecastable)
-                jobs.setdefault(key, []).append((k, b, np.append(past, ti)))
-    for (_, with_pred), group in sorted(jobs.items()):
+            if tf == 1:  # the window the acquisition is seen in: the forecast's context and it
+                seen = np.append(past, ti)
+            else:  # its tubelet holds the acquisitions just before it: the clear ones before t, and t
+                before = np.flatnonzero(frac[:ti, b] >= win.min_frame_clear)
+                before = before[times[before] >= t - _td(LOOKBACK_DAYS)][-(win.frames - 1):]
+                seen = np.append(whole_tubelets(before, tf, extra=1), ti)
+            if frac[ti, b] > 0 and len(seen) >= tf and (forecastable or encode_all):
+                key = (len(seen), len(past), bool(predict[k]) and forecastable)
+                jobs.setdefault(key, []).append((k, b, seen, past))
+
+    def stacked(chunk: list, which: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Values, validity and dates of the jobs' windows at the dates of job field ``which`` (2: seen, 3: past)."""
+        sl = [(slice(blocks[b][0], blocks[b][0] + bh), slice(blocks[b][1], blocks[b][1] + bw)) for _, b, _, _ in chunk]
+        r = np.stack([refl[job[which], :, ys, xs] for job, (ys, xs) in zip(chunk, sl, strict=True)])
+        v = np.stack([valid[job[which], ys, xs] for job, (ys, xs) in zip(chunk, sl, strict=True)])
+        return r, v, np.stack([times[job[which]] for job in chunk])
+
+    for (_, _, with_pred), group in sorted(jobs.items()):
         for g0 in range(0, len(group), batch_size):
             chunk = group[g0: g0 + batch_size]
-            sl = [(slice(blocks[b][0], blocks[b][0] + bh), slice(blocks[b][1], blocks[b][1] + bw)) for _, b, _ in chunk]
-            r = np.stack([refl[t_idx, :, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
-            v = np.stack([valid[t_idx, ys, xs] for (_, _, t_idx), (ys, xs) in zip(chunk, sl, strict=True)])
-            tt = np.stack([times[t_idx] for _, _, t_idx in chunk])
+            r, v, tt = stacked(chunk, 2)
             batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
             lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
             obs, obs_ok = lat[:, -1].float(), ok[:, -1]  # the acquisition at t, seen in its window
             obs_ok = obs_ok.cpu().numpy()
             if with_pred:
-                ctx = {key: val[:, :-1] for key, val in batch.items()}
+                if tf == 1:  # the context is the window without its last acquisition
+                    ctx = {key: val[:, :-1] for key, val in batch.items()}
+                else:
+                    rc, vc, tc = stacked(chunk, 3)
+                    ctx, tdays, tdoy = model_inputs(wm, rc, vc, tc, tt[:, -1:])
                 pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
                 d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
             else:
                 d = np.full(obs_ok.shape, np.nan, np.float32)
             d[~obs_ok] = np.nan
             unit = torch.nn.functional.normalize(obs, dim=-1).cpu().numpy()
-            for j, (k, b, _) in enumerate(chunk):
+            for j, (k, b, _, _) in enumerate(chunk):
                 py0, px0 = blocks[b][0] // p, blocks[b][1] // p
                 cell = (k, slice(py0, py0 + bh // p), slice(px0, px0 + bw // p))
                 out[cell], lats[cell], lat_ok[cell] = d[j], unit[j], obs_ok[j]

@@ -104,15 +104,23 @@ def lookback_days(wm: WorldModel) -> float:
     return max(LOOKBACK_DAYS, lag + tol + 1)
 
 
+def whole_tubelets(index: np.ndarray, tf: int, extra: int = 0) -> np.ndarray:
+    """``index`` (acquisitions, oldest first) without its oldest entries, so that it and ``extra`` acquisitions
+    after it make whole tubelets: the encoder takes tokens of ``tf`` (``t_frames``) acquisitions each."""
+    return index[(len(index) + extra) % tf:]
+
+
 def context_index(clear: np.ndarray, times: np.ndarray, init: np.datetime64, until: np.datetime64,
                   wm: WorldModel) -> np.ndarray:
     """Cube indexes of a block's context for forecasting from ``init`` up to ``until``: its last ``frames - 1``
     clear acquisitions (``clear`` (T,) bool, at ``times``) on or before ``init`` within the look-back (the
-    training window rule), preceded by the window's seasonal memory (:func:`geowm.data.seasonal_index`)."""
+    training window rule), the oldest dropped to whole tubelets (:func:`whole_tubelets`), preceded by the
+    window's seasonal memory (:func:`geowm.data.seasonal_index`; whole tubelets too)."""
     win = wm.window
     init, until = np.datetime64(init, "s"), np.datetime64(until, "s")
     ok = np.flatnonzero(clear & (times <= init))
-    recent = ok[times[ok] >= init - np.timedelta64(LOOKBACK_DAYS, "D")][-(win.frames - 1):]
+    recent = whole_tubelets(ok[times[ok] >= init - np.timedelta64(LOOKBACK_DAYS, "D")][-(win.frames - 1):],
+                            wm.cfg.t_frames)
     if not win.seasonal_frames or len(recent) == 0:
         return recent
     day = (times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0
@@ -170,12 +178,13 @@ def last_observed(lat: np.ndarray, ok: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return z, slot, has
 
 
-def _members(n: int, members: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Context subsets (positions in 0..n-1) for the ensemble: all dates, then random 3/4 subsets."""
+def _members(n: int, members: int, rng: np.random.Generator, tf: int = 1) -> list[np.ndarray]:
+    """Context subsets (positions in 0..n-1) for the ensemble: all dates, then random 3/4 subsets (the number
+    dropped rounded up to whole tubelets of ``tf`` acquisitions)."""
     out = [np.arange(n)]
-    drop = max(1, n // 4)
+    drop = -(-max(1, n // 4) // tf) * tf
     for _ in range(members - 1):
-        keep = np.sort(rng.choice(n, n - drop, replace=False)) if n - drop >= 2 else np.arange(n)
+        keep = np.sort(rng.choice(n, n - drop, replace=False)) if n - drop >= max(2, tf) else np.arange(n)
         out.append(keep)
     return out
 
@@ -306,7 +315,7 @@ def tile_jobs(sub: xr.Dataset, wm: WorldModel, init_t, vt: np.ndarray, members: 
     jobs: dict[int, list[tuple[int, int, np.ndarray]]] = {}
     for i, b in enumerate(todo):
         rng = np.random.default_rng(member_seed(seed, sub, b))
-        for m, keep in enumerate(_members(len(b.t_index), members, rng)):
+        for m, keep in enumerate(_members(len(b.t_index), members, rng, wm.cfg.t_frames)):
             jobs.setdefault(len(keep), []).append((i, m, keep))
     return todo, {i: read_block(sub, wm, b) for i, b in enumerate(todo)}, jobs
 

@@ -4,7 +4,9 @@ Everything comes from the run directory (config, normalisation statistics, weigh
 inference needs nothing else. Inputs and outputs are xarray objects with real coordinates:
 
 * ``encode(ds)``: ``ds`` with ``reflectance`` (time, band, y, x) in physical units and ``valid``
-  (time, y, x), e.g. ``geowm.open_cube(path).isel(...)``; returns latents (time, py, px, latent).
+  (time, y, x), e.g. ``geowm.open_cube(path).isel(...)``; returns latents (time, py, px, latent): one per
+  token of ``t_frames`` acquisitions (1 for ``tiny``, 2 for ``small`` and ``base``; the oldest acquisitions
+  that do not fill a token are left out), dated by its first acquisition.
 * ``predict(ds, valid_times)``: forecast latents (time, py, px, latent) at the requested dates from
   the observations in ``ds`` (one direct prediction per date).
 * ``decode(latents)``: the probes' reading of latents: ``reflectance`` (time, band, y, x) and
@@ -145,7 +147,11 @@ class WorldModel:
         ny, nx = ds.sizes["y"] // p * p, ds.sizes["x"] // p * p
         if ny == 0 or nx == 0:
             raise ValueError(f"input of {ds.sizes['y']} x {ds.sizes['x']} px is smaller than one {p} px patch")
-        ds = ds.isel(y=slice(0, ny), x=slice(0, nx)).sel(band=self.bands)
+        tf, T = self.cfg.t_frames, ds.sizes["time"]
+        if T < tf:
+            raise ValueError(f"input of {T} acquisition(s) is shorter than one token of {tf} acquisitions")
+        # whole tokens of tf acquisitions: the oldest acquisitions that do not make one are left out
+        ds = ds.isel(time=slice(T % tf, None), y=slice(0, ny), x=slice(0, nx)).sel(band=self.bands)
         norm, valid = self.normalise(ds["reflectance"].values.astype(np.float32), ds["valid"].values)  # (T, C, H, W)
         times = ds["time"].values.astype("datetime64[s]")
         days = ((times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)
