@@ -15,7 +15,9 @@ acquisition arrives (one revisit; a clear one, the costly case) and is scored as
 it, from its date (``anomaly_tick_s``: it and its year-ago references encoded, where the cube has them, its
 history from the record);
 ``anomaly_tick_km2_per_s`` counts the region once per new acquisition. Peak memory: the process's peak
-resident set while the stage ran (and, on CUDA, the peak allocated GPU memory). Full mode uses torch's default
+resident set while the stage ran (and, on CUDA, the peak allocated GPU memory). ``*_model_share``: the
+share of a stage's time spent in the model's calls (``benchmarks.stages.model_clock``); the rest is reading the
+cube, choosing contexts, decoding and writing (the model alone: ``bench_model``). Full mode uses torch's default
 intra-op threads (what ``geowm forecast`` gets); quick and smoke modes 1 thread (on shared, busy cores more
 threads mostly wait for each other).
 How these costs grow with the region: ``bench_scaling``.
@@ -84,6 +86,7 @@ def run(mode: str, workdir: Path) -> dict:
             results[f"forecast_m{members}_peak_rss_MiB"] = round(r["peak_rss_bytes"] / 2**20, 1)
             if r["cuda_max_allocated_bytes"] is not None:
                 results[f"forecast_m{members}_cuda_max_allocated_MiB"] = round(r["cuda_max_allocated_bytes"] / 2**20, 1)
+            results[f"forecast_m{members}_model_share"] = round(r["model_s"] / r["seconds"], 3)
             details[f"forecast_m{members}"] = {**r, "n": 1}
         r = run_stage("anomaly", {"cube": str(cube), "run": str(run_dir), "start": p["score_from"],
                                   "threads": THREADS[mode]}, in_process=here)
@@ -91,11 +94,13 @@ def run(mode: str, workdir: Path) -> dict:
         results["anomaly_peak_rss_MiB"] = round(r["peak_rss_bytes"] / 2**20, 1)
         if r["cuda_max_allocated_bytes"] is not None:
             results["anomaly_cuda_max_allocated_MiB"] = round(r["cuda_max_allocated_bytes"] / 2**20, 1)
+        results["anomaly_model_share"] = round(r["model_s"] / r["seconds"], 3)
         details["anomaly"] = {**r, "n": r["scored_dates"]}
         first, tick, n_new = _tick(workdir, region, cube, run_dir, p["score_from"], THREADS[mode], here)
         results["anomaly_first_s"] = round(first["seconds"], 2)
         results["anomaly_tick_s"] = round(tick["seconds"], 2)
         results["anomaly_tick_km2_per_s"] = round(km2 * n_new / tick["seconds"], 3)
+        results["anomaly_tick_model_share"] = round(tick["model_s"] / tick["seconds"], 3)
         details["anomaly_first"] = {**first, "n": first["computed_dates"]}
         details["anomaly_tick"] = {**tick, "n": n_new}
     finally:
@@ -109,7 +114,8 @@ def run(mode: str, workdir: Path) -> dict:
             f"on {device}: one forecast init (4 leads; 1 or 4 members) and anomaly surprise for every acquisition "
             f"from {p['score_from']}, {how}; then a scheduled tick with the surprise record (a year of history).")
     notes = [f"{k}: {v['seconds']:.1f} s ({v['cpu_s']:.1f} CPU s, {v['torch_threads']} torch threads) for {v['n']} "
-             f"init(s)/acquisition(s); peak RSS "
+             f"init(s)/acquisition(s), of which {v['model_s']:.1f} s in {v['model_calls']} model calls "
+             f"(JEPA.encode / predict); peak RSS "
              f"{v['peak_rss_bytes'] / 2**20:.0f} MiB of which {v['baseline_rss_bytes'] / 2**20:.0f} MiB held before "
              f"the stage (imports); 1-min load average {v['load_avg_1m_at_start']} at start"
              for k, v in details.items()]

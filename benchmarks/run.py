@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # run order; module benchmarks.bench_<name>
-BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard",
-              "skill", "efficiency")
+BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "model", "scaling",
+              "dashboard", "skill", "efficiency")
 MODULES = {"train_step": "benchmarks.bench_train"}  # benchmarks whose module is not benchmarks.bench_<name>
 MODES = ("full", "quick", "smoke")
 PACKAGES = ("numpy", "zarr", "icechunk", "rasterio", "dask", "distributed", "torch")
@@ -76,6 +76,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def _gpu() -> str | None:
+    """The CUDA devices nvidia-smi lists (name, memory), or None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    names = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    return "; ".join(names) if out.returncode == 0 and names else None
+
+
 def machine_info() -> dict:
     versions = {}
     for pkg in PACKAGES:
@@ -87,6 +98,7 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "ram_gib": _ram_gib(),
+        "gpu": _gpu(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": versions,
@@ -97,7 +109,8 @@ def machine_info() -> dict:
 def machine_line(m: dict) -> str:
     v = m.get("versions", {})
     libs = ", ".join(f"{k} {v[k]}" for k in PACKAGES if v.get(k))
-    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM "
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gib')} GiB RAM{gpu} "
             f"(1-min load average {m.get('load_avg_1m_at_start', 'n/a')} at start, "
             f"{m.get('load_avg_1m_at_end', 'n/a')} at end); Python {m.get('python')} on "
             f"{m.get('platform')}; {libs}; commit {m.get('git_commit') or 'n/a'}")

@@ -14,6 +14,8 @@ smallest training run) comes after the reading.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from pathlib import Path
@@ -37,6 +39,42 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def model_clock():
+    """While open, ``JEPA.encode`` and ``JEPA.predict`` add their wall time (CUDA synchronised before and after:
+    the callers copy the results to the CPU at once, so this adds no wait) to the yielded dict's ``model_s``
+    and count calls in ``model_calls``: how much of a stage the model's compute is, the rest being reading,
+    choosing contexts and decoding."""
+    import torch
+
+    from geowm.model import JEPA
+
+    spent = {"model_s": 0.0, "model_calls": 0}
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    saved = {name: JEPA.__dict__[name] for name in ("encode", "predict")}
+
+    def clocked(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                sync()
+                spent["model_s"] += time.perf_counter() - t0
+                spent["model_calls"] += 1
+        return call
+
+    for name, fn in saved.items():
+        setattr(JEPA, name, clocked(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in saved.items():
+            setattr(JEPA, name, fn)
 
 
 # ------------------------------------------------------------------------------------------- stages
@@ -102,9 +140,10 @@ def _forecast(a: dict):
     from geowm.forecast import forecast
 
     def work() -> dict:
-        fc = forecast(a["cube"], a["run"], leads=tuple(a.get("leads", (5, 10, 20, 30))), members=a["members"])
+        with model_clock() as spent:
+            fc = forecast(a["cube"], a["run"], leads=tuple(a.get("leads", (5, 10, 20, 30))), members=a["members"])
         return {"members": a["members"], "leads": int(fc.sizes["lead_time"]), "y": int(fc.sizes["y"]),
-                "x": int(fc.sizes["x"])}
+                "x": int(fc.sizes["x"]), **spent}
     return work, None
 
 
@@ -112,8 +151,9 @@ def _anomaly(a: dict):
     from geowm.anomaly import surprise
 
     def work() -> dict:
-        s = surprise(a["cube"], a["run"], start=a["start"])
-        return {"scored_dates": int(s.sizes["time"]), "py": int(s.sizes["py"]), "px": int(s.sizes["px"])}
+        with model_clock() as spent:
+            s = surprise(a["cube"], a["run"], start=a["start"])
+        return {"scored_dates": int(s.sizes["time"]), "py": int(s.sizes["py"]), "px": int(s.sizes["px"]), **spent}
     return work, None
 
 
@@ -121,9 +161,11 @@ def _detect(a: dict):
     from geowm.anomaly import detect
 
     def work() -> dict:
-        scores, alerts = detect(a["cube"], a["run"], a["start"], history_days=a["history_days"], record=a["record"])
+        with model_clock() as spent:
+            scores, alerts = detect(a["cube"], a["run"], a["start"], history_days=a["history_days"],
+                                    record=a["record"])
         return {"scored_dates": int(scores.sizes["time"]), "computed_dates": int(scores.attrs["geowm:computed_dates"]),
-                "reused_dates": int(scores.attrs["geowm:reused_dates"]), "alerts": len(alerts)}
+                "reused_dates": int(scores.attrs["geowm:reused_dates"]), "alerts": len(alerts), **spent}
     return work, None
 
 

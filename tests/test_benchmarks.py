@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "scaling", "dashboard",
-              "skill", "efficiency")
+BENCHMARKS = ("ingest", "stac_api", "synth", "store_choice", "loader", "train_step", "forecast", "model", "scaling",
+              "dashboard", "skill", "efficiency")
 PLOTS = {"scaling": ["scaling.png"]}  # benchmark -> the PNG files it must write next to its JSON
 SIGNED = ("_exponent",)  # headline metrics that may be zero or negative (fitted exponents)
 KEYS = {"name", "mode", "machine", "started", "seconds", "results", "targets", "status"}
