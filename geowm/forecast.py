@@ -162,7 +162,7 @@ def model_inputs(wm: WorldModel, refl: np.ndarray, valid: np.ndarray, times: np.
     t0 = times[:, :1]
     to_days = lambda t: ((t - t0).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)  # noqa: E731
     dev = wm.device
-    batch = {"pixels": torch.from_numpy(pixels).to(dev), "valid": torch.from_numpy(valid).to(dev),
+    batch = {"pixels": pixels, "valid": valid,
              "days": torch.from_numpy(to_days(times)).to(dev),
              "doy": torch.from_numpy(day_of_year(times.ravel()).reshape(times.shape)).to(dev)}
     tdoy = day_of_year(target_times.ravel()).reshape(target_times.shape)
@@ -186,6 +186,29 @@ def _members(n: int, members: int, rng: np.random.Generator, tf: int = 1) -> lis
     for _ in range(members - 1):
         keep = np.sort(rng.choice(n, n - drop, replace=False)) if n - drop >= max(2, tf) else np.arange(n)
         out.append(keep)
+    return out
+
+
+def member_quantiles(a: np.ndarray, qs: Sequence[float]) -> np.ndarray:
+    """``np.quantile(a, qs, axis=0)`` (linear interpolation; NaN where any member is NaN), for the few members of
+    an ensemble: one sort along the members instead of a partition per quantile, several times faster."""
+    M = a.shape[0]
+    if M == 1:
+        return np.repeat(a.astype(np.result_type(a.dtype, np.float64)), len(qs), axis=0)
+    s = np.sort(a, axis=0)
+    out = np.empty((len(qs), *a.shape[1:]), np.result_type(a.dtype, np.float64))  # as np.quantile's
+    for i, q in enumerate(qs):
+        pos = q * (M - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, M - 1)
+        t = np.float64(pos - lo)  # a float64 scalar: the products in float64, as np.quantile
+        below, above = s[lo], s[hi]
+        diff = above - below
+        # numpy's lerp, so the values equal np.quantile's to the bit
+        out[i] = np.where(t >= 0.5, above - diff * (1 - t), below + diff * t) if hi != lo else below
+    bad = np.isnan(a).any(axis=0)
+    if bad.any():
+        out[:, bad] = np.nan
     return out
 
 
@@ -383,9 +406,9 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
                 wm.decode_change(z, np.broadcast_to(za, z.shape), anchor="season"), shape) for za in season[0]]
             pix, nd = _delta(wm, data[i], anchors[i], pix, nd, nd_rn, change, vt, s_change)
         ys, xs = slice(ty + b.y0, ty + b.y0 + b.h), slice(tx + b.x0, tx + b.x0 + b.w)
-        out_bands[:, :, :, ys, xs] = np.moveaxis(np.quantile(pix, QUANTILES, axis=0), 0, 2).transpose(1, 0, 2, 3, 4)
+        out_bands[:, :, :, ys, xs] = np.moveaxis(member_quantiles(pix, QUANTILES), 0, 2).transpose(1, 0, 2, 3, 4)
         if nd is not None:
-            out_ndvi[:, :, ys, xs] = np.moveaxis(np.quantile(nd, QUANTILES, axis=0), 0, 1)
+            out_ndvi[:, :, ys, xs] = np.moveaxis(member_quantiles(nd, QUANTILES), 0, 1)
 
 
 def _change_pixels(change: tuple | None, shape: tuple) -> tuple | None:

@@ -332,3 +332,32 @@ def test_seasonal_decoder_blends_the_year_ago_observation(synth_cube, seasonal_r
     assert seen[moved].mean() > 0.95, seen[moved].mean()
     inner = moved & (np.abs(year_ago) < 0.85)
     np.testing.assert_allclose(up[inner] - year_ago[inner], 0.1, atol=1e-4)
+
+
+def test_normalise_on_the_model_device_zeroes_what_is_not_valid(tiny_run):
+    import torch
+
+    wm = geowm.load_model(tiny_run, device="cpu")
+    rng = np.random.default_rng(0)
+    refl = rng.uniform(0, 5000, (2, 3, len(wm.bands), 8, 8)).astype(np.float32)
+    refl[0, 1, 2, 3, 4] = np.nan
+    valid = rng.random((2, 3, 8, 8)) > 0.2
+    norm, ok = wm.normalise(refl, valid)
+    assert isinstance(norm, torch.Tensor) and norm.device == wm.device and norm.dtype == torch.float32
+    want_ok = valid & np.isfinite(refl).all(axis=2)
+    assert not want_ok[0, 1, 3, 4] and want_ok.mean() > 0.7
+    want = np.where(want_ok[:, :, None], (refl - wm.mean[:, None, None]) / wm.std[:, None, None], 0).astype(np.float32)
+    np.testing.assert_array_equal(ok.numpy(), want_ok)
+    np.testing.assert_array_equal(norm.numpy(), want)
+
+
+@pytest.mark.parametrize("members", [1, 2, 3, 4, 8])
+def test_member_quantiles_equal_numpys(members):
+    from geowm.forecast import QUANTILES, member_quantiles
+
+    a = np.random.default_rng(members).standard_normal((members, 3, 2, 16, 16)).astype(np.float32)
+    a[0, 1, 0, 2, 3] = np.nan
+    want = np.quantile(a, QUANTILES, axis=0)
+    got = member_quantiles(a, QUANTILES)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)  # to the bit, NaN where a member is NaN
