@@ -51,9 +51,10 @@ from geowm.forecast import (
     block_grid,
     context_index,
     lookback_days,
+    map_tiles,
     model_inputs,
     region,
-    tile_regions,
+    tile_workers,
     whole_tubelets,
 )
 from geowm.inference import WorldModel
@@ -214,19 +215,24 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         need = np.flatnonzero((enc_times[nxt] >= times) & (enc_times[nxt] - times <= _td(lookback_days(wm))))
         at = np.flatnonzero(todo[enc])  # the computed dates among the encoded ones
         dep_rows = np.flatnonzero(with_dep[enc][at])  # those that get a departure
-        for n, (y0, x0, sub) in enumerate(tile_regions(ds, need)):
+
+        def work(y0: int, x0: int, sub: xr.Dataset) -> tuple:  # a tile's rows of the outputs (written below)
             s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=todo[enc],
                                                   encode_all=departure_lag_days is not None)
             win = (slice(y0 // p, y0 // p + s.shape[1]), slice(x0 // p, x0 // p + s.shape[2]))
-            out[(rows_now, *win)], clear[(rows_now, *win)] = s[at], c[at]
+            d = None
             if departure_lag_days is not None and len(dep_rows):
-                d, change, day_change = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days,
-                                                  departure_window_days, green)
-                dep[(rows_now[dep_rows], *win)] = d
-                signed = signed and change is not None
-                if change is not None:
-                    dgreen[(rows_now[dep_rows], *win)] = change
-                    dday[(rows_now[dep_rows], *win)] = day_change
+                d = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days, departure_window_days, green)
+            return win, s[at], c[at], d
+
+        for n, (win, s, c, d) in enumerate(map_tiles(ds, need, work, tile_workers(wm))):
+            out[(rows_now, *win)], clear[(rows_now, *win)] = s, c
+            if d is not None:
+                dep[(rows_now[dep_rows], *win)] = d[0]
+                signed = signed and d[1] is not None
+                if d[1] is not None:
+                    dgreen[(rows_now[dep_rows], *win)] = d[1]
+                    dday[(rows_now[dep_rows], *win)] = d[2]
             if progress:
                 progress(n + 1, n_tiles)
     elif progress:

@@ -29,8 +29,12 @@ forecast.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -296,13 +300,16 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     back = np.flatnonzero((times <= init_t) & (times >= init_t - np.timedelta64(int(lookback_days(wm) * 86400), "s")))
     n_tiles = -(-H // TILE) * -(-W // TILE)
     weights = dict(climatology) if isinstance(climatology, dict) else wm.climatology_blend() if climatology else {}
-    for n, (ty, tx, sub) in enumerate(tile_regions(ds, back)):
+
+    def work(ty: int, tx: int, sub: xr.Dataset) -> None:  # each tile writes its own part of the outputs
         tile_forecast(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn, outs, ty, tx)
         if weights:
             from geowm.calibrate import blend_tile
 
             blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, out_bands, out_ndvi if nd_rn else None,
                        slice(ty, ty + TILE), slice(tx, tx + TILE))
+
+    for n, _ in enumerate(map_tiles(ds, back, work, tile_workers(wm))):
         if progress:
             progress(n + 1, n_tiles)
     out = _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
@@ -314,13 +321,49 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
 TILE = 256  # px: a region is processed one tile (all its dates in the look-back, in memory) at a time
 
 
-def tile_regions(ds: xr.Dataset, t_index: np.ndarray, tile: int = TILE):
-    """Yield (y0, x0, in-memory sub-dataset) per tile of the region, at the cube dates ``t_index``."""
-    H, W = ds.sizes["y"], ds.sizes["x"]
-    for y0 in range(0, H, tile):
-        for x0 in range(0, W, tile):
-            sub = ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile))
-            yield y0, x0, sub.load()
+MAX_TILE_WORKERS = 4
+
+
+def tile_workers(wm: WorldModel) -> int:
+    """How many tiles :func:`map_tiles` works on at once: on CUDA one per 4 CPU cores, up to
+    ``MAX_TILE_WORKERS``, so the GPU is fed while other tiles are read, prepared and decoded on the CPU (where
+    a GPU run spends most of its time, ``benchmarks/results/gpu``); on the CPU one (torch's own threads use the
+    cores already)."""
+    if wm.device.type != "cuda":
+        return 1
+    return max(1, min(MAX_TILE_WORKERS, (os.cpu_count() or 1) // 4))
+
+
+def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int, tile: int) -> xr.Dataset:
+    """The region's tile at (y0, x0), in memory, at the cube dates ``t_index``."""
+    return ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile)).load()
+
+
+def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1, tile: int | None = None):
+    """``work(y0, x0, sub)`` for every ``tile`` px tile of the region, ``sub`` its values at the cube dates
+    ``t_index`` in memory (the reading is part of the work), ``workers`` tiles at a time on threads, at most
+    ``2 x workers`` ahead of the one the caller is given; yields the results in tile order. ``work`` runs
+    without autograd, as inference does. ``tile`` defaults to ``TILE``."""
+    tile = tile or TILE
+    corners = [(y0, x0) for y0 in range(0, ds.sizes["y"], tile) for x0 in range(0, ds.sizes["x"], tile)]
+
+    def one(y0: int, x0: int):
+        with torch.no_grad():  # grad mode is per thread
+            return work(y0, x0, _tile(ds, t_index, y0, x0, tile))
+
+    if workers <= 1:
+        for y0, x0 in corners:
+            yield one(y0, x0)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        queued = iter(corners)
+        pending = deque(pool.submit(one, *yx) for yx in itertools.islice(queued, 2 * workers))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(queued, None)
+            if nxt is not None:
+                pending.append(pool.submit(one, *nxt))
+            yield result
 
 
 def member_seed(seed: int, sub: xr.Dataset, b: Block) -> list[int]:

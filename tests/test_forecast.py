@@ -361,3 +361,36 @@ def test_member_quantiles_equal_numpys(members):
     got = member_quantiles(a, QUANTILES)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)  # to the bit, NaN where a member is NaN
+
+
+def test_tiles_worked_on_at_once_give_the_same_forecast_and_surprise(synth_cube, tiny_run, monkeypatch):
+    """On CUDA several tiles are worked on at once (forecast.tile_workers); the result is the one-at-a-time one."""
+    import importlib
+    import threading
+
+    ga, gf = importlib.import_module("geowm.anomaly"), importlib.import_module("geowm.forecast")  # modules, not
+    # the functions geowm re-exports under these names
+
+    monkeypatch.setattr(gf, "TILE", 128)  # the 256 px session region in 4 tiles
+    kw = dict(init=INIT, leads=(5, 30), members=3)
+    one_f = forecast(str(synth_cube), str(tiny_run), **kw)
+    one_s = ga.surprise(str(synth_cube), str(tiny_run), start="2021-08-01", end="2021-09-15")
+    seen = set()
+    for mod, name in ((gf, "_forecast_tile"), (ga, "_surprise_tile")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, **k):
+            seen.add(threading.get_ident())
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    monkeypatch.setattr(gf, "tile_workers", lambda wm: 3)
+    monkeypatch.setattr(ga, "tile_workers", lambda wm: 3)
+    par_f = forecast(str(synth_cube), str(tiny_run), **kw)
+    par_s = ga.surprise(str(synth_cube), str(tiny_run), start="2021-08-01", end="2021-09-15")
+    assert len(seen) > 1 and threading.get_ident() not in seen  # worker threads did the tiles
+    assert {"ndvi", "embedding", "latent_spread"} <= set(one_f.data_vars)
+    assert {"surprise", "clear_fraction"} <= set(one_s.data_vars)
+    for one, par in ((one_f, par_f), (one_s, par_s)):
+        assert set(par.data_vars) == set(one.data_vars)
+        for v in one.data_vars:
+            np.testing.assert_array_equal(par[v].values, one[v].values, err_msg=v)
