@@ -195,7 +195,8 @@ def _members(n: int, members: int, rng: np.random.Generator, tf: int = 1) -> lis
 
 def member_quantiles(a: np.ndarray, qs: Sequence[float]) -> np.ndarray:
     """``np.quantile(a, qs, axis=0)`` (linear interpolation; NaN where any member is NaN), for the few members of
-    an ensemble: one sort along the members instead of a partition per quantile, several times faster."""
+    an ensemble: one sort along the members instead of a partition per quantile (1.5x faster for a block's
+    bands of 4 members)."""
     M = a.shape[0]
     if M == 1:
         return np.repeat(a.astype(np.result_type(a.dtype, np.float64)), len(qs), axis=0)
@@ -318,7 +319,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
     return out
 
 
-TILE = 256  # px: a region is processed one tile (all its dates in the look-back, in memory) at a time
+TILE = 256  # px: a region is processed by tiles (all its dates in the look-back, in memory; map_tiles)
 
 
 MAX_TILE_WORKERS = 4
