@@ -5,10 +5,12 @@ init (in memory); :mod:`geowm.forecast_store` appends it to a Zarr store.
 
 How one forecast is made. The region is cut into blocks of the training window size (64 px for the
 presets). For each block, the context is the last ``frames - 1`` acquisitions on or before the init
-that are at least ``min_frame_clear`` clear there (the training window rule); the predictor then
+that are at least ``min_frame_clear`` clear there (the training window rule; for models whose tokens span
+``t_frames`` acquisitions, the oldest are left out to whole tokens); the predictor then
 makes one direct prediction per valid time (no rollout). The ensemble: member 0 uses the whole
 context, the others drop a random quarter of its dates, so p10/p50/p90 and the latent spread show how
-much the forecast depends on which scenes were seen.
+much the forecast depends on which scenes were seen. Tiles of ``TILE`` px are read and forecast one at a time,
+on CUDA several at once (:func:`map_tiles`), so the GPU is fed while the CPU reads and decodes other tiles.
 
 Decoding ("delta" mode, the default): a pixel's forecast is its last clear observed value plus the
 *change* from the last observed latent of its patch to the forecast latent, read by the run's change
