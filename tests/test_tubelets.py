@@ -62,3 +62,22 @@ def test_the_python_api_encodes_whole_tubelets(synth_cube, pair_run):
     assert np.isfinite(pred.values).all()
     with pytest.raises(ValueError, match="shorter than one token"):
         wm.encode(cube.isel(time=slice(0, 1)))
+
+
+def test_evaluate_runs_for_a_two_acquisition_tubelet_model(synth_cube, synth_region, pair_run, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from geowm.cli import app
+
+    out = tmp_path / "eval.json"
+    res = CliRunner().invoke(app, ["evaluate", "--cube", str(synth_cube), "--model", str(pair_run), "--events",
+                                   str(synth_region / "events.geojson"), "--from", "2021-08-01", "--leads", "10,20",
+                                   "--init-every", "40", "--history-days", "60", "--json", str(out),
+                                   "--landcover", str(synth_region / "landcover.tif")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(out.read_text())
+    assert rep["ndvi_forecast"]["model"]["10"]["n_pixels"] > 1000
+    assert 0 <= rep["anomaly_auroc"]["model"] <= 1
+    assert rep["similar"]["n_queries"] >= 50
