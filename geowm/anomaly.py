@@ -45,7 +45,6 @@ import xarray as xr
 from geowm.baselines import ndvi
 from geowm.cube.store import date_sources
 from geowm.forecast import (
-    LOOKBACK_DAYS,
     TILE,
     _as_dataset,
     block_grid,
@@ -53,9 +52,9 @@ from geowm.forecast import (
     lookback_days,
     map_tiles,
     model_inputs,
+    recent_index,
     region,
     tile_workers,
-    whole_tubelets,
 )
 from geowm.inference import WorldModel
 
@@ -396,9 +395,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             if tf == 1:  # the window the acquisition is seen in: the forecast's context and it
                 seen = np.append(past, ti)
             else:  # its tubelet holds the acquisitions just before it: the clear ones before t, and t
-                before = np.flatnonzero(frac[:ti, b] >= win.min_frame_clear)
-                before = before[times[before] >= t - _td(LOOKBACK_DAYS)][-(win.frames - 1):]
-                seen = np.append(whole_tubelets(before, tf, extra=1), ti)
+                seen = np.append(recent_index(frac[:ti, b] >= win.min_frame_clear, times[:ti], t, wm, extra=1), ti)
             if frac[ti, b] > 0 and len(seen) >= tf and (forecastable or encode_all):
                 key = (len(seen), len(past), bool(predict[k]) and forecastable)
                 jobs.setdefault(key, []).append((k, b, seen, past))

@@ -116,19 +116,28 @@ def whole_tubelets(index: np.ndarray, tf: int, extra: int = 0) -> np.ndarray:
     return index[(len(index) + extra) % tf:]
 
 
+def recent_index(clear: np.ndarray, times: np.ndarray, init: np.datetime64, wm: WorldModel,
+                 extra: int = 0) -> np.ndarray:
+    """Cube indexes of the last ``frames - 1`` clear acquisitions (``clear`` (T,) bool, at ``times``) on or before
+    ``init`` within the look-back (the training window rule), the oldest dropped so that they and ``extra``
+    acquisitions after them make whole tubelets (:func:`whole_tubelets`)."""
+    init = np.datetime64(init, "s")
+    ok = np.flatnonzero(clear & (times <= init))
+    recent = ok[times[ok] >= init - np.timedelta64(LOOKBACK_DAYS, "D")][-(wm.window.frames - 1):]
+    return whole_tubelets(recent, wm.cfg.t_frames, extra)
+
+
 def context_index(clear: np.ndarray, times: np.ndarray, init: np.datetime64, until: np.datetime64,
                   wm: WorldModel) -> np.ndarray:
-    """Cube indexes of a block's context for forecasting from ``init`` up to ``until``: its last ``frames - 1``
-    clear acquisitions (``clear`` (T,) bool, at ``times``) on or before ``init`` within the look-back (the
-    training window rule), the oldest dropped to whole tubelets (:func:`whole_tubelets`), preceded by the
-    window's seasonal memory (:func:`geowm.data.seasonal_index`; whole tubelets too)."""
+    """Cube indexes of a block's context for forecasting from ``init`` up to ``until``: its recent clear
+    acquisitions (:func:`recent_index`), preceded by the window's seasonal memory
+    (:func:`geowm.data.seasonal_index`; whole tubelets too)."""
     win = wm.window
     init, until = np.datetime64(init, "s"), np.datetime64(until, "s")
-    ok = np.flatnonzero(clear & (times <= init))
-    recent = whole_tubelets(ok[times[ok] >= init - np.timedelta64(LOOKBACK_DAYS, "D")][-(win.frames - 1):],
-                            wm.cfg.t_frames)
+    recent = recent_index(clear, times, init, wm)
     if not win.seasonal_frames or len(recent) == 0:
         return recent
+    ok = np.flatnonzero(clear & (times <= init))
     day = (times - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0
     at = lambda t: float((t - times[0]).astype("timedelta64[s]").astype(np.float64)) / 86400.0  # noqa: E731
     seas = seasonal_index(ok[ok < recent[0]], day, at(init), at(until), win.seasonal_frames, *wm.cfg.seasonal)
@@ -337,22 +346,21 @@ def tile_workers(wm: WorldModel) -> int:
     return max(1, min(MAX_TILE_WORKERS, (os.cpu_count() or 1) // 4))
 
 
-def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int, tile: int) -> xr.Dataset:
+def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int) -> xr.Dataset:
     """The region's tile at (y0, x0), in memory, at the cube dates ``t_index``."""
-    return ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + tile), x=slice(x0, x0 + tile)).load()
+    return ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE)).load()
 
 
-def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1, tile: int | None = None):
-    """``work(y0, x0, sub)`` for every ``tile`` px tile of the region, ``sub`` its values at the cube dates
+def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1):
+    """``work(y0, x0, sub)`` for every ``TILE`` px tile of the region, ``sub`` its values at the cube dates
     ``t_index`` in memory (the reading is part of the work), ``workers`` tiles at a time on threads, at most
     ``2 x workers`` ahead of the one the caller is given; yields the results in tile order. ``work`` runs
-    without autograd, as inference does. ``tile`` defaults to ``TILE``."""
-    tile = tile or TILE
-    corners = [(y0, x0) for y0 in range(0, ds.sizes["y"], tile) for x0 in range(0, ds.sizes["x"], tile)]
+    without autograd, as inference does."""
+    corners = [(y0, x0) for y0 in range(0, ds.sizes["y"], TILE) for x0 in range(0, ds.sizes["x"], TILE)]
 
     def one(y0: int, x0: int):
         with torch.no_grad():  # grad mode is per thread
-            return work(y0, x0, _tile(ds, t_index, y0, x0, tile))
+            return work(y0, x0, _tile(ds, t_index, y0, x0))
 
     if workers <= 1:
         for y0, x0 in corners:
