@@ -17,7 +17,9 @@ history from the record);
 ``anomaly_tick_km2_per_s`` counts the region once per new acquisition. Peak memory: the process's peak
 resident set while the stage ran (and, on CUDA, the peak allocated GPU memory). ``*_model_share``: the
 share of a stage's time spent in the model's calls (``benchmarks.stages.model_clock``); the rest is reading the
-cube, choosing contexts, decoding and writing (the model alone: ``bench_model``). Full mode uses torch's default
+cube, choosing contexts, decoding and writing (the model alone: ``bench_model``). Where the device has bfloat16
+arithmetic, the 1-member forecast and the surprise are timed again at ``--precision bf16`` (``*_bf16_km2_per_s``),
+each against a fresh fp32 run of its own, with the largest departure of their outputs from fp32. Full mode uses torch's default
 intra-op threads (what ``geowm forecast`` gets); quick and smoke modes 1 thread (on shared, busy cores more
 threads mostly wait for each other).
 How these costs grow with the region: ``bench_scaling``.
@@ -96,6 +98,7 @@ def run(mode: str, workdir: Path) -> dict:
             results["anomaly_cuda_max_allocated_MiB"] = round(r["cuda_max_allocated_bytes"] / 2**20, 1)
         results["anomaly_model_share"] = round(r["model_s"] / r["seconds"], 3)
         details["anomaly"] = {**r, "n": r["scored_dates"]}
+        results.update(_bf16(cube, run_dir, p["score_from"], km2, THREADS[mode], here, workdir, details))
         first, tick, n_new = _tick(workdir, region, cube, run_dir, p["score_from"], THREADS[mode], here)
         results["anomaly_first_s"] = round(first["seconds"], 2)
         results["anomaly_tick_s"] = round(tick["seconds"], 2)
@@ -119,9 +122,44 @@ def run(mode: str, workdir: Path) -> dict:
              f"{v['peak_rss_bytes'] / 2**20:.0f} MiB of which {v['baseline_rss_bytes'] / 2**20:.0f} MiB held before "
              f"the stage (imports); 1-min load average {v['load_avg_1m_at_start']} at start"
              for k, v in details.items()]
+    if not any("bf16" in k for k in results):
+        notes.append("bf16: not run (the device has no bfloat16 arithmetic, where bf16 is not faster than fp32)")
     return {"results": {"headline": results, "description": desc, "notes": notes, "region_km2": km2,
                         "size_px": p["size"], "params": p, "device": device, "details": details,
                         "setup_s": {k: round(v, 2) for k, v in setup_s.items()}}, "targets": {}}
+
+
+def _bf16(cube: Path, run_dir: Path, score_from: str, km2: float, threads: int | None, here: bool, workdir: Path,
+          details: dict) -> dict:
+    """The 1-member forecast and the surprise again at ``--precision bf16``, with their largest departures from
+    fp32 (NDVI; cosine distance); only where the device has bfloat16 arithmetic (elsewhere it is not faster)."""
+    import numpy as np
+    import torch
+
+    from geowm.inference import has_bf16
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not has_bf16(device):
+        return {}  # the notes say so
+    out, arrays = {}, {}
+    for stage, extra in (("forecast", {"members": 1}), ("anomaly", {"start": score_from})):
+        for prec in ("fp32", "bf16"):
+            path = workdir / f"{stage}_{prec}.npy"
+            r = run_stage(stage, {"cube": str(cube), "run": str(run_dir), "threads": threads, "precision": prec,
+                                  "save": str(path), **extra}, in_process=here)
+            arrays[(stage, prec)] = np.load(path)
+            path.unlink()
+            if prec == "bf16":
+                n = r.get("scored_dates", 1)
+                name = "forecast_m1" if stage == "forecast" else stage
+                out[f"{name}_bf16_km2_per_s"] = round(km2 * n / r["seconds"], 3)
+                details[f"{name}_bf16"] = {**r, "n": n}
+    nd = np.abs(arrays[("forecast", "bf16")] - arrays[("forecast", "fp32")])
+    sd = np.abs(arrays[("anomaly", "bf16")] - arrays[("anomaly", "fp32")])
+    out["forecast_bf16_ndvi_max_abs_dev"] = round(float(np.nanmax(nd)), 5)
+    out["forecast_bf16_ndvi_mean_abs_dev"] = round(float(np.nanmean(nd)), 6)
+    out["anomaly_bf16_surprise_max_abs_dev"] = round(float(np.nanmax(sd)), 5)
+    return out
 
 
 def _tick(workdir: Path, region: Path, cube: Path, run_dir: Path, start: str, threads: int | None,

@@ -136,14 +136,30 @@ def _train(a: dict):
     return work, probes if a.get("probes") else None
 
 
+def _model(a: dict):
+    """The stage's model: the run at ``a["precision"]`` (default fp32), on torch's default device."""
+    from geowm.inference import WorldModel
+
+    return WorldModel(a["run"], precision=a.get("precision", "fp32"))
+
+
+def _save(a: dict, values) -> None:
+    """Keep a stage's output array where ``a["save"]`` asks (an .npy path), for comparing runs."""
+    if a.get("save"):
+        import numpy as np
+
+        np.save(a["save"], values)
+
+
 def _forecast(a: dict):
     from geowm.forecast import forecast
 
     def work() -> dict:
         with model_clock() as spent:
-            fc = forecast(a["cube"], a["run"], leads=tuple(a.get("leads", (5, 10, 20, 30))), members=a["members"])
+            fc = forecast(a["cube"], _model(a), leads=tuple(a.get("leads", (5, 10, 20, 30))), members=a["members"])
+        _save(a, fc["ndvi"].values)
         return {"members": a["members"], "leads": int(fc.sizes["lead_time"]), "y": int(fc.sizes["y"]),
-                "x": int(fc.sizes["x"]), **spent}
+                "x": int(fc.sizes["x"]), "precision": fc.attrs["geowm:precision"], **spent}
     return work, None
 
 
@@ -152,8 +168,10 @@ def _anomaly(a: dict):
 
     def work() -> dict:
         with model_clock() as spent:
-            s = surprise(a["cube"], a["run"], start=a["start"])
-        return {"scored_dates": int(s.sizes["time"]), "py": int(s.sizes["py"]), "px": int(s.sizes["px"]), **spent}
+            s = surprise(a["cube"], _model(a), start=a["start"])
+        _save(a, s["surprise"].values)
+        return {"scored_dates": int(s.sizes["time"]), "py": int(s.sizes["py"]), "px": int(s.sizes["px"]),
+                "precision": s.attrs["geowm:precision"], **spent}
     return work, None
 
 

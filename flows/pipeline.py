@@ -91,7 +91,7 @@ def train_flow(cube: str, run: str, preset: str = "tiny", steps: int | None = 40
 
 
 def _forecast_tiles(cube: str, snapshot: str, model: str, init: str, leads: list[float], members: int,
-                    tile_px: int | None, device: str, results: Path) -> tuple:
+                    tile_px: int | None, device: str, precision: str, results: Path) -> tuple:
     """Submit one forecast task per tile, combine the tiles; returns (dataset, n tiles, n cached).
     Tile results persist under ``results`` (the cache a re-run reuses)."""
     from geowm.cube.store import read_state
@@ -101,7 +101,7 @@ def _forecast_tiles(cube: str, snapshot: str, model: str, init: str, leads: list
     size = tile_px or read_state(cube).grid.tile_size
     boxes = t.tile_boxes(cube, snapshot, size, patch)
     tile_task = t.forecast_tile.with_options(result_storage=results)
-    futures = [tile_task.submit(cube, snapshot, str(model), key, box, init, list(leads), members, device)
+    futures = [tile_task.submit(cube, snapshot, str(model), key, box, init, list(leads), members, device, precision)
                for box in boxes]
     parts = [f.result() for f in futures]
     cached = sum(1 for f in futures if f.state.name == "Cached")
@@ -112,7 +112,7 @@ def _forecast_tiles(cube: str, snapshot: str, model: str, init: str, leads: list
 @flow(name=FORECAST_FLOW, task_runner=DaskTaskRunner(**dask_runner_options()))
 def forecast_flow(cube: str, model: str, store: str, init: str | None = None, leads: list[float] | None = None,
                   members: int = 4, tile_px: int | None = None, state_dir: str | None = None,
-                  device: str = "cpu", catalog: str | None = None) -> dict:
+                  device: str = "cpu", catalog: str | None = None, precision: str = "fp32") -> dict:
     """Forecast one init (default: the cube's last date) tile by tile, write it to the forecast store and
     add the store's inits to the STAC catalog (default: ``catalog`` beside a local cube).
 
@@ -125,7 +125,7 @@ def forecast_flow(cube: str, model: str, store: str, init: str | None = None, le
     results = Path(state_dir or default_state_dir(cube)) / "results"
     init = init or state["times"][-1]
     fc, n_tiles, cached = _forecast_tiles(cube, state["snapshot"], model, init, list(leads or DEFAULT_LEADS),
-                                          members, tile_px, device, results)
+                                          members, tile_px, device, precision, results)
     commit = t.write_forecast(fc, store)
     cat_dir = catalog or default_catalog_dir(cube)  # none beside a cube on object storage unless given
     cat = t.update_stac(str(cat_dir), store=store) if cat_dir else None
@@ -139,7 +139,7 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
                   history_days: float = 365.0, threshold: float = 5.0, confirm_threshold: float = 4.0,
                   confirmations: int = 2, min_area_ha: float = 1.0, tile_px: int | None = None,
                   ingest_scheduler: str | None = None,
-                  device: str = "cpu", search: dict | None = None) -> dict:
+                  device: str = "cpu", search: dict | None = None, precision: str = "fp32") -> dict:
     """One tick: new scenes of ``source`` -> cube -> forecast -> anomaly scores -> alerts -> STAC catalog.
 
     Args:
@@ -156,6 +156,8 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         threshold, confirm_threshold, confirmations, min_area_ha: alert rule (robust z units, hectares;
             geowm.alerts.AlertRules).
         tile_px: forecast tile size in pixels (default: the cube's tile size).
+        device, precision: where and in what arithmetic the model runs (geowm.inference: fp32, bf16, tf32 on
+            CUDA, or auto).
 
     Returns the run's ledger record: ``scenes`` processed (ids) and their ``dates``, ``init``,
     ``acquisitions_encoded`` and ``acquisitions_reused`` (from the surprise record; history included),
@@ -188,12 +190,12 @@ def pipeline_flow(source: str, cube: str, model: str, store: str, alerts: str, s
         init = state["times"][-1]
         results = work / "results"
         fc, n_tiles, cached = _forecast_tiles(cube, state["snapshot"], model, init, list(leads or DEFAULT_LEADS),
-                                              members, tile_px, device, results)
+                                              members, tile_px, device, precision, results)
         commit = t.write_forecast(fc, store)
         start = str(np.datetime64(todo[0]["datetime"].replace("+00:00", ""), "s"))
         score_task = t.score_anomalies.with_options(result_storage=results)
         scores = score_task(cube, state["snapshot"], str(model), t.model_key(model), start, history_days, device,
-                            str(Path(alerts) / "surprise.zarr"))
+                            str(Path(alerts) / "surprise.zarr"), precision)
         published = t.publish_alerts(scores, alerts, cube, state["snapshot"], threshold, confirm_threshold,
                                      confirmations, min_area_ha)
         cat = t.update_stac(str(catalog or default_catalog(cube)), cube, source, store, alerts)

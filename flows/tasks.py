@@ -85,10 +85,10 @@ def model_patch(run: str | Path) -> int:
 
 
 @functools.lru_cache(maxsize=2)
-def _world_model(run: str, key: str, device: str):  # noqa: ARG001 - key invalidates the cache on retraining
+def _world_model(run: str, key: str, device: str, precision: str = "fp32"):  # noqa: ARG001 - key: retraining
     from geowm.inference import WorldModel
 
-    return WorldModel(run, device)
+    return WorldModel(run, device, precision)
 
 
 # ------------------------------------------------------------------------------------------ cube I/O
@@ -232,14 +232,14 @@ def tile_boxes(cube: str, snapshot: str | None, tile_px: int, patch: int) -> lis
 
 @task(name="forecast-tile", retries=1, retry_condition_fn=retry_transient, **CACHED)
 def forecast_tile(cube: str, snapshot: str, model: str, model_fingerprint: str, bbox: tuple, init: str,
-                  leads: list[float], members: int, device: str = "cpu") -> xr.Dataset:
+                  leads: list[float], members: int, device: str = "cpu", precision: str = "fp32") -> xr.Dataset:
     """The forecast dataset (geowm.forecast.forecast) of one tile of the cube at a fixed snapshot."""
     from geowm.cube.store import open_cube
     from geowm.forecast import forecast
 
     ds = open_cube(cube, snapshot)
     ds.attrs["geowm:cube"] = cube
-    wm = _world_model(str(model), model_fingerprint, device)
+    wm = _world_model(str(model), model_fingerprint, device, precision)
     # Read the tile in this task with local threads: xarray computing through the Dask cluster from inside
     # a task secedes the worker thread, and then Prefect loses the persisted result of the next task run
     # on that worker (seen with prefect 3.9 + prefect-dask 0.3.7: its cache entry was never written).
@@ -294,7 +294,8 @@ def write_forecast(fc: xr.Dataset, store: str) -> str:
 
 @task(name="score-anomalies", retries=1, retry_condition_fn=retry_transient, **CACHED)
 def score_anomalies(cube: str, snapshot: str, model: str, model_fingerprint: str, start: str,
-                    history_days: float, device: str = "cpu", record: str | None = None) -> xr.Dataset:
+                    history_days: float, device: str = "cpu", record: str | None = None,
+                    precision: str = "fp32") -> xr.Dataset:
     """Anomaly scores (geowm.anomaly.detect) of the acquisitions from ``start`` on, on the patch grid.
 
     ``record``: the surprise record (``ALERTS/surprise.zarr``) the acquisitions scored at earlier ticks are taken
@@ -305,7 +306,7 @@ def score_anomalies(cube: str, snapshot: str, model: str, model_fingerprint: str
 
     ds = open_cube(cube, snapshot)
     ds.attrs["geowm:cube"] = cube
-    wm = _world_model(str(model), model_fingerprint, device)
+    wm = _world_model(str(model), model_fingerprint, device, precision)
     with dask.config.set(scheduler="threads"):  # as forecast_tile: never sub-tasks from inside a task
         scores, _ = detect(ds, wm, start, history_days=history_days,  # alerts: from the merged record below
                            record=record)

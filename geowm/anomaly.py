@@ -265,6 +265,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
     res = xr.Dataset(
         data, coords={"time": times[scored].astype("datetime64[ns]"), "py": py, "px": px},
         attrs={"geowm:model_run": str(wm.run.absolute()), "geowm:run_id": wm.run_id, "geowm:cube": name,
+               "geowm:precision": wm.precision,
                "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", "")),
                "geowm:computed_dates": int(todo.sum()), "geowm:reused_dates": int(len(kept)), **key})
     if sources is not None:
@@ -281,6 +282,8 @@ def _record_key(wm: WorldModel, ds: xr.Dataset, lead_days: float, departure_lag_
     crs = ds["spatial_ref"].attrs.get("crs_wkt", "") if "spatial_ref" in ds.coords else ""
     settings = {"lead_days": float(lead_days), "departure_lag_days": departure_lag_days,
                 "departure_window_days": float(departure_window_days)}
+    if wm.precision != "fp32":  # records made before precision was a choice were fp32: they stay reusable
+        settings["precision"] = wm.precision
     return {"geowm:record": RECORD_FORMAT, "geowm:record_model": f"{wm.run_id} {wm.config_hash}",
             "geowm:record_settings": json.dumps(settings),
             "geowm:record_crs": hashlib.sha256(str(crs).encode()).hexdigest()[:16]}
@@ -412,7 +415,8 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             chunk = group[g0: g0 + batch_size]
             r, v, tt = stacked(chunk, 2)
             batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
-            lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+            with wm.autocast():
+                lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
             obs, obs_ok = lat[:, -1].float(), ok[:, -1]  # the acquisition at t, seen in its window
             obs_ok = obs_ok.cpu().numpy()
             if with_pred:
@@ -421,7 +425,8 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
                 else:
                     rc, vc, tc = stacked(chunk, 3)
                     ctx, tdays, tdoy = model_inputs(wm, rc, vc, tc, tt[:, -1:])
-                pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
+                with wm.autocast():
+                    pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
                 d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
             else:
                 d = np.full(obs_ok.shape, np.nan, np.float32)

@@ -85,6 +85,9 @@ def _catalog(catalog: Path | None, no_catalog: bool, cube: str, add) -> None:
     err.print(f"STAC catalog: {cat_dir / 'catalog.json'}")
 
 
+PRECISION_HELP = ("The model's arithmetic: fp32 (the same result on every machine), bf16 (bfloat16 autocast; fast "
+                  "on GPUs and on CPUs with AVX512-BF16 or AMX, slower elsewhere), tf32 (CUDA) or auto (bf16 where "
+                  "the device has it, else fp32).")
 CATALOG_HELP = "STAC catalog folder to keep current (default: a folder named 'catalog' beside the cube)."
 
 
@@ -446,6 +449,7 @@ def forecast(
     bbox: str | None = typer.Option(None, help="minx,miny,maxx,maxy in the cube CRS (default: whole cube)."),
     members: int = typer.Option(8, help="Ensemble members (context subsamples) for p10/p50/p90 and spread."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     climatology: bool = typer.Option(True, help="Blend the decoded forecast with each pixel's climatology and "
                                                 "its damped last departure from it by the run's weights (its "
                                                 "calibration.json)."),
@@ -471,7 +475,7 @@ def forecast(
         _fail(ValueError(f"cannot parse a date: {exc}"))
     box = _floats(bbox, 4, "--bbox")
     try:
-        wm = WorldModel(model, device)
+        wm = WorldModel(model, device, precision)
         with _progress() as bar:
             task = bar.add_task("forecast tiles", total=None)
             fc = run_forecast(cube, wm, init=init, leads=lead_days, valid_times=vts, bbox=box, members=members,
@@ -521,6 +525,7 @@ def anomalies(
     rescore: bool = typer.Option(False, "--rescore", help="Encode every acquisition again instead of taking the "
                                                           "ones OUT/surprise.zarr still holds (it is replaced)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     catalog: Path | None = typer.Option(None, help=CATALOG_HELP),
     no_catalog: bool = typer.Option(False, "--no-catalog", help="Do not add the alerts to the STAC catalog."),
 ) -> None:
@@ -539,7 +544,7 @@ def anomalies(
     try:
         store = open_forecasts(forecasts)
         ds = open_cube(cube)
-        wm = WorldModel(store.attrs["geowm:model_run"], device)
+        wm = WorldModel(store.attrs["geowm:model_run"], device, precision)
         if store.spatial_ref.attrs.get("crs_wkt") != ds.spatial_ref.attrs.get("crs_wkt"):
             raise ForecastStoreError(f"{forecasts}: made from a cube in another CRS than {cube}")
         xs, ys = store["x"].values, store["y"].values
@@ -585,6 +590,7 @@ def evaluate(
     history_days: float = typer.Option(365.0, help="Days before --from scored as each patch's history."),
     out_json: Path | None = typer.Option(None, "--json", help="Write the report here (JSON)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
     landcover: str | None = typer.Option(None, help="Land-cover raster: also check that nearest latents "
                                                      "(geowm.similar) share the query's class."),
     calibrate_days: float = typer.Option(90.0, help="Days after --from that fit the model's blend with the "
@@ -606,7 +612,7 @@ def evaluate(
 
     lead_days = _lead_days(leads)
     try:
-        wm = WorldModel(model, device)
+        wm = WorldModel(model, device, precision)
         with _progress() as bar:
             task = bar.add_task("evaluate", total=None)
             report = run_evaluate(cube, wm, str(events), start, leads=lead_days, init_every_days=init_every,
@@ -634,6 +640,7 @@ def calibrate(
     inits: int = typer.Option(6, help="Backtest inits."),
     every: float = typer.Option(30.0, help="Days between backtest inits."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
 ) -> None:
     """Fit the run's blend of its forecasts with the pixels' climatology on a backtest (calibration.json).
 
@@ -652,7 +659,7 @@ def calibrate(
     except ValueError as exc:
         _fail(ValueError(f"cannot parse a date: {exc}"))
     try:
-        report = fit_calibration(WorldModel(model, device), cube, start=start, until=until, leads=lead_days,
+        report = fit_calibration(WorldModel(model, device, precision), cube, start=start, until=until, leads=lead_days,
                                  n_inits=inits, every_days=every)
     except (ForecastError, CubeError, RunError, ValueError) as exc:
         _fail(exc)

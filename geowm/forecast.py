@@ -430,13 +430,15 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
     preds: dict[tuple[int, int], np.ndarray] = {}
     anchors: dict[int, tuple] = {}
     for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):
-        z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
+        with wm.autocast():
+            z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
         for j, (i, m, _) in enumerate(chunk):
             preds[(i, m)] = z[j]
         full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
         if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
             sel = {k: v[full] for k, v in batch.items()}
-            lat, ok, pos = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
+            with wm.autocast():
+                lat, ok, pos = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
             zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
             season = year_ago_latents(wm, lat, ok, pos, tdays[full])
             for j, jj in enumerate(full):
@@ -610,6 +612,6 @@ def _dataset(ds, wm, init_t, vt, lead_days, bands, ndvi, lat, spread, nctx, name
         "geowm:format": "geowm-forecast/1", "geowm:model_run": str(wm.run.absolute()), "geowm:run_id": wm.run_id,
         "geowm:config_hash": wm.config_hash, "geowm:cube": name,
         "geowm:cube_snapshot": str(ds.attrs.get("geowm:snapshot", "")), "geowm:decode": decode,
-        "geowm:members": int(members), "geowm:patch": int(p),
+        "geowm:members": int(members), "geowm:patch": int(p), "geowm:precision": wm.precision,
     })
     return out

@@ -30,7 +30,7 @@ from geowm.cube.store import cube_exists, cube_lock, has_commits, in_order, stor
 FORMAT = "geowm-forecast/1"
 PROVENANCE = ("geowm:run_id", "geowm:config_hash")
 PER_INIT = {"geowm:cube_snapshot": "geowm:cube_snapshots",  # forecast attr -> store attr (init -> value)
-            "geowm:climatology_blend": "geowm:climatology_blends"}
+            "geowm:climatology_blend": "geowm:climatology_blends", "geowm:precision": "geowm:precisions"}
 # fixed units: inferred ones ("days since <first init>") cannot hold a later init at another time of day
 TIME_ENCODING = {name: {"units": "seconds since 1970-01-01T00:00:00", "calendar": "proleptic_gregorian",
                         "dtype": "int64"} for name in ("init_time", "valid_time")}

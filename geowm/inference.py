@@ -11,10 +11,20 @@ inference needs nothing else. Inputs and outputs are xarray objects with real co
   the observations in ``ds`` (one direct prediction per date).
 * ``decode(latents)``: the probes' reading of latents: ``reflectance`` (time, band, y, x) and
   ``ndvi`` (time, y, x) at pixel resolution.
+
+Precision (``precision=``, ``--precision`` on the commands): the model's arithmetic in inference.
+
+* ``fp32`` (the default): float32 with TF32 off; the same latents on every machine.
+* ``bf16``: ``torch.autocast`` bfloat16 on the CPU or CUDA (matrix products and attention in bfloat16, norms
+  and reductions in float32). Fast where the hardware has bfloat16 arithmetic (CUDA from Ampere on; CPUs with
+  AVX512-BF16 or AMX); elsewhere it can be slower than fp32. Latents are returned as float32.
+* ``tf32``: CUDA only; float32 with TF32 matrix products (for the whole process: a global torch setting).
+* ``auto``: ``bf16`` where the device has bfloat16 arithmetic, else ``fp32``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -28,18 +38,46 @@ from geowm.data import WindowConfig, day_of_year
 from geowm.model import ModelConfig, build_model
 from geowm.train import RunError, load_weights, pick_device
 
+PRECISIONS = ("fp32", "bf16", "tf32", "auto")
+
+
+def has_bf16(device: torch.device) -> bool:
+    """Whether ``device`` does bfloat16 arithmetic in hardware (CUDA: compute capability 8 or later; CPU: oneDNN's
+    AVX512-BF16 / AMX check)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """``name`` (one of :data:`PRECISIONS`) resolved for ``device``: ``auto`` -> ``bf16`` or ``fp32``."""
+    if name not in PRECISIONS:
+        raise RunError(f"--precision {name!r}: one of {', '.join(PRECISIONS)}")
+    if name == "tf32" and device.type != "cuda":
+        raise RunError(f"--precision tf32: TF32 is a CUDA matrix format and the model runs on {device.type}; "
+                       "use fp32 or bf16 there")
+    if name == "auto":
+        return "bf16" if has_bf16(device) else "fp32"
+    return name
+
 
 class WorldModel:
     """A trained JEPA with its run's normalisation and probes. Latents are layer-normed (the space the
     predictor forecasts in); ``latent`` has ``model.cfg.dim`` entries."""
 
-    def __init__(self, run: str | Path, device: str = "auto"):
+    def __init__(self, run: str | Path, device: str = "auto", precision: str = "fp32"):
         self.run = Path(run)
         cfg_path = self.run / "config.json"
         if not cfg_path.exists():
             raise RunError(f"{self.run}: not a geowm run directory (no config.json)")
         self.config = json.loads(cfg_path.read_text())
         self.device = pick_device(device)
+        self.precision = pick_precision(precision, self.device)  # fp32, bf16 or tf32 (see the module's docstring)
+        if self.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # the JEPA; or, for a pixel-baseline run (kind "pixel"), geowm.model.pixel.PixelForecaster, which
         # geowm.forecast forecasts with (encode / predict / decode below are the JEPA's)
         self.model = build_model(ModelConfig.from_dict(self.config["model"])).to(self.device)
@@ -76,6 +114,13 @@ class WorldModel:
         """SHA-256 (16 hex digits) of the run's model and training configuration."""
         text = json.dumps({"model": self.config["model"], "train": self.config["train"]}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context the model's calls run in: bfloat16 autocast for ``bf16``, nothing otherwise. Autocast holds
+        per thread: enter it in the thread that calls the model (geowm's tile workers each do)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def normalise(self, refl: np.ndarray, valid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Physical band values (..., T, C, h, w) and valid (..., T, h, w) -> model input (0 where invalid)
@@ -173,7 +218,8 @@ class WorldModel:
     def encode(self, ds: xr.Dataset) -> xr.DataArray:
         """Observed latents (time, py, px, latent), NaN where a patch is mostly cloud or fill."""
         batch, ds, times = self._batch(ds)
-        lat, ok, _ = self.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+        with self.autocast():
+            lat, ok, _ = self.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
         lat = lat[0].float().cpu().numpy()
         lat[~ok[0].cpu().numpy()] = np.nan
         tf = self.cfg.t_frames
@@ -189,7 +235,8 @@ class WorldModel:
         days = ((vt - times[0]).astype("timedelta64[s]").astype(np.float64) / 86400.0).astype(np.float32)
         target_days = torch.from_numpy(days)[None].to(self.device)
         target_doy = torch.from_numpy(day_of_year(vt))[None].to(self.device)
-        pred = self.model.predict(batch, target_days, target_doy)[0].float().cpu().numpy()
+        with self.autocast():
+            pred = self.model.predict(batch, target_days, target_doy)[0].float().cpu().numpy()
         return xr.DataArray(pred, dims=("time", "py", "px", "latent"),
                             coords={"time": vt, **self._patch_coords(ds)}, name="latent",
                             attrs={"run": str(self.run), "description": "forecast latent (predictor)",
@@ -216,6 +263,7 @@ class WorldModel:
         return out
 
 
-def load_model(run: str | Path, device: str = "auto") -> WorldModel:
-    """Load a trained run directory: ``geowm.load_model("runs/tiny").encode(cube.isel(...))``."""
-    return WorldModel(run, device)
+def load_model(run: str | Path, device: str = "auto", precision: str = "fp32") -> WorldModel:
+    """Load a trained run directory: ``geowm.load_model("runs/tiny").encode(cube.isel(...))``. ``precision``:
+    fp32 (default), bf16, tf32 (CUDA) or auto (see the module's docstring)."""
+    return WorldModel(run, device, precision)
