@@ -18,8 +18,9 @@ history from the record);
 resident set while the stage ran (and, on CUDA, the peak allocated GPU memory). ``*_model_share``: the
 share of a stage's time spent in the model's calls (``benchmarks.stages.model_clock``); the rest is reading the
 cube, choosing contexts, decoding and writing (the model alone: ``bench_model``). Where the device has bfloat16
-arithmetic, the 1-member forecast and the surprise are timed again at ``--precision bf16`` (``*_bf16_km2_per_s``),
-each against a fresh fp32 run of its own, with the largest departure of their outputs from fp32. Full mode uses torch's default
+arithmetic, the 1-member forecast and the surprise are timed again as a pair, fp32 then ``--precision bf16``
+(``*_bf16_km2_per_s``; ``*_bf16_speedup``: bf16 over the fp32 run just before it), with the largest departure of
+bf16's outputs from fp32's. Full mode uses torch's default
 intra-op threads (what ``geowm forecast`` gets); quick and smoke modes 1 thread (on shared, busy cores more
 threads mostly wait for each other).
 How these costs grow with the region: ``bench_scaling``.
@@ -141,7 +142,7 @@ def _bf16(cube: Path, run_dir: Path, score_from: str, km2: float, threads: int |
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not has_bf16(device):
         return {}  # the notes say so
-    out, arrays = {}, {}
+    out, arrays, speed = {}, {}, {}
     for stage, extra in (("forecast", {"members": 1}), ("anomaly", {"start": score_from})):
         for prec in ("fp32", "bf16"):
             path = workdir / f"{stage}_{prec}.npy"
@@ -149,11 +150,12 @@ def _bf16(cube: Path, run_dir: Path, score_from: str, km2: float, threads: int |
                                   "save": str(path), **extra}, in_process=here)
             arrays[(stage, prec)] = np.load(path)
             path.unlink()
-            if prec == "bf16":
-                n = r.get("scored_dates", 1)
-                name = "forecast_m1" if stage == "forecast" else stage
-                out[f"{name}_bf16_km2_per_s"] = round(km2 * n / r["seconds"], 3)
-                details[f"{name}_bf16"] = {**r, "n": n}
+            n = r.get("scored_dates", 1)
+            name = "forecast_m1" if stage == "forecast" else stage
+            speed[prec] = km2 * n / r["seconds"]
+            details[f"{name}_{prec}_paired"] = {**r, "n": n}
+        out[f"{name}_bf16_km2_per_s"] = round(speed["bf16"], 3)
+        out[f"{name}_bf16_speedup"] = round(speed["bf16"] / speed["fp32"], 3)  # against the fp32 run just before
     nd = np.abs(arrays[("forecast", "bf16")] - arrays[("forecast", "fp32")])
     sd = np.abs(arrays[("anomaly", "bf16")] - arrays[("anomaly", "fp32")])
     out["forecast_bf16_ndvi_max_abs_dev"] = round(float(np.nanmax(nd)), 5)

@@ -101,7 +101,6 @@ def test_cli_refuses_a_precision_the_machine_cannot_run(synth_cube, tiny_run, tm
 def test_flow_tasks_run_the_model_at_the_precision_asked(synth_cube, tiny_run):
     """The scheduled flows' tile task and scoring task pass ``precision`` to the model they load."""
     from flows import tasks
-
     from geowm.cube.store import open_cube
 
     snapshot = open_cube(synth_cube).attrs["geowm:snapshot"]
