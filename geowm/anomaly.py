@@ -42,11 +42,13 @@ import numpy as np
 import torch
 import xarray as xr
 
+from geowm.bands import common_names_of, ndvi_bands
 from geowm.baselines import ndvi
 from geowm.cube.store import date_sources
 from geowm.forecast import (
     TILE,
     _as_dataset,
+    band_values,
     block_grid,
     context_index,
     lookback_days,
@@ -215,6 +217,10 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         at = np.flatnonzero(todo[enc])  # the computed dates among the encoded ones
         dep_rows = np.flatnonzero(with_dep[enc][at])  # those that get a departure
 
+        cube_bands = [str(b) for b in ds["band"].values]
+        rn = ndvi_bands(cube_bands, common_names_of(ds)) or ()  # the patch NDVI's bands, when the model lacks them
+        read = list(wm.bands) + [cube_bands[i] for i in rn if cube_bands[i] not in wm.bands]
+
         def work(y0: int, x0: int, sub: xr.Dataset) -> tuple:  # a tile's rows of the outputs (written below)
             s, c, lat, ok, green = _surprise_tile(wm, sub, enc_times, lead_days, batch_size, predict=todo[enc],
                                                   encode_all=departure_lag_days is not None)
@@ -224,7 +230,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
                 d = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days, departure_window_days, green)
             return win, s[at], c[at], d
 
-        for n, (win, s, c, d) in enumerate(map_tiles(ds, need, work, tile_workers(wm))):
+        for n, (win, s, c, d) in enumerate(map_tiles(ds, need, work, tile_workers(wm), read)):
             out[(rows_now, *win)], clear[(rows_now, *win)] = s, c
             if d is not None:
                 dep[(rows_now[dep_rows], *win)] = d[0]
@@ -367,7 +373,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
     H, W = sub.sizes["y"] // p * p, sub.sizes["x"] // p * p
     sub = sub.isel(y=slice(0, H), x=slice(0, W))
     times = sub["time"].values.astype("datetime64[s]")
-    refl = sub["reflectance"].sel(band=wm.bands).values.astype(np.float32)  # (T, C, H, W)
+    refl = band_values(sub, wm.bands)  # (T, C, H, W)
     valid = sub["valid"].values.astype(bool) & np.isfinite(refl).all(axis=1)
     bh, bw, blocks = block_grid(H, W, wm)
     frac = np.stack([valid[:, by: by + bh, bx: bx + bw].mean(axis=(1, 2)) for by, bx in blocks], 1)  # (T, nb)

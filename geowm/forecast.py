@@ -166,7 +166,7 @@ def blocks(ds: xr.Dataset, wm: WorldModel, before: np.datetime64, until: np.date
 def read_block(ds: xr.Dataset, wm: WorldModel, b: Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Physical values (T, C, h, w), valid (T, h, w), dates (T,) of a block's context."""
     sub = ds.isel(time=b.t_index, y=slice(b.y0, b.y0 + b.h), x=slice(b.x0, b.x0 + b.w))
-    refl = sub["reflectance"].sel(band=wm.bands).values.astype(np.float32)
+    refl = band_values(sub, wm.bands)
     return refl, sub["valid"].values.astype(bool), sub["time"].values.astype("datetime64[s]")
 
 
@@ -321,7 +321,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
             blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, out_bands, out_ndvi if nd_rn else None,
                        slice(ty, ty + TILE), slice(tx, tx + TILE))
 
-    for n, _ in enumerate(map_tiles(ds, back, work, tile_workers(wm))):
+    for n, _ in enumerate(map_tiles(ds, back, work, tile_workers(wm), wm.bands)):
         if progress:
             progress(n + 1, n_tiles)
     out = _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
@@ -346,21 +346,35 @@ def tile_workers(wm: WorldModel) -> int:
     return max(1, min(MAX_TILE_WORKERS, (os.cpu_count() or 1) // 4))
 
 
-def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int) -> xr.Dataset:
-    """The region's tile at (y0, x0), in memory, at the cube dates ``t_index``."""
-    return ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE)).load()
+def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int, bands: Sequence[str] | None = None) -> xr.Dataset:
+    """The region's tile at (y0, x0), in memory, at the cube dates ``t_index``: only ``bands`` (default all) are
+    read, and the reflectance is held as float32 (a cube's decoded values are float64: the scale factor is a
+    JSON number), chunk by chunk as it is read."""
+    sub = ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE))
+    if bands is not None and [str(b) for b in sub["band"].values] != list(bands):
+        sub = sub.sel(band=list(bands))
+    return sub.assign(reflectance=sub["reflectance"].astype(np.float32, copy=False)).load()
 
 
-def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1):
-    """``work(y0, x0, sub)`` for every ``TILE`` px tile of the region, ``sub`` its values at the cube dates
-    ``t_index`` in memory (the reading is part of the work), ``workers`` tiles at a time on threads, at most
-    ``2 x workers`` ahead of the one the caller is given; yields the results in tile order. ``work`` runs
-    without autograd, as inference does."""
+def band_values(sub: xr.Dataset, bands: Sequence[str]) -> np.ndarray:
+    """``sub``'s reflectance (T, C, H, W) as float32 with ``bands`` in that order; no copy where it already is."""
+    da = sub["reflectance"]
+    if [str(b) for b in da["band"].values] != list(bands):
+        da = da.sel(band=list(bands))
+    return da.values.astype(np.float32, copy=False)
+
+
+def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1,
+              bands: Sequence[str] | None = None):
+    """``work(y0, x0, sub)`` for every ``TILE`` px tile of the region, ``sub`` its values (``bands``; default all)
+    at the cube dates ``t_index`` in memory (the reading is part of the work), ``workers`` tiles at a time on
+    threads, at most ``2 x workers`` ahead of the one the caller is given; yields the results in tile order.
+    ``work`` runs without autograd, as inference does."""
     corners = [(y0, x0) for y0 in range(0, ds.sizes["y"], TILE) for x0 in range(0, ds.sizes["x"], TILE)]
 
     def one(y0: int, x0: int):
         with torch.no_grad():  # grad mode is per thread
-            return work(y0, x0, _tile(ds, t_index, y0, x0))
+            return work(y0, x0, _tile(ds, t_index, y0, x0, bands))
 
     if workers <= 1:
         for y0, x0 in corners:

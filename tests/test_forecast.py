@@ -394,3 +394,41 @@ def test_tiles_worked_on_at_once_give_the_same_forecast_and_surprise(synth_cube,
         assert set(par.data_vars) == set(one.data_vars)
         for v in one.data_vars:
             np.testing.assert_array_equal(par[v].values, one[v].values, err_msg=v)
+
+
+def test_a_band_the_model_does_not_use_is_never_read(synth_cube, tiny_run):
+    """Tiles are read with the model's bands only (a cube may hold many more), as float32: a band whose chunks
+    fail when read leaves forecasts and surprise as they were. The patch NDVI of the departures still reads red
+    and near-infrared, which this model has."""
+    import importlib
+
+    import dask.array as dsa
+    import xarray as xr
+
+    ga, gf = importlib.import_module("geowm.anomaly"), importlib.import_module("geowm.forecast")
+    cube = geowm.open_cube(synth_cube)
+
+    def unreadable(block):
+        raise OSError("band X was read")
+
+    r = cube["reflectance"]
+    r = r.assign_coords({c: r[c].compute() for c in r.coords if c not in r.dims})  # lazy strings do not concat
+    bad = dsa.map_blocks(unreadable, dsa.zeros((r.sizes["time"], 1, r.sizes["y"], r.sizes["x"]),
+                                               chunks=(1, 1, 64, 64), dtype=r.dtype), dtype=r.dtype)
+    extra = xr.DataArray(bad, dims=r.dims, coords={**{d: r[d] for d in ("time", "y", "x")}, "band": ["X"]})
+    if "common_name" in r.coords:
+        extra = extra.assign_coords(common_name=("band", [""]))
+    wide = xr.Dataset({"reflectance": xr.concat([extra, r], "band"), "valid": cube["valid"]},
+                      attrs=cube.attrs)  # X first: the model's bands are not in order
+    assert list(wide["band"].values) == ["X", *r["band"].values]
+    sub = gf._tile(wide, np.arange(3), 0, 0, [str(b) for b in r["band"].values])
+    assert sub["reflectance"].dtype == np.float32 and list(sub["band"].values) == list(r["band"].values)
+    with pytest.raises(OSError, match="band X"):
+        gf._tile(wide, np.arange(3), 0, 0)
+    kw = dict(init=INIT, leads=(5, 30), members=2)
+    np.testing.assert_array_equal(forecast(wide, str(tiny_run), **kw)["ndvi"].values,
+                                  forecast(cube, str(tiny_run), **kw)["ndvi"].values)
+    span = dict(start="2021-08-01", end="2021-09-15")
+    a, b = ga.surprise(wide, str(tiny_run), **span), ga.surprise(cube, str(tiny_run), **span)
+    for v in ("surprise", "departure", "ndvi_change"):
+        np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=v)
