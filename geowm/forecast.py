@@ -348,8 +348,9 @@ def tile_workers(wm: WorldModel) -> int:
 
 def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int, bands: Sequence[str] | None = None) -> xr.Dataset:
     """The region's tile at (y0, x0), in memory, at the cube dates ``t_index``: only ``bands`` (default all) are
-    read, and the reflectance is held as float32 (a cube's decoded values are float64: the scale factor is a
-    JSON number), chunk by chunk as it is read."""
+    kept, and only the chunks that hold them read (a cube's chunks hold all its bands: see ``geowm info``), and
+    the reflectance is held as float32 (a cube's decoded values are float64: the scale factor is a JSON number),
+    chunk by chunk as it is read."""
     sub = ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE))
     if bands is not None and [str(b) for b in sub["band"].values] != list(bands):
         sub = sub.sel(band=list(bands))
