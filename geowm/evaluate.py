@@ -385,6 +385,7 @@ def table(report: dict) -> str:
     for who, a, n in rows:
         lines.append(f"alerts ({who}): {n}, precision {a.get('precision')}, recall {a.get('recall')}, "
                      f"f1 {a.get('f1')}, median delay {a.get('median_detection_delay_days')} d, "
+                     f"type guessed right {a.get('type_accuracy')} {a.get('type_guesses')}, "
                      f"false alarms on normal change {a.get('false_alarms_normal_change')}")
     sim = report.get("similar")
     if sim and sim.get("share") is not None:

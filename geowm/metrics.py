@@ -185,7 +185,9 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
     A false alarm on normal change is an alert that matches no anomaly event but matches (same space and
     time rule) a normal-change event (``anomaly`` False: harvest, mowing). Returns precision (NaN without
     alerts), recall (NaN without anomaly events), f1, counts, ``median_detection_delay_days`` (earliest
-    matching first_detected - start, over detected events; NaN if none), ``recall_by_type`` and
+    matching first_detected - start, over detected events; NaN if none), ``recall_by_type``,
+    ``type_accuracy`` (the share of true-positive alerts whose ``type_guess`` is the type of an event they match;
+    NaN without any), ``type_guesses`` (event type -> {guess: true-positive alerts matching such an event}) and
     ``false_alarms_normal_change`` = {count: such alerts, events: normal events hit, rate: share of normal
     events hit}.
 
@@ -217,6 +219,15 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
         delays = [(per[i] - pd.Timestamp(ano["start"].iloc[i])) / DAY for i in per.index if scored[i]]
     by_type = {str(t): float(detected[scored & (ano["type"] == t).values].mean())
                for t in sorted(ano["type"][scored].unique())}
+    guessed: dict[int, tuple[str, set[str]]] = {}  # true-positive alert -> (its guess, the types it matches)
+    if len(tp_pairs) and "type_guess" in alerts:
+        for a, e in zip(tp_pairs["a"].values, tp_pairs["e"].values, strict=True):
+            guessed.setdefault(int(a), (str(alerts["type_guess"].iloc[a]), set()))[1].add(str(ano["type"].iloc[e]))
+    confusion: dict[str, dict[str, int]] = {}
+    for guess, types in guessed.values():
+        for t in types:
+            confusion.setdefault(t, {}).setdefault(guess, 0)
+            confusion[t][guess] += 1
     fa_pairs = _matches(alerts[~tp_alerts], normal, before_days, after_days)
     n_normal_hit = int(fa_pairs["e"].nunique())
     n_normal = len(normal) if since is None else int(  # normal events still going on when scoring began
@@ -228,6 +239,9 @@ def alert_scores(alerts: gpd.GeoDataFrame, events: gpd.GeoDataFrame, before_days
         "precision": float(precision), "recall": float(recall), "f1": float(f1),
         "median_detection_delay_days": float(np.median(delays)) if delays else float("nan"),
         "recall_by_type": by_type,
+        "type_accuracy": (sum(g in types for g, types in guessed.values()) / len(guessed) if guessed
+                          else float("nan")),
+        "type_guesses": {t: dict(sorted(c.items())) for t, c in sorted(confusion.items())},
         "false_alarms_normal_change": {
             "count": int(fa_pairs["a"].nunique()), "events": n_normal_hit,
             "rate": n_normal_hit / n_normal if n_normal else float("nan"), "of": n_normal},

@@ -278,6 +278,21 @@ def test_alert_scores_precision_recall_delay_and_false_alarms():
     assert r["recall_by_type"] == {"flood": 0.0}
     late = alert_scores(alerts, events_gdf(), since="2021-06-02")  # both mowings ended: no rate to give
     assert late["false_alarms_normal_change"]["of"] == 0 and np.isnan(late["false_alarms_normal_change"]["rate"])
+    assert np.isnan(r["type_accuracy"]) and r["type_guesses"] == {}  # these alerts have no type guess
+
+
+def test_alert_scores_type_accuracy():
+    """Type guesses are scored on the true-positive alerts, against the types of the events each one matches."""
+    alerts = gpd.GeoDataFrame(
+        {"id": list("abcd"), "type_guess": ["clearcut", "drought", "fire", "flood"],
+         "first_detected": pd.to_datetime(["2021-03-11", "2021-03-21", "2021-05-03", "2021-06-06"])},
+        geometry=[native_box(2, 5, 2, 5), native_box(4, 8, 4, 8),  # on the clearcut: right, wrong
+                  native_box(2, 5, 22, 25),  # on the flood, guessed fire: wrong
+                  native_box(22, 25, 2, 5)],  # on a mowed field (a false alarm): not scored
+        crs=CRS).to_crs(4326)
+    r = alert_scores(alerts, events_gdf())
+    assert r["n_true_positive_alerts"] == 3 and r["type_accuracy"] == pytest.approx(1 / 3)
+    assert r["type_guesses"] == {"clearcut": {"clearcut": 1, "drought": 1}, "flood": {"fire": 1}}
 
 
 def test_load_events_patch_labels_and_masks(tmp_path):
