@@ -247,6 +247,11 @@ def _band_index(obs: xr.Dataset) -> dict[str, int]:
     return band_roles(obs["reflectance"]["band"].values, common_names_of(obs))
 
 
+TYPE_AFTER_DAYS = 30  # a footprint's type is read from its clear looks within this many days of first detection
+TYPE_ABRUPT_SHARE = 1.0  # an abrupt change (flood, fire, clear-cut) names the alert where its pixels are at least
+# this many times the pixels that only lost some greenness (drought-like decline)
+
+
 def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.ndarray,
                 first: np.datetime64, last: np.datetime64) -> str:
     """Type guess for one footprint; ``rows``/``cols`` map obs y/x to score-grid indices (-1 = outside)."""
@@ -262,7 +267,8 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     t = obs["time"].values.astype("datetime64[ns]")
     names = [b for b in ("blue", "green", "red", "nir") if b in bands]
 
-    def median_refl(tsel: np.ndarray) -> dict[str, float] | None:
+    def median_refl(tsel: np.ndarray) -> np.ndarray | None:
+        """Each footprint pixel's median over its clear looks at the dates ``tsel``: (band, px), NaN without one."""
         if not tsel.any():
             return None
         sub = obs.isel(time=np.nonzero(tsel)[0], y=ys, x=xs)
@@ -271,28 +277,37 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
         refl = np.where(valid[:, None, :], refl, np.nan)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(np.nanmean(refl, axis=2), axis=0)
-        return None if not np.isfinite(med).all() else dict(zip(names, med, strict=True))
+            return np.nanmedian(refl, axis=0)
 
     before = median_refl((t < first) & (t >= first - 120 * DAY))
-    after = median_refl((t >= first) & (t <= last))
-    if before is None or after is None:
+    # the change's signature: its first clear looks (a flood recedes, a burn greens up), the whole alert if none
+    after = median_refl((t >= first) & (t <= min(last, first + TYPE_AFTER_DAYS * DAY)))
+    whole = median_refl((t >= first) & (t <= last))
+    if before is None or whole is None:
+        return "unknown"
+    after = whole if after is None else np.where(np.isfinite(after).all(axis=0), after, whole)
+    seen = np.isfinite(before).all(axis=0) & np.isfinite(after).all(axis=0)
+    if not seen.any():
         return "unknown"
 
-    def idx(m: dict[str, float]) -> tuple[float, float, float, float]:
-        g, r, n = m["green"], m["red"], m["nir"]
-        vis = np.mean([m[b] for b in ("blue", "green", "red") if b in m])
+    def idx(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        b = dict(zip(names, m[:, seen], strict=True))
+        g, r, n = b["green"], b["red"], b["nir"]
+        vis = np.mean([b[k] for k in ("blue", "green", "red") if k in b], axis=0)
         return (n - r) / (n + r + 1e-6), (g - n) / (g + n + 1e-6), vis, n
 
     ndvi_b, ndwi_b, vis_b, nir_b = idx(before)
     ndvi_a, ndwi_a, vis_a, nir_a = idx(after)
-    if ndwi_a - ndwi_b > 0.3 and ndwi_a > 0:
-        return "flood"
-    if nir_a < 0.6 * nir_b and nir_a < 0.15 and vis_a < 0.10:
-        return "fire"
-    if ndvi_a - ndvi_b < -0.25 and vis_a > 1.2 * vis_b:
-        return "clearcut"
-    if ndvi_a - ndvi_b < -0.05 and (last - first) / DAY >= 30:
+    flood = (ndwi_a - ndwi_b > 0.3) & (ndwi_a > 0)
+    fire = ~flood & (nir_a < 0.6 * nir_b) & (nir_a < 0.15) & (vis_a < 0.10)
+    clearcut = ~flood & ~fire & (ndvi_a - ndvi_b < -0.25) & (vis_a > 1.2 * vis_b)
+    decline = ~flood & ~fire & ~clearcut & (ndvi_a - ndvi_b < -0.05)
+    abrupt = {"flood": int(flood.sum()), "fire": int(fire.sum()), "clearcut": int(clearcut.sum())}
+    kind = max(abrupt, key=abrupt.get)
+    # an abrupt change is what the alert is about where it covers as many pixels as the slow decline around it
+    if abrupt[kind] > 0 and abrupt[kind] >= TYPE_ABRUPT_SHARE * int(decline.sum()):
+        return kind
+    if decline.sum() > 0 and (last - first) / DAY >= 30:
         return "drought"
     return "unknown"
 

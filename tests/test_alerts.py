@@ -229,6 +229,24 @@ def test_type_guess_from_reflectance(bands, common):
         assert hit["type_guess"].tolist() == [kind]
 
 
+def test_type_guess_reads_pixels_and_the_first_looks():
+    """A burn over part of an alert's footprint (the rest unchanged) is a fire, not a slight loss of greenness
+    averaged over it; a flood that recedes after three looks is a flood, though the alert lasts longer."""
+    s = scores()
+    refl = np.broadcast_to(np.array(VEGETATION)[None, :, None, None], (T, 4, N, N)).copy()
+    s[4:, 2:10, 2:10] = 8.0  # the alert's footprint
+    refl[4:, :, 2:10, 2:5] = np.array(AFTER["fire"][1])[None, :, None, None]  # 24 of its 64 pixels burnt
+    s[4:, 20:28, 20:28] = 8.0
+    refl[4:7, :, 20:28, 20:28] = np.array(AFTER["flood"][1])[None, :, None, None]  # water on 3 looks, then gone
+    obs = xr.Dataset({"reflectance": (("time", "band", "y", "x"), refl),
+                      "valid": (("time", "y", "x"), np.ones((T, N, N), bool))},
+                     coords={"time": TIMES, "band": BANDS, "y": Y, "x": X})
+    gdf = alerts_from_scores(as_da(s), CRS, obs=obs).to_crs(CRS)
+    assert len(gdf) == 2
+    for kind, box in (("fire", native_box(2, 10, 2, 10)), ("flood", native_box(20, 28, 20, 28))):
+        assert gdf[gdf.intersects(box.buffer(-1))]["type_guess"].tolist() == [kind]
+
+
 def test_auroc_hand_values():
     assert auroc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
     assert auroc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
