@@ -243,8 +243,8 @@ def test_type_guess_reads_pixels_and_the_first_looks():
                      coords={"time": TIMES, "band": BANDS, "y": Y, "x": X})
     gdf = alerts_from_scores(as_da(s), CRS, obs=obs).to_crs(CRS)
     assert len(gdf) == 2
-    for kind, box in (("fire", native_box(2, 10, 2, 10)), ("flood", native_box(20, 28, 20, 28))):
-        assert gdf[gdf.intersects(box.buffer(-1))]["type_guess"].tolist() == [kind]
+    for kind, where in (("fire", native_box(2, 10, 2, 10)), ("flood", native_box(20, 28, 20, 28))):
+        assert gdf[gdf.intersects(where.buffer(-1))]["type_guess"].tolist() == [kind]
 
 
 def test_auroc_hand_values():
