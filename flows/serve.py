@@ -88,6 +88,7 @@ def build_deployments(cfg: ServeConfig) -> list:
     mod = {"entrypoint_type": EntrypointType.MODULE_PATH}
     paths = {k: v for k, v in dict(state_dir=cfg.state_dir, catalog=cfg.catalog).items() if v is not None}
     state = {"state_dir": cfg.state_dir} if cfg.state_dir else {}
+    model_run = {k: cfg.pipeline[k] for k in ("device", "precision") if k in cfg.pipeline}  # where and how it runs
     pipe_params = dict(source=cfg.source, cube=cfg.cube, model=cfg.model, store=cfg.store, alerts=cfg.alerts,
                       **paths, **cfg.pipeline)
     deps = [
@@ -98,7 +99,7 @@ def build_deployments(cfg: ServeConfig) -> list:
                                                                if cfg.pipeline.get("search") else {})),
                                   tags=["geowm"], **mod),
         forecast_flow.to_deployment("forecast", parameters=dict(cube=cfg.cube, model=cfg.model, store=cfg.store,
-                                                                **state),
+                                                                **state, **model_run),
                                     tags=["geowm"], **mod),
         train_flow.to_deployment("train", parameters=dict(cube=cfg.cube, run=cfg.model), tags=["geowm"], **mod),
     ]

@@ -708,14 +708,22 @@ def serve(
     simulate_archive: str | None = typer.Option(None, help="Also serve the new-scenes simulator: replay this "
                                                              "synthetic archive into --source on the same schedule."),
     simulate_days: float = typer.Option(5.0, help="Simulated days released per simulator tick."),
+    device: str = typer.Option("cpu", help="Where the pipeline's and the forecast flow's model runs: cpu, cuda "
+                                           "or auto."),
+    precision: str = typer.Option("fp32", help=PRECISION_HELP),
 ) -> None:
     """Serve the Prefect deployments (scheduled pipeline; ingest, forecast, train on demand) against
     PREFECT_API_URL (default http://127.0.0.1:4200/api: `prefect server start --host 127.0.0.1`)."""
     from flows.serve import ApiUnreachable, ServeConfig
     from flows.serve import serve as run_serve
+    from geowm.inference import PRECISIONS
 
     if interval is None and cron is None:
         interval = 3600.0
+    if device not in ("cpu", "cuda", "auto"):
+        _fail(ValueError(f"--device {device!r}: one of auto, cpu, cuda"))
+    if precision not in PRECISIONS:
+        _fail(ValueError(f"--precision {precision!r}: one of {', '.join(PRECISIONS)}"))
     lead_days = _lead_days(leads)
     search = None
     if collection is not None:
@@ -737,6 +745,8 @@ def serve(
                       pipeline=dict(leads=lead_days, members=members, history_days=history_days, threshold=threshold,
                                     confirm_threshold=confirm_threshold, confirmations=confirmations,
                                     **({"tile_px": tile_px} if tile_px else {}),
+                                    **({"device": device} if device != "cpu" else {}),
+                                    **({"precision": precision} if precision != "fp32" else {}),
                                     **({"search": search} if search else {})))
     try:
         run_serve(cfg)

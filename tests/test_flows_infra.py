@@ -172,8 +172,22 @@ def test_serve_builds_the_deployments_with_schedules():
     api = {d.name: d for d in build_deployments(ServeConfig(source="https://stac.example/v1", cube="c", model="m",
                                                             store="f", alerts="a", pipeline={"search": search}))}
     assert api["pipeline"].parameters["search"] == search and api["ingest"].parameters["search"] == search
+    gpu = {d.name: d for d in build_deployments(ServeConfig(source="w", cube="c", model="m", store="f", alerts="a",
+                                                            pipeline={"device": "cuda", "precision": "bf16"}))}
+    for name in ("pipeline", "forecast"):  # both run the model: both where and as asked
+        assert gpu[name].parameters["device"] == "cuda" and gpu[name].parameters["precision"] == "bf16"
     cron = build_deployments(ServeConfig(source="w", cube="c", model="m", store="f", alerts="a", interval_s=None,
                                          cron="0 6 * * *"))
     assert cron[0].schedules[0].schedule.cron == "0 6 * * *" and len(cron) == 4
     with pytest.raises(ValueError, match="exactly one schedule"):
         build_deployments(ServeConfig(source="w", cube="c", model="m", store="f", alerts="a", cron="0 6 * * *"))
+
+
+@pytest.mark.parametrize("flag, value, message", [("--precision", "half", "one of fp32, bf16, tf32, auto"),
+                                                   ("--device", "gpu", "one of auto, cpu, cuda")])
+def test_serve_refuses_a_bad_device_or_precision_before_anything(tmp_path, flag, value, message):
+    res = CliRunner().invoke(app, ["serve", "--source", str(tmp_path), "--cube", str(tmp_path / "cube"),
+                                   "--model", str(tmp_path / "run"), "--forecasts", str(tmp_path / "f"),
+                                   "--alerts", str(tmp_path / "a"), flag, value])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
