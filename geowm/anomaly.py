@@ -56,7 +56,6 @@ from geowm.forecast import (
     model_inputs,
     recent_index,
     region,
-    tile_workers,
 )
 from geowm.inference import WorldModel
 
@@ -230,7 +229,7 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
                 d = departure(lat, ok, enc_times, at[dep_rows], departure_lag_days, departure_window_days, green)
             return win, s[at], c[at], d
 
-        for n, (win, s, c, d) in enumerate(map_tiles(ds, need, work, tile_workers(wm), read)):
+        for n, (win, s, c, d) in enumerate(map_tiles(ds, need, work, wm, read)):
             out[(rows_now, *win)], clear[(rows_now, *win)] = s, c
             if d is not None:
                 dep[(rows_now[dep_rows], *win)] = d[0]
@@ -421,8 +420,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
             chunk = group[g0: g0 + batch_size]
             r, v, tt = stacked(chunk, 2)
             batch, tdays, tdoy = model_inputs(wm, r, v, tt, tt[:, -1:])
-            with wm.autocast():
-                lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
+            lat, ok, _ = wm.model.encode(batch["pixels"], batch["valid"], batch["days"], batch["doy"])
             obs, obs_ok = lat[:, -1].float(), ok[:, -1]  # the acquisition at t, seen in its window
             obs_ok = obs_ok.cpu().numpy()
             if with_pred:
@@ -431,8 +429,7 @@ def _surprise_tile(wm: WorldModel, sub: xr.Dataset, score_times: np.ndarray, lea
                 else:
                     rc, vc, tc = stacked(chunk, 3)
                     ctx, tdays, tdoy = model_inputs(wm, rc, vc, tc, tt[:, -1:])
-                with wm.autocast():
-                    pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
+                pred = wm.model.predict(ctx, tdays, tdoy)[:, 0].float()
                 d = (1 - torch.nn.functional.cosine_similarity(obs, pred, dim=-1)).cpu().numpy()
             else:
                 d = np.full(obs_ok.shape, np.nan, np.float32)

@@ -321,7 +321,7 @@ def forecast(cube, model: WorldModel | str, init=None, leads: Sequence[float] = 
             blend_tile(ds, init_t, vt, lead_days, weights, wm.bands, out_bands, out_ndvi if nd_rn else None,
                        slice(ty, ty + TILE), slice(tx, tx + TILE))
 
-    for n, _ in enumerate(map_tiles(ds, back, work, tile_workers(wm), wm.bands)):
+    for n, _ in enumerate(map_tiles(ds, back, work, wm, wm.bands)):
         if progress:
             progress(n + 1, n_tiles)
     out = _dataset(ds, wm, init_t, vt, lead_days, out_bands, out_ndvi if nd_rn else None, out_lat, out_spread,
@@ -352,30 +352,36 @@ def _tile(ds: xr.Dataset, t_index: np.ndarray, y0: int, x0: int, bands: Sequence
     the reflectance is held as float32 (a cube's decoded values are float64: the scale factor is a JSON number),
     chunk by chunk as it is read."""
     sub = ds[["reflectance", "valid"]].isel(time=t_index, y=slice(y0, y0 + TILE), x=slice(x0, x0 + TILE))
-    if bands is not None and [str(b) for b in sub["band"].values] != list(bands):
-        sub = sub.sel(band=list(bands))
+    if bands is not None:
+        sub = _with_bands(sub, bands)
     return sub.assign(reflectance=sub["reflectance"].astype(np.float32, copy=False)).load()
+
+
+def _with_bands(obj, bands: Sequence[str]):
+    """``obj`` (a Dataset or DataArray with a ``band`` dim) with ``bands`` in that order: itself where it already
+    is (no selection, no copy)."""
+    return obj if [str(b) for b in obj["band"].values] == list(bands) else obj.sel(band=list(bands))
 
 
 def band_values(sub: xr.Dataset, bands: Sequence[str]) -> np.ndarray:
     """``sub``'s reflectance (T, C, H, W) as float32 with ``bands`` in that order; no copy where it already is."""
-    da = sub["reflectance"]
-    if [str(b) for b in da["band"].values] != list(bands):
-        da = da.sel(band=list(bands))
-    return da.values.astype(np.float32, copy=False)
+    return _with_bands(sub["reflectance"], bands).values.astype(np.float32, copy=False)
 
 
-def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, workers: int = 1,
+def map_tiles(ds: xr.Dataset, t_index: np.ndarray, work: Callable, wm: WorldModel,
               bands: Sequence[str] | None = None):
     """``work(y0, x0, sub)`` for every ``TILE`` px tile of the region, ``sub`` its values (``bands``; default all)
-    at the cube dates ``t_index`` in memory (the reading is part of the work), ``workers`` tiles at a time on
-    threads, at most ``2 x workers`` ahead of the one the caller is given; yields the results in tile order.
-    ``work`` runs without autograd, as inference does."""
+    at the cube dates ``t_index`` in memory (the reading is part of the work), :func:`tile_workers` tiles at a
+    time on threads, at most twice that many ahead of the one the caller is given; yields the results in tile
+    order. ``work`` runs as ``wm``'s inference does: without autograd and in its precision (``wm.autocast()``),
+    both entered in the thread that runs it (both hold per thread)."""
     corners = [(y0, x0) for y0 in range(0, ds.sizes["y"], TILE) for x0 in range(0, ds.sizes["x"], TILE)]
+    workers = tile_workers(wm)
 
     def one(y0: int, x0: int):
-        with torch.no_grad():  # grad mode is per thread
-            return work(y0, x0, _tile(ds, t_index, y0, x0, bands))
+        sub = _tile(ds, t_index, y0, x0, bands)
+        with torch.no_grad(), wm.autocast():
+            return work(y0, x0, sub)
 
     if workers <= 1:
         for y0, x0 in corners:
@@ -445,15 +451,13 @@ def _forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn
     preds: dict[tuple[int, int], np.ndarray] = {}
     anchors: dict[int, tuple] = {}
     for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):
-        with wm.autocast():
-            z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
+        z = wm.model.predict(batch, tdays, tdoy).float().cpu().numpy()  # (B, K, hp, wp, D)
         for j, (i, m, _) in enumerate(chunk):
             preds[(i, m)] = z[j]
         full = [j for j, (_, m, _) in enumerate(chunk) if m == 0]
         if decode == "delta" and full and wm.probes is not None:  # the last observed latent per patch
             sel = {k: v[full] for k, v in batch.items()}
-            with wm.autocast():
-                lat, ok, pos = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
+            lat, ok, pos = wm.model.encode(sel["pixels"], sel["valid"], sel["days"], sel["doy"])
             zo, slot, has = last_observed(lat.float().cpu().numpy(), ok.cpu().numpy())
             season = year_ago_latents(wm, lat, ok, pos, tdays[full])
             for j, jj in enumerate(full):

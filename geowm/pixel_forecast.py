@@ -25,8 +25,7 @@ def forecast_tile(wm, sub, init_t, vt, members, decode, seed, batch_size, nd_rn,
     pix_out: dict[tuple[int, int], np.ndarray] = {}
     vec_out: dict[tuple[int, int], np.ndarray] = {}
     for chunk, batch, tdays, tdoy in member_batches(wm, data, jobs, vt, batch_size):
-        with wm.autocast():
-            pix, vec = wm.model.predict(batch, tdays, tdoy)  # (B, K, C, h, w) normalised; (B, K, hp, wp, D)
+        pix, vec = wm.model.predict(batch, tdays, tdoy)  # (B, K, C, h, w) normalised; (B, K, hp, wp, D)
         pix, vec = pix.float().cpu().numpy(), vec.float().cpu().numpy()
         for j, (i, m, _) in enumerate(chunk):
             pix_out[(i, m)] = pix[j] * std + mean  # physical band values

@@ -383,8 +383,7 @@ def test_tiles_worked_on_at_once_give_the_same_forecast_and_surprise(synth_cube,
             seen.add(threading.get_ident())
             return _real(*a, **k)
         monkeypatch.setattr(mod, name, spy)
-    monkeypatch.setattr(gf, "tile_workers", lambda wm: 3)
-    monkeypatch.setattr(ga, "tile_workers", lambda wm: 3)
+    monkeypatch.setattr(gf, "tile_workers", lambda wm: 3)  # map_tiles asks it, for forecasts and surprise alike
     par_f = forecast(str(synth_cube), str(tiny_run), **kw)
     par_s = ga.surprise(str(synth_cube), str(tiny_run), start="2021-08-01", end="2021-09-15")
     assert len(seen) > 1 and threading.get_ident() not in seen  # worker threads did the tiles

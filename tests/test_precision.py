@@ -50,7 +50,6 @@ def test_bf16_close_to_fp32_and_the_same_in_tile_threads(synth_cube, tiny_run, f
     monkeypatch.setattr(gf, "TILE", 128)  # the 256 px session region in 4 tiles, 3 at a time
     one = ga.surprise(str(synth_cube), wm, **SPAN)
     monkeypatch.setattr(gf, "tile_workers", lambda wm: 3)
-    monkeypatch.setattr(ga, "tile_workers", lambda wm: 3)
     par = ga.surprise(str(synth_cube), wm, **SPAN)
     np.testing.assert_array_equal(par["surprise"].values, one["surprise"].values)
     np.testing.assert_array_equal(par["surprise"].values, a)  # and what whole tiles of 256 px gave
