@@ -282,10 +282,11 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     before = median_refl((t < first) & (t >= first - 120 * DAY))
     # the change's signature: its first clear looks (a flood recedes, a burn greens up), the whole alert if none
     after = median_refl((t >= first) & (t <= min(last, first + TYPE_AFTER_DAYS * DAY)))
-    whole = median_refl((t >= first) & (t <= last))
-    if before is None or whole is None:
+    if after is None or not np.isfinite(after).all():  # pixels without a clear look then: the whole alert's
+        whole = median_refl((t >= first) & (t <= last))
+        after = whole if after is None or whole is None else np.where(np.isfinite(after).all(axis=0), after, whole)
+    if before is None or after is None:
         return "unknown"
-    after = whole if after is None else np.where(np.isfinite(after).all(axis=0), after, whole)
     seen = np.isfinite(before).all(axis=0) & np.isfinite(after).all(axis=0)
     if not seen.any():
         return "unknown"
