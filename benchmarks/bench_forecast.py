@@ -135,12 +135,11 @@ def _bf16(cube: Path, run_dir: Path, score_from: str, km2: float, threads: int |
     """The 1-member forecast and the surprise again at ``--precision bf16``, with their largest departures from
     fp32 (NDVI; cosine distance); only where the device has bfloat16 arithmetic (elsewhere it is not faster)."""
     import numpy as np
-    import torch
 
     from geowm.inference import has_bf16
+    from geowm.train import pick_device
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not has_bf16(device):
+    if not has_bf16(pick_device("auto")):  # the device the stages' models run on
         return {}  # the notes say so
     out, arrays, speed = {}, {}, {}
     for stage, extra in (("forecast", {"members": 1}), ("anomaly", {"start": score_from})):

@@ -716,14 +716,17 @@ def serve(
     PREFECT_API_URL (default http://127.0.0.1:4200/api: `prefect server start --host 127.0.0.1`)."""
     from flows.serve import ApiUnreachable, ServeConfig
     from flows.serve import serve as run_serve
-    from geowm.inference import PRECISIONS
+    from geowm.inference import check_precision
+    from geowm.train import RunError
 
     if interval is None and cron is None:
         interval = 3600.0
     if device not in ("cpu", "cuda", "auto"):
         _fail(ValueError(f"--device {device!r}: one of auto, cpu, cuda"))
-    if precision not in PRECISIONS:
-        _fail(ValueError(f"--precision {precision!r}: one of {', '.join(PRECISIONS)}"))
+    try:
+        check_precision(precision)
+    except RunError as exc:
+        _fail(exc)
     lead_days = _lead_days(leads)
     search = None
     if collection is not None:

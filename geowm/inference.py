@@ -52,10 +52,16 @@ def has_bf16(device: torch.device) -> bool:
         return False
 
 
-def pick_precision(name: str, device: torch.device) -> str:
-    """``name`` (one of :data:`PRECISIONS`) resolved for ``device``: ``auto`` -> ``bf16`` or ``fp32``."""
+def check_precision(name: str) -> str:
+    """``name`` if it is one of :data:`PRECISIONS`, else a :class:`RunError` naming them."""
     if name not in PRECISIONS:
         raise RunError(f"--precision {name!r}: one of {', '.join(PRECISIONS)}")
+    return name
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    """``name`` (one of :data:`PRECISIONS`) resolved for ``device``: ``auto`` -> ``bf16`` or ``fp32``."""
+    check_precision(name)
     if name == "tf32" and device.type != "cuda":
         raise RunError(f"--precision tf32: TF32 is a CUDA matrix format and the model runs on {device.type}; "
                        "use fp32 or bf16 there")
