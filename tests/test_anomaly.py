@@ -90,6 +90,104 @@ def test_departure_is_the_distance_to_the_nearest_clear_latent_a_year_before():
     assert departure(lat, ok, times, at, 365.0, 15.0)[1:] == (None, None)  # no NDVI: no change
 
 
+def test_without_a_reference_a_year_before_the_loss_is_against_the_seasons_lowest_ndvi():
+    """A patch with no clear date within the window a year before (last year's season was cloudy) has its NDVI
+    change against the lowest clear NDVI within ``loss_window_days`` of that day, not NaN (a surprise score
+    that counted in full); a patch with a reference keeps the mean over its references."""
+    rng = np.random.default_rng(5)
+    times = np.datetime64("2021-01-01") + np.array([0, 30, 70, 100, 150, 365 + 75, 365 + 90]).astype("timedelta64[D]")
+    lat = rng.normal(size=(len(times), 2, 3, 8))
+    lat /= np.linalg.norm(lat, axis=-1, keepdims=True)
+    green = rng.uniform(0.2, 0.8, (len(times), 2, 3))
+    ok = np.ones(lat.shape[:3], bool)
+    ok[1, 0, 1] = False  # day 30 cloudy: only day 100 is within 60 days of day 75 there
+    ok[1, 1, 0] = ok[2, 1, 0] = ok[3, 1, 0] = False  # nothing clear within 60 days of day 75
+    ok[5, 1, 2] = False  # not clear at t
+    ok[2, :, 2] = False  # day 70 cloudy: no reference within 15 days of day 75 for the third column...
+    ok[2, 0, 0] = False  # ... and for this patch
+    at = np.array([5, 6])
+    dist, change, day_change = departure(lat, ok, times, at, 365.0, 15.0, green, loss_window_days=60.0)
+    plain = departure(lat, ok, times, at, 365.0, 15.0, green)
+    for i in range(2):
+        for m in range(3):
+            has_ref = ok[2, i, m]  # day 70 is the one date within 15 days of day 75
+            low = [green[r, i, m] for r in (1, 2, 3) if ok[r, i, m]]  # days 30, 70, 100: within 60 of day 75
+            if not ok[5, i, m]:
+                want = np.nan
+            elif has_ref:
+                want = green[5, i, m] - green[2, i, m]
+            else:
+                want = green[5, i, m] - min(low) if low else np.nan
+            np.testing.assert_allclose(change[0, i, m], want, rtol=1e-6, atol=1e-6)
+            assert np.isfinite(dist[0, i, m]) == (has_ref and ok[5, i, m])  # the latent departure is unchanged
+    np.testing.assert_array_equal(dist, plain[0])
+    np.testing.assert_array_equal(day_change, plain[2])
+    assert np.isfinite(change[0, 0, 2]) and np.isnan(plain[1][0, 0, 2]) and np.isnan(change[0, 1, 0])
+    ref = np.isfinite(plain[1])
+    np.testing.assert_array_equal(change[ref], plain[1][ref])  # a reference: the mean over it, as before
+    # day 455 (day 90 a year before): day 100 within 15 days; day 150 within 60 but a reference exists
+    lowest = green[6] - np.where(ok[1:5], green[1:5], 9).min(axis=0)  # days 30 to 150
+    np.testing.assert_allclose(change[1], np.where(ok[6] & ok[3], green[6] - green[3], np.where(ok[6], lowest, np.nan)),
+                               rtol=1e-6)
+
+
+def test_surprise_measures_the_loss_without_a_reference_against_the_season_a_year_before(synth_cube, tiny_run):
+    """Wired through :func:`surprise`: the dates within ``loss_window_days`` of a year before are encoded, so a
+    patch without a reference in the narrow window gets its change against the lowest clear patch NDVI there."""
+    from geowm.baselines import ndvi
+
+    t0, lag, win, loss = "2021-09-01", 60.0, 2.0, 30.0
+    s = surprise(str(synth_cube), str(tiny_run), start=t0, lead_days=20, departure_lag_days=lag,
+                 departure_window_days=win, loss_window_days=loss)
+    cube = geowm.open_cube(str(synth_cube))
+    p = 8
+    H, W = cube.sizes["y"] // p * p, cube.sizes["x"] // p * p
+    nd = ndvi(cube.isel(y=slice(0, H), x=slice(0, W))).values
+    with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        green = np.nanmean(nd.reshape(len(nd), H // p, p, W // p, p), axis=(2, 4))
+    valid = cube["valid"].values[:, :H, :W] & np.isfinite(cube["reflectance"].values[:, :, :H, :W]).all(axis=1)
+    clear = valid.reshape(len(nd), H // p, p, W // p, p).mean(axis=(2, 4)) >= 0.5
+    day = cube.time.values.astype("datetime64[s]").astype(np.int64) / 86400.0
+    n_low = 0
+    for j, t in enumerate(s.time.values):
+        k = int(np.flatnonzero(cube.time.values == t)[0])
+        near = np.abs(day - (day[k] - lag))
+        ch = s["ndvi_change"].values[j]
+        no_ref = clear[k] & ~clear[near <= win].any(axis=0) & clear[near <= loss].any(axis=0)
+        if not no_ref.any():
+            continue
+        low = np.where(clear[near <= loss], green[near <= loss], np.inf).min(axis=0)
+        np.testing.assert_allclose(ch[no_ref], (green[k] - low)[no_ref], atol=1e-5)
+        assert np.isnan(s["departure"].values[j][no_ref]).all()
+        n_low += int(no_ref.sum())
+    assert n_low >= 20
+
+
+def test_the_seasons_lowest_ndvi_is_read_not_encoded(synth_cube, tiny_run):
+    """The dates only the wider loss window needs give their patch NDVI without an encoder pass: a scheduled tick
+    encodes what it did before."""
+    wm = WorldModel(str(tiny_run))
+    encoded = []
+    real = wm.model.encode
+
+    def counting(pixels, *args, **kwargs):
+        encoded.append(int(pixels.shape[0]) * int(pixels.shape[1]))  # windows x dates
+        return real(pixels, *args, **kwargs)
+
+    wm.model.encode = counting
+    kw = dict(start="2021-10-01", lead_days=20, departure_lag_days=60.0, departure_window_days=5.0)
+    narrow = surprise(str(synth_cube), wm, loss_window_days=5.0, **kw)
+    n_narrow = sum(encoded)
+    encoded.clear()
+    wide = surprise(str(synth_cube), wm, loss_window_days=40.0, **kw)
+    assert sum(encoded) == n_narrow > 0
+    np.testing.assert_array_equal(wide["surprise"].values, narrow["surprise"].values)
+    np.testing.assert_array_equal(wide["departure"].values, narrow["departure"].values)
+    more = np.isfinite(wide["ndvi_change"].values) & ~np.isfinite(narrow["ndvi_change"].values)
+    assert more.sum() >= 10  # patches without a reference within 5 days that have a clear look within 40
+
+
 def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region():
     rng = np.random.default_rng(3)
     d = 0.2 + rng.normal(0, 0.02, (3, 24, 24))  # a year of weather moved every patch about as far
