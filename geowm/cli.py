@@ -716,15 +716,13 @@ def serve(
     PREFECT_API_URL (default http://127.0.0.1:4200/api: `prefect server start --host 127.0.0.1`)."""
     from flows.serve import ApiUnreachable, ServeConfig
     from flows.serve import serve as run_serve
-    from geowm.inference import check_precision
-    from geowm.train import RunError
+    from geowm.inference import pick_precision
+    from geowm.train import RunError, pick_device
 
     if interval is None and cron is None:
         interval = 3600.0
-    if device not in ("cpu", "cuda", "auto"):
-        _fail(ValueError(f"--device {device!r}: one of auto, cpu, cuda"))
-    try:
-        check_precision(precision)
+    try:  # the served runs execute on this machine: a device or precision it lacks fails now, not at each run
+        pick_precision(precision, pick_device(device))
     except RunError as exc:
         _fail(exc)
     lead_days = _lead_days(leads)

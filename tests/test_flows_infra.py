@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -183,11 +184,16 @@ def test_serve_builds_the_deployments_with_schedules():
         build_deployments(ServeConfig(source="w", cube="c", model="m", store="f", alerts="a", cron="0 6 * * *"))
 
 
-@pytest.mark.parametrize("flag, value, message", [("--precision", "half", "one of fp32, bf16, tf32, auto"),
-                                                   ("--device", "gpu", "one of auto, cpu, cuda")])
-def test_serve_refuses_a_bad_device_or_precision_before_anything(tmp_path, flag, value, message):
+@pytest.mark.parametrize("flags, message", [(["--precision", "half"], "one of fp32, bf16, tf32, auto"),
+                                            (["--device", "gpu"], "one of auto, cpu, cuda"),
+                                            (["--device", "cuda"], "no CUDA device is available"),
+                                            (["--device", "cpu", "--precision", "tf32"], "TF32 is a CUDA"),
+                                            (["--device", "auto", "--precision", "tf32"], "TF32 is a CUDA")])
+def test_serve_refuses_a_bad_device_or_precision_before_anything(tmp_path, monkeypatch, flags, message):
+    """The served runs execute on this machine (here without CUDA): what it cannot run is refused at the start."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     res = CliRunner().invoke(app, ["serve", "--source", str(tmp_path), "--cube", str(tmp_path / "cube"),
                                    "--model", str(tmp_path / "run"), "--forecasts", str(tmp_path / "f"),
-                                   "--alerts", str(tmp_path / "a"), flag, value])
+                                   "--alerts", str(tmp_path / "a"), *flags])
     assert res.exit_code == 2 and message in res.output, res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
