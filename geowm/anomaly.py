@@ -209,14 +209,17 @@ def surprise(cube, model: WorldModel | str, start=None, end=None, bbox=None, lea
         have[i] = row is not None and (row[1] or not with_dep[i])
     todo = scored & ~have  # the dates computed now
     enc = todo.copy()  # the dates encoded
-    look = enc.copy()  # and those whose patch NDVI is read only (the season's range for the vegetation loss)
-    if departure_lag_days is not None:
+    look = todo.copy()  # the dates read: those encoded, and those whose patch NDVI only is needed (the season's
+    # range for the vegetation loss)
+    dep_dates = times[todo & with_dep]
+    if len(dep_dates):
         lag = _td(departure_lag_days)
-        dep_dates = times[todo & with_dep]
-        for w, into in ((departure_window_days, enc), (max(departure_window_days, loss_window_days), look)):
-            if len(dep_dates):
-                into |= (times >= dep_dates.min() - lag - _td(w)) & (times <= dep_dates.max() - lag + _td(w))
-        look |= enc
+
+        def year_ago(w: float) -> np.ndarray:  # the dates within w days of a year before a departure date
+            return (times >= dep_dates.min() - lag - _td(w)) & (times <= dep_dates.max() - lag + _td(w))
+
+        enc |= year_ago(departure_window_days)
+        look |= year_ago(max(departure_window_days, loss_window_days))  # holds the encoded ones too
     enc_times, look_times = times[enc], times[look]
     H, W = ds.sizes["y"], ds.sizes["x"]
     Hp, Wp = H // p, W // p
@@ -376,7 +379,7 @@ def departure(lat: np.ndarray, ok: np.ndarray, times: np.ndarray, at: np.ndarray
         n = np.isfinite(g).sum(axis=0)
         mean = np.where(n > 0, np.nansum(g, axis=0) / np.maximum(n, 1), np.nan)
         change[j] = np.where(np.isfinite(out[j]), green[k] - mean, change[j])
-        off = np.broadcast_to((day[ref] - (day[k] - lag_days))[:, None, None], g.shape)  # days from the day
+        off = np.broadcast_to(off_day[ref][:, None, None], g.shape)  # days from the day
         seen = np.isfinite(g)
         before = np.where(seen & (off <= 0), off, -np.inf).argmax(axis=0)[None]  # the nearest on each side
         after = np.where(seen & (off >= 0), off, np.inf).argmin(axis=0)[None]
