@@ -50,11 +50,12 @@ def source_region(workdir: Path, size: int, start: str, end: str, seed: int) -> 
     Returns (folder, generation seconds or None when reused).
     """
     from geowm.synth import generate, recorded_parameters
-    from geowm.synth.generator import OPTIONS
+    from geowm.synth.generator import OPTIONS, VERSION
 
     out = workdir / "source" / f"s{size}_{start}_{end}_seed{seed}"
     meta = out / "synth.json"
-    want = {"size": size, "start": start, "end": end, "seed": seed, **OPTIONS}  # the options at their defaults
+    want = {"size": size, "start": start, "end": end, "seed": seed, **OPTIONS,  # the options at their defaults
+            "version": VERSION}
     if meta.exists() and (out / "stac" / "catalog.json").exists():
         try:
             if recorded_parameters(json.loads(meta.read_text())) == want:

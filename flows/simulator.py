@@ -54,6 +54,7 @@ def make_archive(archive: str | Path, size: int = 256, start: str = "2021-01-01"
     from before the generator's options were recorded was made with them off.
     """
     from geowm.synth import generate, recorded_parameters
+    from geowm.synth.generator import VERSION
 
     archive = Path(archive)
     meta = archive / "synth.json"
@@ -61,7 +62,7 @@ def make_archive(archive: str | Path, size: int = 256, start: str = "2021-01-01"
     if meta.exists():
         have = recorded_parameters(json.loads(meta.read_text()))
         want = {"size": size, "start": str(date.fromisoformat(start)), "end": str(date.fromisoformat(end)),
-                "seed": seed, **options}
+                "seed": seed, **options, "version": VERSION}
         if have != want:
             raise SimulatorError(f"{archive}: archive was generated with {have}, not {want}; "
                                  "use another archive folder")

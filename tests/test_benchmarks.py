@@ -171,3 +171,7 @@ def test_benchmark_regions_are_reused(tmp_path):
     meta["parameters"]["crop_rotation"] = True
     (out / "synth.json").write_text(json.dumps(meta))
     assert source_region(tmp_path, 64, "2021-01-01", "2021-02-28", 5)[1] is not None
+    meta = json.loads((out / "synth.json").read_text())
+    meta["version"] -= 1  # an older generator's region: other pixels for the same parameters
+    (out / "synth.json").write_text(json.dumps(meta))
+    assert source_region(tmp_path, 64, "2021-01-01", "2021-02-28", 5)[1] is not None

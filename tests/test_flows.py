@@ -60,15 +60,20 @@ def test_release_is_dated_atomic_and_idempotent(synth_region, tmp_path):
 
 def test_archive_parameters_include_the_generator_options(tmp_path):
     """An archive records the generator's options: one from before they existed was made with them off and is
-    replayed; one made with crop rotation is refused for a request without it (it is another region)."""
+    replayed; one made with crop rotation is refused for a request without it (it is another region), and so is
+    one an older generator made (the same parameters gave other pixels)."""
     from flows.simulator import SimulatorError, make_archive
+    from geowm.synth.generator import VERSION
 
     params = {"size": 64, "start": "2021-01-01", "end": "2021-03-31", "seed": 1}
-    old, rotated = tmp_path / "old", tmp_path / "rotated"
-    for folder, extra in ((old, {}), (rotated, {"crop_rotation": True, "weather_regimes": False})):
+    old, rotated, older = tmp_path / "old", tmp_path / "rotated", tmp_path / "older"
+    for folder, extra, version in ((old, {}, VERSION), (rotated, {"crop_rotation": True, "weather_regimes": False},
+                                                       VERSION), (older, {}, VERSION - 1)):
         folder.mkdir()
-        (folder / "synth.json").write_text(json.dumps({"parameters": {**params, **extra}}))
+        (folder / "synth.json").write_text(json.dumps({"parameters": {**params, **extra}, "version": version}))
     assert make_archive(old, **params) == old
+    with pytest.raises(SimulatorError, match=f"'version': {VERSION - 1}"):
+        make_archive(older, **params)
     with pytest.raises(SimulatorError, match="crop_rotation"):
         make_archive(rotated, **params)
     assert make_archive(rotated, **params, crop_rotation=True) == rotated

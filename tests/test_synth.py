@@ -223,13 +223,13 @@ def test_events_geojson(events: dict, stack: dict) -> None:
     assert events["type"] == "FeatureCollection" and events["geowm:crs"] == "EPSG:32633"
     feats = events["features"]
     types = {f["properties"]["type"] for f in feats}
-    assert types == {"clearcut", "fire", "flood", "drought", "harvest", "mowing"}
+    assert types == {"clearcut", "fire", "flood", "drought", "crop_failure", "harvest", "mowing"}
     ids = [f["properties"]["id"] for f in feats]
     assert len(set(ids)) == len(ids)
     img_ha = 256 * 256 * 0.01
     for f in feats:
         p = f["properties"]
-        assert p["anomaly"] == (p["type"] in ("clearcut", "fire", "flood", "drought"))
+        assert p["anomaly"] == (p["type"] in ("clearcut", "fire", "flood", "drought", "crop_failure"))
         assert p["start"] <= p["end"] and p["start"] >= "2021-01-01"
         g = shape(f["geometry"])
         assert g.is_valid and f["geometry"]["type"] in ("Polygon", "MultiPolygon")
@@ -267,6 +267,57 @@ def test_flood_visible(events: dict, stack: dict) -> None:
         later = vals[days > np.datetime64(p["end"]) + 60]
         if later.size:
             assert later.mean() > 0.1
+
+
+def test_crop_failure_visible(events: dict, stack: dict) -> None:
+    """A failed field is as green as the fields of its crop before the failure and far below them once it has
+    collapsed, until its harvest."""
+    lc, scl, nd = stack["lc"], stack["scl"], stack["ndvi"]
+    failures = _by_type(events, "crop_failure")
+    assert failures
+    for f in failures:
+        p = f["properties"]
+        code = {"crop_winter": 2, "crop_summer": 3}[p["land_cover"]]
+        s, e = np.datetime64(p["start"]), np.datetime64(p["end"])
+        inside = _mask(f, stack)
+        assert (lc[inside] == code).mean() > 0.9
+        gaps = {"before": [], "after": []}
+        for t in range(stack["days"].size):
+            d = stack["days"][t]
+            phase = "before" if s - 60 <= d < s else "after" if s + 15 <= d <= e - 5 else None
+            clear = np.isin(scl[t], SURFACE)
+            a, b = inside & clear, ~inside & clear & (lc == code)
+            if phase and a.sum() > 0.6 * inside.sum() and b.sum() > 100:
+                gaps[phase].append(nd[t][a].mean() - nd[t][b].mean())
+        assert gaps["after"] and np.mean(gaps["after"]) < -0.2, (p, gaps)
+        assert not gaps["before"] or abs(np.mean(gaps["before"])) < 0.1, (p, gaps)
+
+
+def test_crop_failures_leave_the_rest_of_the_record_as_it_was(tmp_path, monkeypatch) -> None:
+    """Crop failures come from their own random stream: the same region without them has the same other events
+    and the same pixels outside the failed fields."""
+    import geowm.synth.generator as generator
+    from geowm.synth import generate
+
+    args = {"size": 256, "start": "2021-01-01", "end": "2021-12-31", "seed": 3}
+    generate(tmp_path / "with", **args)
+    monkeypatch.setattr(generator, "plan_crop_failures", lambda *a, **k: [])
+    generate(tmp_path / "without", **args)
+    ev = {k: json.loads((tmp_path / k / "events.geojson").read_text())["features"] for k in ("with", "without")}
+    key = lambda f: (f["properties"]["type"], f["properties"]["start"], f["properties"]["end"],  # noqa: E731
+                     f["properties"]["area_ha"])
+    failed = [f for f in ev["with"] if f["properties"]["type"] == "crop_failure"]
+    assert failed and sorted(map(key, ev["without"])) == sorted(key(f) for f in ev["with"] if f not in failed)
+    with rasterio.open(tmp_path / "with" / "landcover.tif") as src:
+        st = {"lc": src.read(1), "transform": src.transform}
+    inside = np.any([_mask(f, st) for f in failed], axis=0)
+    changed = 0
+    for a in sorted((tmp_path / "with" / "scenes").glob("S2SYN_*T??????.tif")):
+        with rasterio.open(a) as x, rasterio.open(tmp_path / "without" / "scenes" / a.name) as y:
+            da, db = x.read(), y.read()
+        assert np.array_equal(da[:, ~inside], db[:, ~inside]), a.name
+        changed += int((da[:, inside] != db[:, inside]).any())
+    assert changed >= 5
 
 
 def test_drought_visible_and_in_weather(events: dict, stack: dict, synth_region: Path) -> None:

@@ -1,4 +1,4 @@
-"""Disturbances with ground truth: clear-cut, fire, flood, drought; plus normal change records.
+"""Disturbances with ground truth: clear-cut, fire, flood, drought, crop failure; plus normal change records.
 
 An :class:`Event` holds the flat pixel indices it affects and its timing (days since 1970-01-01);
 :func:`apply_cover` and :func:`apply_reflectance` alter one acquisition's surface in place.
@@ -29,7 +29,13 @@ from .landscape import (
 )
 from .weather import Weather, add_heavy_rain
 
-ANOMALY_TYPES = ("clearcut", "fire", "flood", "drought")
+ANOMALY_TYPES = ("clearcut", "fire", "flood", "drought", "crop_failure")
+# Crop failure (hail, pests, waterlogging, a failed emergence): one field's crop collapses in its growing season
+# to (1 - severity) of its green cover over CROP_FAILURE_RAMP_DAYS, while the fields around it grow normally,
+# and stays so until the field's harvest. CROP_FAILURE_RATE: failures per crop field and year.
+CROP_FAILURE_RATE = 0.01
+CROP_FAILURE_RAMP_DAYS = 10
+CROP_FAILURE_MIN_PX = 150  # fields smaller than 1.5 ha are not drawn (below what an alert can map)
 
 
 @dataclass
@@ -38,7 +44,7 @@ class Event:
 
     Attributes:
         id: unique integer id.
-        type: one of clearcut, fire, flood, drought, harvest, mowing.
+        type: one of clearcut, fire, flood, drought, crop_failure, harvest, mowing.
         start, end: first and last day of the abrupt/anomalous phase (days since 1970-01-01).
         idx: int64 flat indices of the affected pixels (empty for harvest/mowing: see ``parcel``).
         severity: float32 per-pixel severity in [0, 1] (same length as ``idx``).
@@ -232,8 +238,66 @@ def _flood(rng: np.random.Generator, land: Landscape, weather: Weather, acq_days
     return Event(0, "flood", start, end, idx, np.ones(idx.size, np.float32), _dominant(land, idx)), i
 
 
+def plan_crop_failures(land: Landscape, pheno, events: list[Event], first: int, last: int, seed: int,
+                       force: bool) -> list[Event]:
+    """Place crop failures: whole crop fields, in one growing season each, away from the other events.
+
+    A failure starts between 20 days before the field's green-up and 15 days before its senescence (a failed
+    emergence or a collapse of the grown crop), in the middle 70 % of the record like the other disturbances,
+    and ends at the field's harvest (or the record's end). Drawn from their own random stream, so the other
+    events and the fields around them are those of a record without crop failures.
+
+    Args:
+        land: the landscape.
+        pheno: the fields' phenology (:class:`geowm.synth.phenology.Phenology`): crop and key dates per year.
+        events: the other events; their pixels are not used.
+        first, last: record period, days since epoch.
+        seed: random seed.
+        force: guarantee at least one crop failure where a field allows it.
+
+    Returns:
+        The crop failures (ids 0: the caller numbers all events).
+    """
+    rng = stream(seed, "crop_failure")
+    size = land.grid.size
+    taken = np.zeros(size * size, bool)
+    for e in events:
+        taken[e.idx] = True
+    parcel = land.parcel.ravel()
+    hit = np.zeros(land.n_parcels, bool)
+    hit[np.unique(parcel[taken & (parcel >= 0)])] = True
+    span = last - first
+    lo, hi = first + int(0.15 * span), first + int(0.85 * span)
+    cands = []  # (year index, parcel, earliest start, latest start)
+    for y in range(pheno.green.shape[0]):
+        k = pheno.klass[y]
+        crop = ((k == CROP_WINTER) | (k == CROP_SUMMER)) & (land.parcel_size >= CROP_FAILURE_MIN_PX) & ~hit
+        for p in np.flatnonzero(crop):
+            a, b = int(pheno.green[y, p]) - 20, int(pheno.senesc[y, p]) - 15
+            if b > a and lo <= a and b <= hi:
+                cands.append((y, int(p), a, b))
+    if not cands:
+        return []
+    n = min(_count(rng, CROP_FAILURE_RATE * len(cands), force), len(cands))  # a rate per field and season
+    out: list[Event] = []
+    used: set[int] = set()
+    for j in rng.permutation(len(cands)):
+        if len(out) == n:
+            break
+        y, p, a, b = cands[j]
+        if p in used:  # one failure per field
+            continue
+        used.add(p)
+        idx = np.flatnonzero(parcel == p)
+        start = int(rng.integers(a, b))
+        end = min(int(pheno.harvest[y, p]), last)
+        sev = np.full(idx.size, rng.uniform(0.6, 0.85), np.float32)
+        out.append(Event(0, "crop_failure", start, end, idx, sev, CLASSES[int(pheno.klass[y, p])]))
+    return out
+
+
 def apply_cover(events: list[Event], day: int, cover: np.ndarray) -> None:
-    """Scale the green cover (flat float32 ``(H*W,)``) of drought and post-flood pixels at ``day``."""
+    """Scale the green cover (flat float32 ``(H*W,)``) of drought, failed-crop and post-flood pixels at ``day``."""
     for e in events:
         if day < e.start:
             continue
@@ -242,6 +306,9 @@ def apply_cover(events: list[Event], day: int, cover: np.ndarray) -> None:
                 r = (day - e.start) / max(e.end - e.start, 1)
             else:
                 r = float(np.exp(-(day - e.end) / 25.0))
+            cover[e.idx] *= 1.0 - e.severity * np.float32(r)
+        elif e.type == "crop_failure" and day <= e.end:
+            r = min(1.0, (day - e.start) / CROP_FAILURE_RAMP_DAYS)
             cover[e.idx] *= 1.0 - e.severity * np.float32(r)
         elif e.type == "flood" and day > e.end:
             cover[e.idx] *= 1.0 - 0.5 * np.float32(np.exp(-(day - e.end) / 30.0))
@@ -261,7 +328,7 @@ def apply_reflectance(events: list[Event], day: int, leaf: float, cover: np.ndar
         water: flat bool ``(H*W,)`` set True where the surface is open water (flood).
     """
     for e in events:
-        if day < e.start or e.type in ("drought", "harvest", "mowing"):
+        if day < e.start or e.type in ("drought", "crop_failure", "harvest", "mowing"):
             continue
         dt = float(day - e.start)
         i = e.idx

@@ -19,6 +19,7 @@ STREAMS: dict[str, int] = {
     "clouds": 41,
     "noise": 51,
     "events": 61,
+    "crop_failure": 62,
     "phenology": 71,
     "rotation": 72,
 }

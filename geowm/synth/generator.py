@@ -22,7 +22,7 @@ from .clouds import (
     plan_cloud_fractions,
     render_clouds,
 )
-from .events import Event, plan_events
+from .events import Event, plan_crop_failures, plan_events
 from .fields import stream
 from .landscape import BANDS, CLASSES, crop_map, make_landscape
 from .phenology import make_phenology
@@ -39,16 +39,18 @@ from .writer import (
 
 MIN_SIZE, MAX_SIZE = 64, 20000
 SCENE_PREFIX = "S2SYN_"
-VERSION = 2  # 2: croptype.tif, options crop_rotation and weather_regimes (both off: version 1's pixels)
+# 2: croptype.tif, options crop_rotation and weather_regimes (both off: version 1's pixels); 3: crop failures
+VERSION = 3
 
 
 OPTIONS = {"crop_rotation": False, "weather_regimes": False}  # generate()'s options, with their defaults
 
 
 def recorded_parameters(meta: dict) -> dict:
-    """The generation parameters a ``synth.json`` (loaded: ``meta``) records. An option the record predates
-    was off: those regions were made without it."""
-    return {**OPTIONS, **meta.get("parameters", {})}
+    """The generation parameters a ``synth.json`` (loaded: ``meta``) records, with the generator ``version`` that
+    made it (the same parameters give other pixels in another version). An option the record predates was off:
+    those regions were made without it."""
+    return {**OPTIONS, **meta.get("parameters", {}), "version": int(meta.get("version", 1))}
 
 
 def _parse_date(value: str, name: str) -> date:
@@ -127,6 +129,10 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     weather = make_weather(size, grid.res, grid.x0, grid.y0, seed, d0.year, d1.year, droughts, weather_regimes)
     events, forced_clear = plan_events(land, weather, acq_days, first, last, seed, force)
     pheno = make_phenology(land, weather, seed, crop_rotation)
+    events += plan_crop_failures(land, pheno, events, first, last, seed, force)
+    events.sort(key=lambda e: (e.start, e.type))
+    for k, e in enumerate(events, start=1):
+        e.id = k
     latent = weather.cloud_latent(seed)
     lat_acq = np.array([latent[weather.index(int(d))] for d in acq_days], np.float32)
     fractions = plan_cloud_fractions(lat_acq, forced_clear, seed)
