@@ -22,7 +22,8 @@ from plotly.subplots import make_subplots
 from pydeck.bindings.json_tools import default_serialize
 
 TYPE_COLORS = {"clearcut": (230, 120, 20), "fire": (215, 25, 28), "flood": (30, 110, 235),
-               "drought": (200, 170, 0), "unknown": (150, 80, 190)}  # alert fill colour by type (RGB)
+               "drought": (200, 170, 0), "crop_failure": (120, 160, 30),
+               "unknown": (150, 80, 190)}  # alert fill colour by type (RGB)
 WEBP = bool(features.check("webp"))  # Pillow built with libwebp (Chromium, Firefox, Safari show it)
 RGB_MAX = 0.3  # reflectance shown as full brightness in true colour
 NDVI_STOPS = [(-0.2, (120, 70, 20)), (0.2, (225, 205, 140)), (0.5, (120, 190, 80)), (0.9, (0, 100, 30))]

@@ -27,7 +27,12 @@ NDWI = (B03-B08)/(B03+B08), vis = mean of B02/B03/B04; first rule that holds win
 
 - ``flood``: NDWI rises by more than 0.3 and ends above 0 (green brighter than NIR: open water);
 - ``fire``: NIR falls below 60 % of before, and after the scar is dark: NIR < 0.15 and vis < 0.10;
-- ``clearcut``: NDVI falls by more than 0.25 and the visible brightens by more than 20 % (bare soil);
+- ``crop_failure`` (cropland: most footprint pixels showed bare soil, NDVI < 0.2, and a grown crop, NDVI > 0.5,
+  in the year before): NDVI falls by more than 0.25, or lies more than 0.25 below the same weeks a year before
+  (a crop that did not grow), and the footprint lost more than the cropland around it (within 50 px) by 0.15:
+  one field failed, where a drought browns them all;
+- ``clearcut`` (not cropland): NDVI falls by more than 0.25 and the visible brightens by more than 20 % (bare
+  soil);
 - ``drought``: NDVI falls by more than 0.05 and the alert lasts at least 30 days (slow, spread out);
 - ``unknown``: anything else, or not enough clear observations / bands.
 
@@ -60,7 +65,7 @@ from geowm.atomic import atomic_write, atomic_write_text
 from geowm.bands import band_roles, common_names_of
 
 ALERT_COLUMNS = ["id", "type_guess", "first_detected", "last_seen", "peak_score", "area_ha", "confidence"]
-ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "unknown")
+ALERT_TYPES = ("clearcut", "fire", "flood", "drought", "crop_failure", "unknown")
 DAY = np.timedelta64(1, "D")
 EIGHT = np.ones((3, 3), bool)  # 8-neighbourhood
 
@@ -250,6 +255,17 @@ def _band_index(obs: xr.Dataset) -> dict[str, int]:
 TYPE_AFTER_DAYS = 30  # a footprint's type is read from its clear looks within this many days of first detection
 TYPE_ABRUPT_SHARE = 1.0  # an abrupt change (flood, fire, clear-cut) names the alert where its pixels are at least
 # this many times the pixels that only lost some greenness (drought-like decline)
+# Cropland: a pixel whose clear looks in the year before the alert show bare soil (NDVI below CROP_BARE_NDVI, between
+# two crops) and a grown crop (above CROP_GREEN_NDVI). On the demo region (seed 7, July 2021 to June 2022, every 4th
+# pixel): the lowest NDVI of crop fields 0.13-0.18 (10th-90th percentile), of forest (deciduous included) 0.46-0.73,
+# of grassland 0.21-0.34 (median 0.27); urban and bare land never reach 0.5. A failed field of another region (seed
+# 12) had a median lowest NDVI of 0.18 over its patches, many pixels above 0.2.
+CROP_BARE_NDVI = 0.25
+CROP_GREEN_NDVI = 0.5
+CROP_RING_PX = 50  # px around the footprint whose cropland tells a failed field (it alone lost) from a drought
+CROP_LOSS = 0.15  # NDVI a failed crop lost, since before or against the same weeks a year before
+CROP_LOCAL_LOSS = 0.15  # the footprint's median NDVI loss exceeds its surrounding cropland's by this much: local
+CROP_YEAR_PX = 65536  # a year of looks is read at most this many px of a box (every k-th row and column)
 
 
 def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.ndarray,
@@ -267,21 +283,34 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     t = obs["time"].values.astype("datetime64[ns]")
     names = [b for b in ("blue", "green", "red", "nir") if b in bands]
 
-    def median_refl(tsel: np.ndarray) -> np.ndarray | None:
-        """Each footprint pixel's median over its clear looks at the dates ``tsel``: (band, px), NaN without one."""
+    def looks(tsel: np.ndarray, ys: slice, xs: slice, mask: np.ndarray) -> np.ndarray | None:
+        """The clear looks of the pixels ``mask`` of the box ``ys, xs`` at the dates ``tsel``: (t, band, px), NaN
+        where not clear; None without a date."""
         if not tsel.any():
             return None
         sub = obs.isel(time=np.nonzero(tsel)[0], y=ys, x=xs)
-        refl = sub["reflectance"].isel(band=[bands[b] for b in names]).values[..., omask]  # (t, b, px)
-        valid = sub["valid"].values[..., omask] if "valid" in sub else np.isfinite(refl).all(axis=1)
-        refl = np.where(valid[:, None, :], refl, np.nan)
+        refl = sub["reflectance"].isel(band=[bands[b] for b in names]).values[..., mask]  # (t, b, px)
+        valid = sub["valid"].values[..., mask] if "valid" in sub else np.isfinite(refl).all(axis=1)
+        return np.where(valid[:, None, :], refl, np.nan)
+
+    def median_refl(tsel: np.ndarray, ys: slice = ys, xs: slice = xs, mask: np.ndarray = omask) -> np.ndarray | None:
+        """Each pixel's median over its clear looks at the dates ``tsel``: (band, px), NaN without one."""
+        refl = looks(tsel, ys, xs, mask)
+        if refl is None:
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmedian(refl, axis=0)
 
-    before = median_refl((t < first) & (t >= first - 120 * DAY))
+    def nd(m: np.ndarray) -> np.ndarray:
+        b = dict(zip(names, m, strict=True))
+        return (b["nir"] - b["red"]) / (b["nir"] + b["red"] + 1e-6)
+
+    before_t = (t < first) & (t >= first - 120 * DAY)
+    before = median_refl(before_t)
     # the change's signature: its first clear looks (a flood recedes, a burn greens up), the whole alert if none
-    after = median_refl((t >= first) & (t <= min(last, first + TYPE_AFTER_DAYS * DAY)))
+    after_t = (t >= first) & (t <= min(last, first + TYPE_AFTER_DAYS * DAY))
+    after = median_refl(after_t)
     if after is None or not np.isfinite(after).all():  # pixels without a clear look then: the whole alert's
         whole = median_refl((t >= first) & (t <= last))
         after = whole if after is None or whole is None else np.where(np.isfinite(after).all(axis=0), after, whole)
@@ -301,9 +330,25 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     ndvi_a, ndwi_a, vis_a, nir_a = idx(after)
     flood = (ndwi_a - ndwi_b > 0.3) & (ndwi_a > 0)
     fire = ~flood & (nir_a < 0.6 * nir_b) & (nir_a < 0.15) & (vis_a < 0.10)
-    clearcut = ~flood & ~fire & (ndvi_a - ndvi_b < -0.25) & (vis_a > 1.2 * vis_b)
-    decline = ~flood & ~fire & ~clearcut & (ndvi_a - ndvi_b < -0.05)
-    abrupt = {"flood": int(flood.sum()), "fire": int(fire.sum()), "clearcut": int(clearcut.sum())}
+    H, W = obs.sizes["y"], obs.sizes["x"]  # the land around the footprint, for cropland's regional change
+    ry = slice(max(ys.start - CROP_RING_PX, 0), min(ys.stop + CROP_RING_PX, H))
+    rx = slice(max(xs.start - CROP_RING_PX, 0), min(xs.stop + CROP_RING_PX, W))
+    inside = (foot[np.clip(rows[ry], 0, None)][:, np.clip(cols[rx], 0, None)]
+              & (rows[ry] >= 0)[:, None] & (cols[rx] >= 0)[None, :])
+    ring = ~ndimage.binary_dilation(inside, iterations=3)
+    end = min(last, first + TYPE_AFTER_DAYS * DAY)
+    when = {"year": (t < first) & (t >= first - 365 * DAY), "before": before_t, "after": after_t,
+            "ago": (t >= first - 365 * DAY) & (t <= end - 365 * DAY)}
+    crop = _failed_crop(looks, median_refl, nd, when, (ys, xs, omask), (ry, rx, ring), seen, before, after)
+    crop = ~flood & ~fire & crop if crop is not None else None
+    if crop is not None:  # cropland: a field's collapse or a crop that did not grow is a crop failure, no clear-cut
+        clearcut = np.zeros_like(flood)
+    else:
+        crop = np.zeros_like(flood)
+        clearcut = ~flood & ~fire & (ndvi_a - ndvi_b < -0.25) & (vis_a > 1.2 * vis_b)
+    decline = ~flood & ~fire & ~clearcut & ~crop & (ndvi_a - ndvi_b < -0.05)
+    abrupt = {"flood": int(flood.sum()), "fire": int(fire.sum()), "clearcut": int(clearcut.sum()),
+              "crop_failure": int(crop.sum())}
     kind = max(abrupt, key=abrupt.get)
     # an abrupt change is what the alert is about where it covers as many pixels as the slow decline around it
     if abrupt[kind] > 0 and abrupt[kind] >= TYPE_ABRUPT_SHARE * int(decline.sum()):
@@ -311,6 +356,53 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     if decline.sum() > 0 and (last - first) / DAY >= 30:
         return "drought"
     return "unknown"
+
+
+def _failed_crop(looks, median_refl, nd, when: dict, box: tuple, ring_box: tuple, seen: np.ndarray,
+                 before: np.ndarray, after: np.ndarray) -> np.ndarray | None:
+    """For :func:`_guess_type`: None where the footprint is not cropland (fewer than half its pixels showed bare
+    soil and a grown crop in the year before the alert); else, per seen pixel, whether its crop failed: it lost
+    more than ``CROP_LOSS`` NDVI, since before or against the same weeks a year before (a crop that collapsed,
+    or did not grow), and the footprint's median loss exceeds that of the cropland around it (``ring_box``) by
+    ``CROP_LOCAL_LOSS`` (all False where it does not: a drought browns every field, a failure one).
+    ``when``: date masks ``year``, ``before``, ``after`` and ``ago`` (the after dates a year earlier); ``box`` and
+    ``ring_box``: (rows, columns, pixel mask) of the footprint and of the land around it; ``before`` / ``after``:
+    the footprint's median looks (band, px)."""
+
+    def cropland(ys: slice, xs: slice, mask: np.ndarray) -> np.ndarray | None:
+        """Per pixel of ``mask`` (every ``k``-th row and column of a large box: a year of looks), cropland or not."""
+        k = max(1, int(np.ceil(np.sqrt(mask.size / CROP_YEAR_PX))))
+        refl = looks(when["year"], slice(ys.start, ys.stop, k), slice(xs.start, xs.stop, k), mask[::k, ::k])
+        if refl is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            v = nd(refl.transpose(1, 0, 2))
+            return (np.nanmin(v, axis=0) < CROP_BARE_NDVI) & (np.nanmax(v, axis=0) > CROP_GREEN_NDVI)
+
+    field = cropland(*box)
+    if field is None or not field.size or field.mean() < 0.5:
+        return None
+
+    def loss(ys: slice, xs: slice, mask: np.ndarray, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """Per pixel, the larger of its NDVI loss since before and against the same weeks a year before."""
+        ago = median_refl(when["ago"], ys, xs, mask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.fmax(nd(before) - nd(after), nd(ago) - nd(after) if ago is not None else np.nan)
+
+    lost = loss(*box, before, after)[seen]
+    ry, rx, ring = ring_box
+    k = max(1, int(np.ceil(np.sqrt(ring.size / CROP_YEAR_PX))))
+    ring_box = (slice(ry.start, ry.stop, k), slice(rx.start, rx.stop, k), ring[::k, ::k])
+    around_field = cropland(*ring_box)
+    rb, ra = median_refl(when["before"], *ring_box), median_refl(when["after"], *ring_box)
+    if around_field is not None and rb is not None and ra is not None:
+        around = loss(*ring_box, rb, ra)[around_field]
+        around = around[np.isfinite(around)]
+        if around.size >= 20 and np.nanmedian(lost) - np.median(around) < CROP_LOCAL_LOSS:
+            return np.zeros(lost.shape, bool)
+    return lost > CROP_LOSS
 
 
 def _obs_index(obs_coord: np.ndarray, edge0: float, step: float, n: int) -> np.ndarray:

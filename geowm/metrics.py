@@ -28,7 +28,8 @@ from scipy.stats import rankdata
 from geowm.alerts import grid_transform
 
 REQUIRED_PROPERTIES = ("id", "type", "start", "end", "anomaly")
-PERSISTENT_TYPES = ("clearcut", "fire")  # abrupt, lasting change: surprising only for a while after start
+# abrupt, lasting change (a failed crop stays so until its harvest): surprising only for a while after start
+PERSISTENT_TYPES = ("clearcut", "fire", "crop_failure")
 DAY = pd.Timedelta(days=1)
 
 
@@ -97,8 +98,8 @@ def patch_labels(events: gpd.GeoDataFrame, times, y, x, crs: str | None = None, 
     """Cell labels (time, y, x) int8 for scoring: 1 anomaly, 0 no event, -1 excluded.
 
     An anomaly event (``anomaly`` True) is *active* on ``start <= t <= end``, but for abrupt persistent
-    types (clearcut, fire) only on ``start <= t <= start + persist_days``. Label 1 where an anomaly is active
-    and covers the cell centre. Label -1 (excluded from AUROC, used for false-alarm rates): cells only partly
+    types (clearcut, fire, crop_failure) only on ``start <= t <= start + persist_days``. Label 1 where an anomaly
+    is active and covers the cell centre. Label -1 (excluded from AUROC, used for false-alarm rates): cells only partly
     covered by an active anomaly, cells of an anomaly outside its active window but before ``end +
     recovery_days`` (persistent state, recovery), and cells touched by normal change (``anomaly`` False:
     harvest, mowing) on ``start <= t <= end + recovery_days``. 1 wins over -1, -1 over 0.

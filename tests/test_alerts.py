@@ -341,3 +341,53 @@ def test_load_events_patch_labels_and_masks(tmp_path):
     bad.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="anomaly"):
         load_events(bad)
+
+
+SOIL = [0.08, 0.11, 0.14, 0.19]  # bare field: NDVI 0.15
+CROP = [0.03, 0.06, 0.04, 0.40]  # grown crop: NDVI 0.82
+YEARS = pd.date_range("2021-01-01", periods=80, freq="10D")  # two growing seasons and more
+
+
+def _fields(forest: bool = False) -> np.ndarray:
+    """(time, band, N, N) reflectance of fields bare outside May-August and green inside; ``forest``: always
+    green."""
+    grown = (YEARS.month >= 5) & (YEARS.month <= 8) | forest
+    refl = np.where(grown[:, None], np.array(CROP)[None], np.array(SOIL)[None])
+    return np.broadcast_to(refl[:, :, None, None], (len(YEARS), 4, N, N)).copy()
+
+
+def _type_of(refl: np.ndarray, k0: int) -> str:
+    """The type guess of an alert on rows and columns 10-18 confirmed from the look ``k0`` on."""
+    s = np.clip(np.random.default_rng(0).normal(0, 0.7, (len(YEARS), N, N)), -2.5, 2.5)
+    s[k0:k0 + 4, 10:18, 10:18] = 8.0
+    obs = xr.Dataset({"reflectance": (("time", "band", "y", "x"), refl),
+                      "valid": (("time", "y", "x"), np.ones((len(YEARS), N, N), bool))},
+                     coords={"time": YEARS, "band": BANDS, "y": Y, "x": X})
+    score = xr.DataArray(s, coords={"time": YEARS, "y": Y, "x": X}, dims=("time", "y", "x"))
+    gdf = alerts_from_scores(score, CRS, obs=obs)
+    assert len(gdf) == 1
+    return gdf["type_guess"].iloc[0]
+
+
+def test_type_guess_tells_a_failed_field_from_a_clearcut_and_a_drought():
+    """On cropland (bare soil and a grown crop in the year before), one field that collapses while the fields
+    around it stay green is a crop failure, and so is one whose crop does not grow; every field browning
+    together is a drought; the same collapse of land that was never bare is a clear-cut."""
+    k0 = int(np.flatnonzero(YEARS >= "2022-07-20")[0])  # mid-season of the second year (4 months of it before)
+    end = int(np.flatnonzero(YEARS >= "2022-09-01")[0])
+    failed = _fields()
+    failed[k0:end, :, 10:18, 10:18] = np.array(SOIL)[:, None, None]
+    assert _type_of(failed, k0) == "crop_failure"
+
+    not_grown = _fields()
+    spring = int(np.flatnonzero(YEARS >= "2022-05-01")[0])
+    not_grown[spring:end, :, 10:18, 10:18] = np.array(SOIL)[:, None, None]  # stays bare all season
+    assert _type_of(not_grown, spring + 2) == "crop_failure"
+
+    dry = _fields()
+    dry[k0:end, :, :, :] = np.array(SOIL)[:, None, None]  # every field at once
+    assert _type_of(dry, k0) == "drought"
+
+    cut = _fields(forest=True)
+    cut[k0:, :, 10:18, 10:18] = np.array(SOIL)[:, None, None]
+    assert _type_of(cut, k0) == "clearcut"

@@ -194,6 +194,13 @@ def test_chip_dates():
     assert before is None and str(after)[:10] == "2021-01-01"
 
 
+def test_every_alert_type_has_its_own_colour():
+    from geowm.alerts import ALERT_TYPES
+
+    assert set(render.TYPE_COLORS) == set(ALERT_TYPES)
+    assert len(set(render.TYPE_COLORS.values())) == len(ALERT_TYPES)
+
+
 def test_render_pieces():
     assert (render.score_rgba(np.array([[np.nan, 2.9, 4.0]]))[0, :2] == 0).all()  # below 3 / NaN transparent
     assert render.score_rgba(np.array([[12.0]]))[0, 0, 3] == 240
