@@ -215,6 +215,53 @@ def test_departure_score_flags_landscapes_that_lost_vegetation_beyond_the_region
     assert np.isnan(departure_score(da, ch, min_patches=25).values[2]).all()  # 24 patches left
 
 
+def test_persistent_departure_scores_a_field_that_stays_apart_for_weeks():
+    """A patch far from a year before with vegetation lost on 4 clear looks over 20 days or more, after a look
+    without it, scores the run's lowest z from the look that completes it; a shorter run (a harvest a week off
+    last year's), a run that was there from the first look (older than the scores), a small NDVI loss and a
+    run broken by a look that does not hold score nothing; a cloudy look inside a run does not break it."""
+    days = np.arange(12) * 5  # a look every 5 days
+    z = np.zeros((12, 1, 7))
+    nd = np.full((12, 1, 7), -0.02)
+    run = slice(2, 8)  # looks 2..7: 25 days
+    z[run, 0, 0], nd[run, 0, 0] = [6, 5, 7, 4, 6, 8], -0.3  # a failed field
+    z[2:5, 0, 1], nd[2:5, 0, 1] = 9, -0.5  # three looks: a harvest earlier than last year's
+    z[:6, 0, 2], nd[:6, 0, 2] = 9, -0.3  # from the first look on: an older change
+    z[run, 0, 3], nd[run, 0, 3] = 9, -0.1  # far from a year before, little vegetation lost
+    z[run, 0, 4], nd[run, 0, 4] = 9, -0.3
+    z[4, 0, 4] = 1.0  # a look that does not hold ends the run
+    z[run, 0, 5], nd[run, 0, 5] = 9, -0.3
+    z[4, 0, 5] = nd[4, 0, 5] = np.nan  # a cloudy look inside the run
+    z[3:9, 0, 6], nd[3:9, 0, 6] = 9, -0.3  # the same run a look later...
+    nd[1:3, 0, 6] = np.nan  # ...after cloudy looks: it began after the clear look 0
+    times = np.datetime64("2022-07-01") + days.astype("timedelta64[D]")
+    da = lambda a: xr.DataArray(a, dims=("time", "py", "px"), coords={"time": times})  # noqa: E731
+    out = anomaly.persistent_departure(da(z), da(nd)).values
+    np.testing.assert_array_equal(out[:6, 0, 0], np.nan)  # looks 2..5: 4 looks but 15 days
+    np.testing.assert_allclose(out[6:8, 0, 0], [4.0, 4.0])  # from look 6 (20 days, 5 looks): the lowest z
+    assert np.isnan(out[8:, 0, 0]).all()  # the run is over
+    assert np.isnan(out[:, 0, 1:5]).all()
+    np.testing.assert_allclose(out[6:8, 0, 5], [9.0, 9.0])  # looks 2, 3, 5, 6 over 20 days: the cloud skipped
+    np.testing.assert_allclose(out[7:9, 0, 6], [9.0, 9.0])
+    assert np.isnan(out[:7, 0, 6]).all()
+
+
+def test_detect_scores_the_persistent_departure_too(synth_cube, tiny_run, monkeypatch):
+    """The anomaly score is the largest of the surprise, departure and persistent departure scores, the last
+    computed from the departure z and the NDVI change that detect returns."""
+    monkeypatch.setattr(anomaly, "DEPARTURE_LAG_DAYS", 60.0)  # the test cube has one year: a reference 60 d back
+    for name, value in (("Z", 0.5), ("LOSS", 0.02), ("LOOKS", 3), ("DAYS", 10.0)):  # a small cube: let runs hold
+        monkeypatch.setattr(anomaly, f"PERSISTENT_{name}", value)
+    scores, _ = detect(str(synth_cube), str(tiny_run), "2021-08-01", history_days=150, lead_days=20)
+    p = scores["persistent_score"]
+    dz = departure_score(scores["departure"], scores["ndvi_change_at_day"], neighbourhood=1)
+    np.testing.assert_array_equal(p.values, anomaly.persistent_departure(
+        dz, scores["ndvi_change_at_day"], 0.5, 0.02, 3, 10.0).values)
+    others = np.fmax(scores["surprise_score"].values, scores["departure_score"].values)
+    assert (p.values > others).sum() >= 3
+    np.testing.assert_array_equal(scores["score"].values, np.fmax(others, p.values))
+
+
 def test_vegetation_loss_only_scales_a_positive_score_by_the_ndvi_lost():
     score = np.array([6.0, 6.0, 6.0, 6.0, 6.0, -2.0, -2.0, 6.0])
     change = np.array([0.02, 0.0, -0.025, -0.05, -0.3, 0.1, -0.05, np.nan])
