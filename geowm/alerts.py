@@ -27,10 +27,10 @@ NDWI = (B03-B08)/(B03+B08), vis = mean of B02/B03/B04; first rule that holds win
 
 - ``flood``: NDWI rises by more than 0.3 and ends above 0 (green brighter than NIR: open water);
 - ``fire``: NIR falls below 60 % of before, and after the scar is dark: NIR < 0.15 and vis < 0.10;
-- ``crop_failure`` (cropland: most footprint pixels showed bare soil, NDVI < 0.2, and a grown crop, NDVI > 0.5,
-  in the year before): NDVI falls by more than 0.25, or lies more than 0.25 below the same weeks a year before
-  (a crop that did not grow), and the footprint lost more than the cropland around it (within 50 px) by 0.15:
-  one field failed, where a drought browns them all;
+- ``crop_failure`` (cropland: most footprint pixels showed bare soil, NDVI < 0.25, and a grown crop, NDVI > 0.5,
+  in the year before): NDVI falls by more than 0.15, since before or against the same weeks a year before (a crop
+  that collapsed, or did not grow), and the footprint's median loss exceeds that of the cropland around it
+  (within 50 px) by 0.15: one field failed, where a drought browns them all;
 - ``clearcut`` (not cropland): NDVI falls by more than 0.25 and the visible brightens by more than 20 % (bare
   soil);
 - ``drought``: NDVI falls by more than 0.05 and the alert lasts at least 30 days (slow, spread out);
@@ -369,10 +369,14 @@ def _failed_crop(looks, median_refl, nd, when: dict, box: tuple, ring_box: tuple
     ``ring_box``: (rows, columns, pixel mask) of the footprint and of the land around it; ``before`` / ``after``:
     the footprint's median looks (band, px)."""
 
-    def cropland(ys: slice, xs: slice, mask: np.ndarray) -> np.ndarray | None:
-        """Per pixel of ``mask`` (every ``k``-th row and column of a large box: a year of looks), cropland or not."""
+    def thin(ys: slice, xs: slice, mask: np.ndarray) -> tuple[slice, slice, np.ndarray]:
+        """Every ``k``-th row and column of a box larger than ``CROP_YEAR_PX`` px (a year of its looks is read)."""
         k = max(1, int(np.ceil(np.sqrt(mask.size / CROP_YEAR_PX))))
-        refl = looks(when["year"], slice(ys.start, ys.stop, k), slice(xs.start, xs.stop, k), mask[::k, ::k])
+        return slice(ys.start, ys.stop, k), slice(xs.start, xs.stop, k), mask[::k, ::k]
+
+    def cropland(ys: slice, xs: slice, mask: np.ndarray) -> np.ndarray | None:
+        """Per pixel of ``mask``, whether its clear looks of the year before show bare soil and a grown crop."""
+        refl = looks(when["year"], ys, xs, mask)
         if refl is None:
             return None
         with warnings.catch_warnings():
@@ -380,7 +384,7 @@ def _failed_crop(looks, median_refl, nd, when: dict, box: tuple, ring_box: tuple
             v = nd(refl.transpose(1, 0, 2))
             return (np.nanmin(v, axis=0) < CROP_BARE_NDVI) & (np.nanmax(v, axis=0) > CROP_GREEN_NDVI)
 
-    field = cropland(*box)
+    field = cropland(*thin(*box))
     if field is None or not field.size or field.mean() < 0.5:
         return None
 
@@ -392,9 +396,7 @@ def _failed_crop(looks, median_refl, nd, when: dict, box: tuple, ring_box: tuple
             return np.fmax(nd(before) - nd(after), nd(ago) - nd(after) if ago is not None else np.nan)
 
     lost = loss(*box, before, after)[seen]
-    ry, rx, ring = ring_box
-    k = max(1, int(np.ceil(np.sqrt(ring.size / CROP_YEAR_PX))))
-    ring_box = (slice(ry.start, ry.stop, k), slice(rx.start, rx.stop, k), ring[::k, ::k])
+    ring_box = thin(*ring_box)
     around_field = cropland(*ring_box)
     rb, ra = median_refl(when["before"], *ring_box), median_refl(when["after"], *ring_box)
     if around_field is not None and rb is not None and ra is not None:

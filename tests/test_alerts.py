@@ -391,3 +391,19 @@ def test_type_guess_tells_a_failed_field_from_a_clearcut_and_a_drought():
     cut = _fields(forest=True)
     cut[k0:, :, 10:18, 10:18] = np.array(SOIL)[:, None, None]
     assert _type_of(cut, k0) == "clearcut"
+
+
+def test_type_guess_reads_a_thinned_year_of_a_large_box(monkeypatch):
+    """A year of looks over a box larger than CROP_YEAR_PX px is read on every k-th row and column: the same
+    guesses (with a small limit on these 40 px: the footprint's box and the land around it both thinned)."""
+    import geowm.alerts as alerts
+
+    monkeypatch.setattr(alerts, "CROP_YEAR_PX", 37)
+    k0 = int(np.flatnonzero(YEARS >= "2022-07-20")[0])
+    end = int(np.flatnonzero(YEARS >= "2022-09-01")[0])
+    failed = _fields()
+    failed[k0:end, :, 10:18, 10:18] = np.array(SOIL)[:, None, None]
+    assert _type_of(failed, k0) == "crop_failure"
+    dry = _fields()
+    dry[k0:end] = np.array(SOIL)[:, None, None]
+    assert _type_of(dry, k0) == "drought"
