@@ -310,8 +310,11 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
 
     auc = {"model": auroc(scores["score"].values.ravel(), labels.ravel())}
     auc_by_type = {"model": per_type(scores["score"].values)}
-    parts = {k.removesuffix("_score"): auroc(scores[k].values.ravel(), labels.ravel())
-             for k in ("surprise_score", "departure_score") if k in scores}  # the model's two scores alone
+    alone = {k: scores[k].values for k in ("surprise_score", "departure_score") if k in scores}
+    if "persistent_score" in scores:  # NaN outside a run that holds: 0 wherever a patch-date has a departure
+        alone["persistent_score"] = np.where(np.isfinite(scores["departure"].values),
+                                             np.fmax(scores["persistent_score"].values, 0.0), np.nan)
+    parts = {k.removesuffix("_score"): auroc(v.ravel(), labels.ravel()) for k, v in alone.items()}  # each alone
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
     for key, cls in BASELINES.items():

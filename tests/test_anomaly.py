@@ -563,7 +563,7 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     assert set(by_type) == set(rep["anomaly_auroc"]) and all(set(v) == typed for v in by_type.values())
     assert all(0 <= v <= 1 for v in rep["anomaly_auroc"].values())
     parts = rep["anomaly_auroc_model_parts"]  # a one-year cube: no seasonal departure, the surprise score alone
-    assert parts == {"surprise": rep["anomaly_auroc"]["model"], "departure": None}
+    assert parts == {"surprise": rep["anomaly_auroc"]["model"], "departure": None, "persistent": None}
     assert "precision" in rep["alerts"] and "NDVI forecast RMSE" in res.output
     assert "model's scores alone: surprise" in " ".join(res.output.split())
     sim = rep["similar"]  # nearest latents at other places: same land cover more often than chance
