@@ -309,7 +309,8 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     before_t = (t < first) & (t >= first - 120 * DAY)
     before = median_refl(before_t)
     # the change's signature: its first clear looks (a flood recedes, a burn greens up), the whole alert if none
-    after_t = (t >= first) & (t <= min(last, first + TYPE_AFTER_DAYS * DAY))
+    end = min(last, first + TYPE_AFTER_DAYS * DAY)
+    after_t = (t >= first) & (t <= end)
     after = median_refl(after_t)
     if after is None or not np.isfinite(after).all():  # pixels without a clear look then: the whole alert's
         whole = median_refl((t >= first) & (t <= last))
@@ -336,7 +337,6 @@ def _guess_type(obs: xr.Dataset, rows: np.ndarray, cols: np.ndarray, foot: np.nd
     inside = (foot[np.clip(rows[ry], 0, None)][:, np.clip(cols[rx], 0, None)]
               & (rows[ry] >= 0)[:, None] & (cols[rx] >= 0)[None, :])
     ring = ~ndimage.binary_dilation(inside, iterations=3)
-    end = min(last, first + TYPE_AFTER_DAYS * DAY)
     when = {"year": (t < first) & (t >= first - 365 * DAY), "before": before_t, "after": after_t,
             "ago": (t >= first - 365 * DAY) & (t <= end - 365 * DAY)}
     crop = _failed_crop(looks, median_refl, nd, when, (ys, xs, omask), (ry, rx, ring), seen, before, after)

@@ -112,11 +112,12 @@ def plan_events(land: Landscape, weather: Weather, acq_days: np.ndarray, first: 
         acq_days: acquisition days (days since epoch), sorted.
         first, last: record period, days since epoch.
         seed: random seed.
-        force: guarantee at least one event of each anomaly type.
+        force: guarantee at least one event of each anomaly type placed here (crop failures:
+            :func:`plan_crop_failures`).
 
     Returns:
-        ``(events, clear_acquisitions)``: the events (ids from 1) and indices of acquisitions that
-        must be (nearly) cloud-free so that a flood is observable.
+        ``(events, clear_acquisitions)``: the events (ids 0: the caller orders and numbers all events) and
+        indices of acquisitions that must be (nearly) cloud-free so that a flood is observable.
     """
     rng = stream(seed, "events")
     size = land.grid.size
@@ -202,10 +203,6 @@ def plan_events(land: Landscape, weather: Weather, acq_days: np.ndarray, first: 
         idx = np.flatnonzero(mask)
         sev = np.clip(0.62 + 0.08 * land.dry_soil.ravel()[idx], 0.45, 0.8).astype(np.float32)
         events.append(Event(0, "drought", a, b, idx, sev, _dominant(land, idx)))
-
-    events.sort(key=lambda e: (e.start, e.type))
-    for k, e in enumerate(events, start=1):
-        e.id = k
     return events, clear
 
 

@@ -130,7 +130,7 @@ def generate(out_dir: str | Path, size: int = 512, start: str = "2021-01-01", en
     events, forced_clear = plan_events(land, weather, acq_days, first, last, seed, force)
     pheno = make_phenology(land, weather, seed, crop_rotation)
     events += plan_crop_failures(land, pheno, events, first, last, seed, force)
-    events.sort(key=lambda e: (e.start, e.type))
+    events.sort(key=lambda e: (e.start, e.type))  # stable: ties keep the order they were planned in
     for k, e in enumerate(events, start=1):
         e.id = k
     latent = weather.cloud_latent(seed)
