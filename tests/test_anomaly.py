@@ -219,7 +219,8 @@ def test_persistent_departure_scores_a_field_that_stays_apart_for_weeks():
     """A patch far from a year before with vegetation lost on 4 clear looks over 20 days or more, after a look
     without it, scores the run's lowest z from the look that completes it; a shorter run (a harvest a week off
     last year's), a run that was there from the first look (older than the scores), a small NDVI loss and a
-    run broken by a look that does not hold score nothing; a cloudy look inside a run does not break it."""
+    run broken by a look that does not hold score nothing; a cloudy look inside a run does not break it. By
+    default each look of a run not yet long enough scores a provisional value below the alert thresholds."""
     days = np.arange(12) * 5  # a look every 5 days
     z = np.zeros((12, 1, 7))
     nd = np.full((12, 1, 7), -0.02)
@@ -236,7 +237,7 @@ def test_persistent_departure_scores_a_field_that_stays_apart_for_weeks():
     nd[1:3, 0, 6] = np.nan  # ...after cloudy looks: it began after the clear look 0
     times = np.datetime64("2022-07-01") + days.astype("timedelta64[D]")
     da = lambda a: xr.DataArray(a, dims=("time", "py", "px"), coords={"time": times})  # noqa: E731
-    out = anomaly.persistent_departure(da(z), da(nd)).values
+    out = anomaly.persistent_departure(da(z), da(nd), provisional=None).values
     np.testing.assert_array_equal(out[:6, 0, 0], np.nan)  # looks 2..5: 4 looks but 15 days
     np.testing.assert_allclose(out[6:8, 0, 0], [4.0, 4.0])  # from look 6 (20 days, 5 looks): the lowest z
     assert np.isnan(out[8:, 0, 0]).all()  # the run is over
@@ -244,6 +245,24 @@ def test_persistent_departure_scores_a_field_that_stays_apart_for_weeks():
     np.testing.assert_allclose(out[6:8, 0, 5], [9.0, 9.0])  # looks 2, 3, 5, 6 over 20 days: the cloud skipped
     np.testing.assert_allclose(out[7:9, 0, 6], [9.0, 9.0])
     assert np.isnan(out[:7, 0, 6]).all()
+
+    # provisional (the default): every look that holds in a run not yet 4 looks and 20 days long scores
+    # min(PERSISTENT_PROVISIONAL, the run's lowest z), also in a run older than the scores; the rest as above
+    pro = anomaly.persistent_departure(da(z), da(nd)).values
+    v = anomaly.PERSISTENT_PROVISIONAL
+    held = {0: [2, 3, 4, 5], 1: [2, 3, 4], 2: [0, 1, 2, 3], 4: [2, 3, 5, 6, 7], 5: [2, 3, 5], 6: [3, 4, 5, 6]}
+    for px in range(7):
+        want = np.where(np.isfinite(out[:, 0, px]), out[:, 0, px], np.nan)
+        want[held.get(px, [])] = v
+        np.testing.assert_array_equal(pro[:, 0, px], want.astype(np.float32), err_msg=f"patch {px}")
+    # an older change is not scored once its run is long enough: looks 4 and 5 of patch 2 (5-6 looks, 20-25 days)
+    assert np.isnan(pro[4:, 0, 2]).all()
+    # never more than the run's lowest z so far
+    big = anomaly.persistent_departure(da(z), da(nd), provisional=100.0).values
+    np.testing.assert_allclose(big[2:6, 0, 0], [6.0, 5.0, 5.0, 4.0])
+    # below the thresholds of geowm's alert rules and of AlertRules' defaults: it never opens nor confirms an alert
+    from geowm.alerts import AlertRules
+    assert v < min(anomaly.ALERT_RULES["confirm_threshold"], AlertRules().confirm_threshold)
 
 
 def test_detect_scores_the_persistent_departure_too(synth_cube, tiny_run, monkeypatch):
@@ -290,7 +309,8 @@ def test_surprise_score_counts_vegetation_loss_only(synth_cube, tiny_run, monkey
     assert (z[scaled] < raw[scaled]).all()
     kept = ~bites & ~scaled
     np.testing.assert_array_equal(z[kept], raw[kept])
-    assert (signed["score"].values[greener] <= np.fmax(0, signed["departure_score"].values[greener])).all()
+    others = np.fmax(signed["departure_score"].values, signed["persistent_score"].values)  # the seasonal scores
+    assert (signed["score"].values[greener] <= np.fmax(0, others[greener])).all()
 
 
 def test_surprise_keeps_each_patch_latent_at_its_place(synth_cube, tiny_run):
