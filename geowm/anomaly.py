@@ -29,7 +29,9 @@ For every acquisition date ``t`` and every patch that is clear at ``t``:
    neighbourhood median) where it stays high, with an NDVI loss, on 4 clear looks over 20 days or more that
    began inside the scores: one field whose crop failed moves alone and is barely a surprise, but stays apart
    for weeks, where a harvest a little off last year's date does for a look or two.
-   The anomaly **score** is the largest of the surprise, departure and persistent departure scores;
+   The anomaly **score** is the largest of the surprise, departure and persistent departure scores, and of
+   the **new open water** score (:mod:`geowm.water`, a spectral rule: a flood on a bare field after harvest
+   is no surprise to a patch whose latent moves a lot then anyway, but no harvest puts water on it);
 4. **alerts** (:mod:`geowm.alerts`): a score above the threshold starts a candidate, further clear
    observations above the confirm threshold confirm it (as forest-alert systems confirm), with its
    connected neighbours one observation short, and confirmed patches are merged into polygons.
@@ -63,6 +65,7 @@ from geowm.forecast import (
     region,
 )
 from geowm.inference import WorldModel
+from geowm.water import new_water, new_water_score, water_bands
 
 # each observation is compared with the forecast made this long before it. Measured on a held-out year with
 # events (512 px, seed 11, tiny model, 400 steps): patch AUROC 0.34 at 10 days, 0.60 at 30, 0.79 at 60,
@@ -717,7 +720,7 @@ def _nan_median_filter(a: np.ndarray, k: int, rows_per_chunk: int = 64) -> np.nd
 
 def detect(cube, model: WorldModel | str, start, end=None, history_days: float = 365.0, bbox=None,
            lead_days: float = LEAD_DAYS, rules=None, regional: bool = False, recurrence: bool = True,
-           seasonal: bool = True, record=None, rescore: bool = False,
+           seasonal: bool = True, water: bool = True, record=None, rescore: bool = False,
            progress: Callable[[int, int], None] | None = None):
     """Surprise, scores and confirmed alerts for the acquisitions in [start, end].
 
@@ -733,6 +736,10 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     (0 where it is greener; :func:`vegetation_loss_only` with :data:`VEGETATION_LOSS_FULL`) and the score is
     the larger of it and the seasonal departure score (:func:`departure_score`); off: the surprise score alone,
     unsigned.
+    ``water``: the score is also at least the new open water score (:func:`geowm.water.new_water_score`, a
+    spectral rule: the share of the patch's clear pixels that are open water and were not on any clear look in
+    the 425 to 30 days before); ``scores`` then hold ``new_water`` (that share) and ``water_score``. A cube
+    without a green and a near-infrared band gets neither.
     ``record``: a surprise record (folder, e.g. ``ALERTS/surprise.zarr``; :func:`write_record`): the dates it
     holds that still hold are not encoded again (:func:`surprise`'s ``reuse``: the same model, settings, patch
     grid and scenes), and it is replaced by the record of this run's dates with the other dates it held that
@@ -740,7 +747,8 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     the year of history again. A record that cannot be read is recomputed and replaced (with a warning), as is
     every date with ``rescore``.
     Returns (scores Dataset on the patch grid with ``surprise``, ``surprise_score``, ``departure``,
-    ``departure_score`` (with ``seasonal``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326;
+    ``departure_score`` and ``persistent_score`` (with ``seasonal``), ``new_water`` and ``water_score`` (with
+    ``water``), ``score``, ``clear_fraction``; alerts GeoDataFrame in EPSG:4326;
     ``attrs['geowm:computed_dates']`` / ``['geowm:reused_dates']``: the acquisitions encoded now / taken from
     ``record``, the history and the recurrence cap's earlier seasons included; the year-ago references encoded for
     the departure are not counted).
@@ -781,6 +789,17 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
         score = score.rename("score")
         score.attrs.update(long_name="anomaly score: the largest of the surprise, seasonal departure and "
                                      "persistent departure scores", units="1")
+    scored = sur["time"].values >= start_t.astype("datetime64[ns]")
+    reg = region(ds, bbox, wm.cfg.patch)
+    if water and water_bands(reg) is not None and scored.any():
+        frac = np.full(sur["surprise"].shape, np.nan, np.float32)
+        frac[scored] = new_water(reg, sur["time"].values[scored], wm.cfg.patch).values
+        parts["new_water"] = sur["surprise"].copy(data=frac).rename("new_water").assign_attrs(
+            long_name="share of the patch's clear pixels that are new open water", units="1")
+        parts["water_score"] = new_water_score(parts["new_water"])
+        score = np.fmax(score, parts["water_score"]).rename("score")
+        score.attrs.update(long_name=score.attrs.get("long_name", "anomaly score") + "; at least the new open water "
+                                     "score", units="1")
     out = sur.drop_vars("departure_scored").assign(score=score, **parts).sel(
         time=slice(start_t.astype("datetime64[ns]"), None))
     for k in [k for k in out.attrs if k.startswith("geowm:record") or k == "geowm:date_sources"]:
@@ -791,7 +810,7 @@ def detect(cube, model: WorldModel | str, start, end=None, history_days: float =
     if crs is None:
         raise ValueError(f"{name}: the cube has no CRS (spatial_ref)")
     grid = out["score"].rename(py="y", px="x")
-    alerts = alerts_from_scores(grid, crs, rules or AlertRules(**ALERT_RULES), obs=region(ds, bbox, wm.cfg.patch).sel(
+    alerts = alerts_from_scores(grid, crs, rules or AlertRules(**ALERT_RULES), obs=reg.sel(
         time=slice(hist0.astype("datetime64[ns]"), None)))
     if record is not None:
         write_record(merge_record(old, sur), record)

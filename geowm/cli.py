@@ -522,6 +522,11 @@ def anomalies(
                                   help="Also score the departure from the patch's latents a year before (slow, "
                                        "widespread vegetation loss such as drought), and count only vegetation "
                                        "loss against a year before; needs a year of cube."),
+    water: bool = typer.Option(True, "--water/--no-water",
+                               help="Also score new open water (a spectral rule: pixels that are water now and were "
+                                    "not on any clear look in the 425 to 30 days before; floods on fields, which "
+                                    "the model's scores take for land use); needs a green and a near-infrared "
+                                    "band."),
     rescore: bool = typer.Option(False, "--rescore", help="Encode every acquisition again instead of taking the "
                                                           "ones OUT/surprise.zarr still holds (it is replaced)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -562,7 +567,7 @@ def anomalies(
             task = bar.add_task("score tiles", total=None)
             scores, alerts = detect(ds, wm, first, end=end, history_days=history_days, bbox=bbox, lead_days=lead_days,
                                     rules=rules, regional=regional_residual, recurrence=recurrence,
-                                    seasonal=seasonal, record=out_dir / "surprise.zarr",
+                                    seasonal=seasonal, water=water, record=out_dir / "surprise.zarr",
                                     rescore=rescore,
                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
     except (ForecastStoreError, CubeError, RunError, ValueError) as exc:

@@ -314,6 +314,9 @@ def evaluate(cube, model: WorldModel | str, events: str, start, leads=(5, 10, 20
     if "persistent_score" in scores:  # NaN outside a run that holds: 0 wherever a patch-date has a departure
         alone["persistent_score"] = np.where(np.isfinite(scores["departure"].values),
                                              np.fmax(scores["persistent_score"].values, 0.0), np.nan)
+    if "water_score" in scores:  # NaN below a tenth of new water: 0 wherever a patch-date has a surprise
+        alone["water_score"] = np.where(np.isfinite(scores["surprise"].values),
+                                        np.fmax(scores["water_score"].values, 0.0), np.nan)
     parts = {k.removesuffix("_score"): auroc(v.ravel(), labels.ravel()) for k, v in alone.items()}  # each alone
     crs_wkt = ds["spatial_ref"].attrs.get("crs_wkt") if "spatial_ref" in ds.coords else None
     base_alerts = {}
@@ -377,7 +380,7 @@ def table(report: dict) -> str:
     auc = report["anomaly_auroc"]
     lines.append("anomaly AUROC (patch level): " + ", ".join(f"{k} {v:.3f}" for k, v in auc.items()))
     if report.get("anomaly_auroc_model_parts"):
-        lines.append("  model's scores alone: " + ", ".join(
+        lines.append("  each score alone: " + ", ".join(
             f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in report["anomaly_auroc_model_parts"].items()))
     for who, by in (report.get("anomaly_auroc_by_type") or {}).items():
         if by:

@@ -278,7 +278,32 @@ def test_detect_scores_the_persistent_departure_too(synth_cube, tiny_run, monkey
         dz, scores["ndvi_change_at_day"], 0.5, 0.02, 3, 10.0).values)
     others = np.fmax(scores["surprise_score"].values, scores["departure_score"].values)
     assert (p.values > others).sum() >= 3
-    np.testing.assert_array_equal(scores["score"].values, np.fmax(others, p.values))
+    np.testing.assert_array_equal(scores["score"].values,
+                                  np.fmax(np.fmax(others, p.values), scores["water_score"].values))
+
+
+def test_detect_scores_new_open_water_too(synth_cube, synth_region, tiny_run, monkeypatch):
+    """The anomaly score is at least the new open water score (geowm.water); the generator's flood (seed 3,
+    grassland, 2021-10-02) gets it on its clear look; ``water=False`` leaves it out and nothing else changes."""
+    from geowm.forecast import region
+    from geowm.metrics import load_events, patch_labels
+    from geowm.water import new_water, new_water_score
+
+    monkeypatch.setattr(anomaly, "DEPARTURE_LAG_DAYS", 60.0)  # the test cube has one year: a reference 60 d back
+    kw = dict(history_days=150, lead_days=20)
+    wet, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", **kw)
+    dry, _ = detect(str(synth_cube), str(tiny_run), "2021-09-01", water=False, **kw)
+    assert "new_water" not in dry and "water_score" not in dry
+    t = wet["time"].values
+    share = new_water(region(geowm.open_cube(synth_cube), None, 8), t, 8)
+    np.testing.assert_array_equal(wet["new_water"].values, share.values)
+    np.testing.assert_array_equal(wet["water_score"].values, new_water_score(share).values)
+    np.testing.assert_array_equal(wet["score"].values, np.fmax(dry["score"].values, wet["water_score"].values))
+    ev = load_events(synth_region / "events.geojson")
+    flood = patch_labels(ev[ev["type"] == "flood"], t, wet["py"].values, wet["px"].values, ev.attrs["crs"]).values
+    seen = (flood == 1) & np.isfinite(wet["score"].values)
+    assert seen.sum() >= 5 and np.median(wet["score"].values[seen]) >= 5.0  # the alert threshold
+    assert np.median(dry["score"].values[seen]) < np.median(wet["score"].values[seen])
 
 
 def test_vegetation_loss_only_scales_a_positive_score_by_the_ndvi_lost():
@@ -310,6 +335,7 @@ def test_surprise_score_counts_vegetation_loss_only(synth_cube, tiny_run, monkey
     kept = ~bites & ~scaled
     np.testing.assert_array_equal(z[kept], raw[kept])
     others = np.fmax(signed["departure_score"].values, signed["persistent_score"].values)  # the seasonal scores
+    others = np.fmax(others, signed["water_score"].values)  # and new open water, whatever the NDVI did
     assert (signed["score"].values[greener] <= np.fmax(0, others[greener])).all()
 
 
@@ -582,10 +608,11 @@ def test_cli_evaluate_reports_model_and_baselines(synth_cube, synth_region, tiny
     assert typed and sum(rep["labels"]["positive_by_type"].values()) >= rep["labels"]["positive"]
     assert set(by_type) == set(rep["anomaly_auroc"]) and all(set(v) == typed for v in by_type.values())
     assert all(0 <= v <= 1 for v in rep["anomaly_auroc"].values())
-    parts = rep["anomaly_auroc_model_parts"]  # a one-year cube: no seasonal departure, the surprise score alone
-    assert parts == {"surprise": rep["anomaly_auroc"]["model"], "departure": None, "persistent": None}
+    parts = rep["anomaly_auroc_model_parts"]  # a one-year cube: no seasonal departure, surprise and new water
+    assert set(parts) == {"surprise", "departure", "persistent", "water"}
+    assert parts["departure"] is None and parts["persistent"] is None and 0 <= parts["water"] <= 1
     assert "precision" in rep["alerts"] and "NDVI forecast RMSE" in res.output
-    assert "model's scores alone: surprise" in " ".join(res.output.split())
+    assert "each score alone: surprise" in " ".join(res.output.split())
     sim = rep["similar"]  # nearest latents at other places: same land cover more often than chance
     assert sim["n_queries"] >= 50 and sim["k"] == 5 and 0 <= sim["chance"] < 1
     assert sim["share"] > sim["chance"], sim
