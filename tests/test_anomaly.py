@@ -470,6 +470,31 @@ def test_recurrence_cap_looks_back_over_every_earlier_year():
     assert not np.isfinite(z[~late]).any()  # the earlier years are reference only
 
 
+def test_recurrence_cap_takes_the_neighbours_season_where_clouds_hid_the_patchs_own():
+    """Leaf fall that surprises a whole forest every autumn does not alert on a patch whose own autumn a year
+    before was hidden: its neighbours' autumn caps it. A first-time change on a hidden patch amid ordinary land
+    still alerts, and a patch with its own season is capped by its own."""
+    rng = np.random.default_rng(3)
+    times = np.datetime64("2021-01-01") + np.arange(0, 730, 5).astype("timedelta64[D]")
+    s = rng.gamma(2.0, 0.01, (len(times), 8, 12))
+    doy = (times - times.astype("datetime64[Y]")).astype(int)
+    year2 = times >= np.datetime64("2022-01-01")
+    autumn = (doy >= 290) & (doy < 320)
+    s[autumn, :, :6] += 0.4  # forest on columns 0-5: leaf fall surprises it every autumn
+    hidden = times < np.datetime64("2022-02-01")  # under clouds at (2, 2) and (2, 9): no season of their own
+    s[hidden, 2, 2] = s[hidden, 2, 9] = np.nan
+    s[autumn & year2, 2, 9] += 0.4  # a first change at (2, 9), amid ordinary land
+    da = xr.DataArray(s, dims=("time", "py", "px"), coords={"time": times})
+    z = normalise(da).values
+    alone = normalise(da, recurrence_neighbourhood=1).values  # the patch's own season only
+    second = autumn & year2
+    assert (alone[second, 2, 2] > 5).all()  # without a season of its own: leaf fall alerts
+    assert (z[second, 2, 2] < 4).all()  # its neighbours' autumn caps it
+    assert (z[second, 2, 9] > 5).all()  # nothing like it around: it still alerts
+    np.testing.assert_array_equal(z[second, 5, 2], alone[second, 5, 2])  # its own autumn: as before
+    assert (z[second, 5, 2] < 4).all()
+
+
 def test_recurrence_dates_are_earlier_seasons_of_the_scored_dates():
     times = np.datetime64("2021-01-01") + np.arange(0, 1095, 5).astype("timedelta64[D]")
     got = anomaly.recurrence_dates(times, "2023-07-01", "2023-07-31", "2022-07-01").astype("datetime64[D]")
