@@ -26,7 +26,7 @@ WATER_MAX_NIR = 0.15
 LOOKBACK_DAYS = 425.0  # a year and two months: last year's season, whatever the date
 EXCLUDE_RECENT_DAYS = 30.0  # an ongoing flood must not be its own reference
 MIN_CLEAR = 0.5  # the patch's share of valid pixels for a look to count (the model's token rule)
-TILE_PX = 512  # pixels per side of the blocks read at a time (memory ~ dates x TILE_PX^2 x 6 bytes)
+TILE_PX = 512  # pixels per side of the blocks read at a time (memory ~ dates x TILE_PX^2 x 14 bytes)
 
 
 def water_bands(ds: xr.Dataset) -> tuple[str, str] | None:
@@ -100,7 +100,7 @@ def _tile_share(wet: np.ndarray, valid: np.ndarray, at: np.ndarray, lo: np.ndarr
                 min_clear: float) -> np.ndarray:
     """:func:`new_water` on one block: ``wet`` / ``valid`` (T, H, W) bool over the block's looks; for each date
     scored, its look ``at[k]`` and reference looks ``[lo[k], min(hi[k], at[k]))``. Returns (len(at), H/p, W/p)."""
-    T, H, W = valid.shape
+    _, H, W = valid.shape
     h, w = H // patch, W // patch
     zero = np.zeros((1, H, W), np.int16)
     seen = np.concatenate([zero, np.cumsum(valid, 0, np.int16)])  # looks before each index (int16: 32,767 dates)
