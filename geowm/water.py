@@ -50,12 +50,16 @@ def new_water(ds: xr.Dataset, times, patch: int, lookback_days: float = LOOKBACK
     """Share of each patch's clear pixels that are new open water, at each of ``times`` (cube dates).
 
     ``ds``: a cube Dataset (``reflectance (time, band, y, x)``, ``valid (time, y, x)``) cropped to whole
-    ``patch`` x ``patch`` pixel patches. A pixel counts at ``t`` where it is clear then and was clear on a look in
-    the reference window ``[t - lookback_days, t - exclude_recent_days]``; it is new water where it is open water
-    at ``t`` (:func:`is_water`) and was never open water on those looks. Returns (time, py, px) float32 on the
-    patch centres: new-water pixels / counted pixels, NaN where the patch is less than ``min_clear`` clear at
-    ``t`` or fewer than half its clear pixels count (no reference). Raises ValueError without a green and a
-    near-infrared band. Read ``tile_px`` x ``tile_px`` pixels at a time.
+    ``patch`` x ``patch`` pixel patches. A pixel clear at ``t`` is new water where it is open water then
+    (:func:`is_water`), was clear on a look in the reference window ``[t - lookback_days, t - exclude_recent_days]``
+    and was never open water on those looks (a pixel never seen in the window is not new: nothing says it was
+    dry). Returns (time, py, px) float32 on the patch centres: new-water pixels / clear pixels at ``t``, NaN where
+    the patch is less than ``min_clear`` clear. Raises ValueError without a green and a near-infrared band.
+
+    Cost: the looks at ``times`` are read ``tile_px`` x ``tile_px`` pixels at a time, and the reference looks a cube
+    time chunk at a time, newest first, only while a pixel that is water now has not been water on them yet
+    (:func:`_block_share`): a scheduled run scoring one new acquisition reads a chunk or two of history where
+    there are only lakes and rivers, the whole window where there is new water.
     """
     pair = water_bands(ds)
     if pair is None:
@@ -75,52 +79,86 @@ def new_water(ds: xr.Dataset, times, patch: int, lookback_days: float = LOOKBACK
         if (at >= len(cube_t)).any() or (cube_t[np.minimum(at, len(cube_t) - 1)] != times).any():
             raise ValueError("new_water: every time must be a date of the cube")
         lo = np.searchsorted(day, t_day - lookback_days, side="left")  # the reference window's looks: [lo, hi)
-        hi = np.searchsorted(day, t_day - exclude_recent_days, side="right")
-        first = int(lo.min())
-        span = slice(first, int(at.max()) + 1)
+        hi = np.minimum(np.searchsorted(day, t_day - exclude_recent_days, side="right"), at)
         tile = max(tile_px // patch, 1) * patch
         for y0 in range(0, H, tile):
             for x0 in range(0, W, tile):
                 ys, xs = slice(y0, min(y0 + tile, H)), slice(x0, min(x0 + tile, W))
-                sub = ds.isel(time=span, y=ys, x=xs)
-                g = sub["reflectance"].sel(band=pair[0]).astype(np.float32).values
-                n = sub["reflectance"].sel(band=pair[1]).astype(np.float32).values
-                valid = np.isfinite(g) & np.isfinite(n)
-                if "valid" in sub:
-                    valid &= sub["valid"].values.astype(bool)
-                out[:, ys.start // patch: ys.stop // patch, xs.start // patch: xs.stop // patch] = _tile_share(
-                    is_water(g, n) & valid, valid, at - first, lo - first, hi - first, patch, min_clear)
+                out[:, ys.start // patch: ys.stop // patch, xs.start // patch: xs.stop // patch] = _block_share(
+                    ds.isel(y=ys, x=xs), pair, at, lo, hi, patch, min_clear)
     return xr.DataArray(out, dims=("time", "py", "px"), coords=coords, name="new_water",
                         attrs={"long_name": "share of the patch's clear pixels that are open water and were not in "
                                             f"the {lookback_days:g} to {exclude_recent_days:g} days before",
                                "units": "1"})
 
 
-def _tile_share(wet: np.ndarray, valid: np.ndarray, at: np.ndarray, lo: np.ndarray, hi: np.ndarray, patch: int,
-                min_clear: float) -> np.ndarray:
-    """:func:`new_water` on one block: ``wet`` / ``valid`` (T, H, W) bool over the block's looks; for each date
-    scored, its look ``at[k]`` and reference looks ``[lo[k], min(hi[k], at[k]))``. Returns (len(at), H/p, W/p)."""
-    _, H, W = valid.shape
+def _looks(ds: xr.Dataset, pair: tuple[str, str], index) -> tuple[np.ndarray, np.ndarray]:
+    """Open water and clear (both (T, h, w) bool) at the cube's looks ``index`` (an array or a slice)."""
+    sub = ds.isel(time=index)
+    g = sub["reflectance"].sel(band=pair[0]).astype(np.float32).values
+    n = sub["reflectance"].sel(band=pair[1]).astype(np.float32).values
+    valid = np.isfinite(g) & np.isfinite(n)
+    if "valid" in sub:
+        valid &= sub["valid"].values.astype(bool)
+    return is_water(g, n) & valid, valid
+
+
+def _time_chunks(ds: xr.Dataset) -> np.ndarray:
+    """Start index of each of the cube's time chunks, and its end: reads are aligned to them."""
+    chunks = ds["reflectance"].chunks
+    sizes = chunks[0] if chunks else (ds.sizes["time"],)
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+def _block_share(ds: xr.Dataset, pair: tuple[str, str], at: np.ndarray, lo: np.ndarray, hi: np.ndarray, patch: int,
+                 min_clear: float) -> np.ndarray:
+    """:func:`new_water` on one block ``ds`` (whole patches): for each date scored, its look ``at[k]`` and its
+    reference looks ``[lo[k], hi[k])``. Returns (len(at), h / patch, w / patch).
+
+    The reference looks are read a cube time chunk at a time, newest first, each at most once for the block, and
+    only while some pixel that is water at the look has not been water on a reference look yet: a lake or a river
+    is settled by its last clear looks, a flood needs the whole window."""
+    H, W = ds.sizes["y"], ds.sizes["x"]
     h, w = H // patch, W // patch
-    zero = np.zeros((1, H, W), np.int16)
-    seen = np.concatenate([zero, np.cumsum(valid, 0, np.int16)])  # looks before each index (int16: 32,767 dates)
-    was = np.concatenate([zero, np.cumsum(wet, 0, np.int16)])
 
     def per_patch(a: np.ndarray) -> np.ndarray:
-        return a.reshape(h, patch, w, patch).sum(axis=(1, 3))
+        return a.reshape(*a.shape[:-2], h, patch, w, patch).sum(axis=(-3, -1))
 
-    out = np.full((len(at), h, w), np.nan, np.float32)
-    for k, j in enumerate(at):
-        a, b = max(int(lo[k]), 0), min(max(int(hi[k]), 0), int(j))  # the window ends before the look itself
-        clear = valid[j]
-        ref = clear & (seen[b] - seen[a] > 0)
-        new = ref & wet[j] & (was[b] - was[a] == 0)
-        n_clear, n_ref, n_new = per_patch(clear), per_patch(ref), per_patch(new)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = n_new / n_ref
-        ok = (n_clear >= min_clear * patch * patch) & (n_ref >= 0.5 * n_clear) & (n_ref > 0)
-        out[k] = np.where(ok, frac, np.nan)
-    return out
+    looks, inverse = np.unique(at, return_inverse=True)
+    wet_now, clear_now = _looks(ds, pair, looks)
+    edges = _time_chunks(ds)
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def chunk(c: int) -> tuple[np.ndarray, np.ndarray]:  # (wet anywhere, clear anywhere) over chunk c's looks
+        if c not in cache:
+            wet, clear = _looks(ds, pair, slice(int(edges[c]), int(edges[c + 1])))
+            cache[c] = (wet, clear)
+        return cache[c]
+
+    new = np.zeros((len(looks), H, W), bool)
+    for u in range(len(looks)):
+        cand = wet_now[u]
+        if not cand.any():
+            continue
+        ks = np.flatnonzero(inverse == u)
+        a, b = int(lo[ks[0]]), int(hi[ks[0]])  # the same look: the same window
+        was, seen = np.zeros((H, W), bool), np.zeros((H, W), bool)
+        for c in range(min(int(np.searchsorted(edges, b, side="right")) - 1, len(edges) - 2), -1, -1):
+            c0, c1 = max(int(edges[c]), a), min(int(edges[c + 1]), b)
+            if c1 <= c0:
+                if edges[c + 1] <= a:
+                    break
+                continue
+            wet, clear = chunk(c)
+            sl = slice(c0 - int(edges[c]), c1 - int(edges[c]))
+            was |= wet[sl].any(axis=0)
+            seen |= clear[sl].any(axis=0)
+            if not (cand & ~was).any():  # every pixel wet now was wet before: nothing is new
+                break
+        new[u] = cand & seen & ~was
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = per_patch(new)[inverse] / per_patch(clear_now)[inverse]
+    return np.where(per_patch(clear_now)[inverse] >= min_clear * patch * patch, share, np.nan).astype(np.float32)
 
 
 # As a score on the scale of the model's scores (geowm.anomaly.ALERT_RULES opens a candidate at 5 and confirms at 4):

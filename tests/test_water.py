@@ -49,13 +49,12 @@ def test_new_water_is_water_where_the_reference_looks_had_none():
     _paint(ds, [k], 3, SNOW)  # patch 3: snow, unmasked: not water
     _paint(ds, range(12), 4, WATER, cols=slice(0, 2))  # patch 4: a lake shore, half water...
     ds["valid"].values[k, :, 4 * P + 2: 5 * P] = False  # ...and only the water half clear now: nothing new
-    ds["valid"].values[:k, :, 5 * P:] = False  # patch 5: never clear before
+    ds["valid"].values[:k, :, 5 * P:] = False  # patch 5: never clear before, nothing says it was dry
     _paint(ds, [k], 5, WATER)
     t = ds["time"].values[[k]]
     out = new_water(ds, t, P)
     assert out.dims == ("time", "py", "px") and out.shape == (1, 1, 6)
-    np.testing.assert_allclose(out.values[0, 0, :5], [1.0, 0.0, 0.0, 0.0, 0.0])
-    assert np.isnan(out.values[0, 0, 5])
+    np.testing.assert_allclose(out.values[0, 0], [1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     np.testing.assert_allclose(out["px"].values, ds["x"].values.reshape(-1, P).mean(axis=1))
 
     # the flood half seen (8 of 16 px clear: the model's token rule) still counts; under half: no look
@@ -71,9 +70,17 @@ def test_new_water_is_water_where_the_reference_looks_had_none():
     # but one 40 days before is its own reference: not new any more
     _paint(ds, [k - 2], 0, WATER)
     np.testing.assert_allclose(new_water(ds, t, P).values[0, 0, 0], 0.0)
-    # the same in blocks of one patch (tiling does not change the result), for every date at once
-    every = ds["time"].values[1:]
-    np.testing.assert_array_equal(new_water(ds, every, P, tile_px=P).values, new_water(ds, every, P).values)
+    # the same in blocks of one patch (tiling does not change the result), for every date at once, one by one
+    # and with dates repeated; the first date has no look before it: nothing is new
+    every = ds["time"].values
+    whole = new_water(ds, every, P).values
+    np.testing.assert_array_equal(new_water(ds, every, P, tile_px=P).values, whole)
+    for size in (1, 3):  # the history read a time chunk at a time, newest first: the same
+        np.testing.assert_array_equal(new_water(ds.chunk({"time": size}), every, P).values, whole)
+    for i in (0, 4, k):
+        np.testing.assert_array_equal(new_water(ds, every[[i, i]], P).values, whole[[i, i]])
+    np.testing.assert_array_equal(whole[0, 0, :5], 0.0)
+    assert whole[k, 0, 1] == 0.0 and np.isnan(whole[k - 1, 0, 5])  # the lake; patch 5 unseen before the look
 
 
 def test_new_water_refuses_a_cube_without_green_or_near_infrared_and_dates_it_lacks():
