@@ -129,7 +129,7 @@ def _block_share(ds: xr.Dataset, pair: tuple[str, str], at: np.ndarray, lo: np.n
     edges = _time_chunks(ds)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def chunk(c: int) -> tuple[np.ndarray, np.ndarray]:  # (wet anywhere, clear anywhere) over chunk c's looks
+    def chunk(c: int) -> tuple[np.ndarray, np.ndarray]:  # (open water, clear) at chunk c's looks, read once
         if c not in cache:
             wet, clear = _looks(ds, pair, slice(int(edges[c]), int(edges[c + 1])))
             cache[c] = (wet, clear)
@@ -156,9 +156,10 @@ def _block_share(ds: xr.Dataset, pair: tuple[str, str], at: np.ndarray, lo: np.n
             if not (cand & ~was).any():  # every pixel wet now was wet before: nothing is new
                 break
         new[u] = cand & seen & ~was
+    n_clear = per_patch(clear_now)[inverse]
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = per_patch(new)[inverse] / per_patch(clear_now)[inverse]
-    return np.where(per_patch(clear_now)[inverse] >= min_clear * patch * patch, share, np.nan).astype(np.float32)
+        share = per_patch(new)[inverse] / n_clear
+    return np.where(n_clear >= min_clear * patch * patch, share, np.nan).astype(np.float32)
 
 
 # As a score on the scale of the model's scores (geowm.anomaly.ALERT_RULES opens a candidate at 5 and confirms at 4):
