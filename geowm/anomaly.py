@@ -598,17 +598,12 @@ def _recurrence_cap(s: np.ndarray, k: int, ref: np.ndarray, floor: float, margin
     if own.any():
         _, mad = _med_mad(a)
         cap = np.where(own, (s[k] - np.nanmax(a, axis=0)) / np.maximum(mad, floor) + margin, cap)
-    r = neighbourhood // 2
-    if r < 1 or own.all():
+    if neighbourhood < 2 or own.all():
         return cap
-    pad = np.pad(a, ((0, 0), (r, r), (r, r)), constant_values=np.nan)
-    for r0 in range(0, a.shape[1], rows_per_chunk):  # memory ~ dates x rows_per_chunk x width x neighbourhood^2
-        r1 = min(r0 + rows_per_chunk, a.shape[1])
+    for r0, r1, win in _windows(a, neighbourhood, rows_per_chunk):  # win: (rows, cols, dates x window)
         lack = ~own[r0:r1]
         if not lack.any():
             continue
-        win = np.lib.stride_tricks.sliding_window_view(pad[:, r0: r1 + 2 * r], (2 * r + 1, 2 * r + 1), axis=(1, 2))
-        win = np.moveaxis(win, 0, 2).reshape(r1 - r0, a.shape[2], -1)  # (rows, cols, dates x window)
         use = lack & (np.isfinite(win).sum(axis=-1) >= RECURRENCE_MIN_REFERENCE)
         if not use.any():
             continue
@@ -741,18 +736,27 @@ def vegetation_loss_only(score: np.ndarray, ndvi_change: np.ndarray, full: float
         return np.where(np.isfinite(ndvi_change) & (score > 0), score * weight, score)
 
 
+def _windows(a: np.ndarray, k: int, rows_per_chunk: int = 64):
+    """The values of the ``k`` x ``k`` window around each cell of ``a`` (2-D, or 3-D ``(dates, rows, cols)``: every
+    date's values of the window together), NaN beyond the edges, a block of rows at a time: yields ``(r0, r1,
+    values)`` with ``values`` ``(r1 - r0, cols, dates x k^2)`` (memory ~ dates x rows_per_chunk x cols x k^2)."""
+    a3 = a[None] if a.ndim == 2 else a
+    r = k // 2
+    pad = np.pad(a3, ((0, 0), (r, r), (r, r)), constant_values=np.nan)
+    for r0 in range(0, a3.shape[1], rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, a3.shape[1])
+        win = np.lib.stride_tricks.sliding_window_view(pad[:, r0: r1 + 2 * r], (k, k), axis=(1, 2))
+        yield r0, r1, np.moveaxis(win, 0, 2).reshape(r1 - r0, a3.shape[2], -1)
+
+
 def _nan_median_filter(a: np.ndarray, k: int, rows_per_chunk: int = 64) -> np.ndarray:
     """Median of the finite values of the ``k`` x ``k`` window around each finite cell of ``a`` (2-D); NaN
-    where ``a`` is NaN. Chunked by rows (memory ~ rows_per_chunk x width x k^2)."""
-    r = k // 2
-    pad = np.pad(a, r, constant_values=np.nan)
+    where ``a`` is NaN. Chunked by rows (:func:`_windows`)."""
     out = np.full_like(a, np.nan)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        for r0 in range(0, a.shape[0], rows_per_chunk):
-            r1 = min(r0 + rows_per_chunk, a.shape[0])
-            win = np.lib.stride_tricks.sliding_window_view(pad[r0: r1 + 2 * r], (k, k))
-            out[r0:r1] = np.nanmedian(win.reshape(*win.shape[:2], -1), axis=-1)
+        for r0, r1, win in _windows(a, k, rows_per_chunk):
+            out[r0:r1] = np.nanmedian(win, axis=-1)
     return np.where(np.isfinite(a), out, np.nan)
 
 
